@@ -1,0 +1,103 @@
+"""
+Configuration overrides and one-line user errors, shared by every script.
+
+A script keeps its defaults as plain module-level variables in one block at the top, then calls
+
+    from configurator import configure
+    config = configure(globals())
+
+which applies, in order, each config file named on the command line (a Python file that assigns
+some of those variables) and then each --key=value. Values are parsed with ast.literal_eval (a bare
+word stays a string) and must have the default's type: an int is accepted where a float is expected,
+and a default of None accepts anything. Config file paths are tried as given, then relative to the
+repository root, so `python /path/to/train.py config/train_gpt2.py` works from any directory.
+
+Mistakes a user can make raise UserError; importing this module installs an exception hook that
+prints such an error as a single line (no traceback) and exits with status 1.
+"""
+import ast
+import difflib
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+class UserError(Exception):
+    """An error caused by the user's input or environment, printed as one line without a traceback."""
+
+
+def _excepthook(exc_type, exc, tb, _default=sys.excepthook):
+    if issubclass(exc_type, UserError):
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+    else:
+        _default(exc_type, exc, tb)
+
+
+sys.excepthook = _excepthook
+
+
+def _unknown_key(key, known):
+    close = difflib.get_close_matches(key, known, n=3, cutoff=0.5)
+    hint = f"; did you mean {', '.join(close)}?" if close else f"; known keys: {', '.join(sorted(known))}"
+    return UserError(f"unknown config key '{key}'{hint}")
+
+
+def _check_type(key, value, default):
+    if default is None or type(value) is type(default):
+        return value
+    if isinstance(default, float) and type(value) is int:  # --lr=1 means 1.0
+        return float(value)
+    raise UserError(f"--{key}: expected {type(default).__name__} like {default!r}, got {value!r}")
+
+
+def _parse(text):
+    try:
+        return ast.literal_eval(text)
+    except (SyntaxError, ValueError):
+        return text  # a bare word such as --device=cpu or --dataset=shakespeare_char
+
+
+def _find_config_file(path):
+    for candidate in (path, os.path.join(ROOT, path)):
+        if os.path.isfile(candidate):
+            return candidate
+    raise UserError(f"config file not found: {path} (looked in the current directory and in {ROOT})")
+
+
+def override(defaults, args):
+    """Return a copy of `defaults` (name -> value) with config files and --key=value in `args` applied."""
+    config = dict(defaults)
+    for arg in args:
+        if not arg.startswith("--"):
+            path = _find_config_file(arg)
+            scope = {}
+            try:
+                with open(path) as f:
+                    exec(compile(f.read(), path, "exec"), scope)
+            except SyntaxError as e:
+                raise UserError(f"config file {path} line {e.lineno}: {e.msg}") from None
+            for key, value in scope.items():
+                if key.startswith("_") or type(value).__name__ == "module":
+                    continue
+                if key not in config:
+                    raise _unknown_key(key, list(config)) from None
+                config[key] = _check_type(key, value, defaults[key])
+        else:
+            key, sep, text = arg[2:].partition("=")
+            if not sep:
+                raise UserError(f"expected --key=value, got '{arg}'")
+            if key not in config:
+                raise _unknown_key(key, list(config))
+            config[key] = _check_type(key, _parse(text), defaults[key])
+    return config
+
+
+def configure(scope, args=None):
+    """Apply sys.argv[1:] (or `args`) to the simple-typed, non-underscore variables of `scope` (a
+    script's globals()), update them in place and return the resolved config as a dict."""
+    keys = [k for k, v in scope.items()
+            if not k.startswith("_") and (v is None or isinstance(v, (int, float, bool, str)))]
+    config = override({k: scope[k] for k in keys}, sys.argv[1:] if args is None else args)
+    scope.update(config)
+    return config

@@ -1,0 +1,417 @@
+"""
+Full definition of a GPT Language Model, all of it in this single file.
+Same classes, arguments and parameter names as nanoGPT, so its checkpoints and code keep working.
+References:
+1) the official GPT-2 TensorFlow implementation released by OpenAI:
+https://github.com/openai/gpt-2/blob/master/src/model.py
+2) huggingface/transformers PyTorch implementation:
+https://github.com/huggingface/transformers/blob/main/src/transformers/models/gpt2/modeling_gpt2.py
+One deliberate difference from nanoGPT: the MLP uses the tanh approximation of GELU, which is what
+GPT-2 was trained with, so imported and exported weights give Hugging Face's logits exactly.
+"""
+
+import functools
+import math
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+
+PRETRAINED = ('gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl')  # OpenAI's 124M, 350M, 774M, 1558M
+# OpenAI's checkpoints use a "Conv1D" module, a Linear with its weight transposed: these are
+# transposed on import and export
+CONV1D_WEIGHTS = ('attn.c_attn.weight', 'attn.c_proj.weight', 'mlp.c_fc.weight', 'mlp.c_proj.weight')
+PEAK_FLOPS = {'A100': 312e12, 'H100': 989e12, 'H200': 989e12}  # dense bfloat16 tensor-core peaks
+
+
+class LayerNorm(nn.Module):
+    """ LayerNorm but with an optional bias. PyTorch doesn't support simply bias=False """
+
+    def __init__(self, ndim, bias):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(ndim))
+        self.bias = nn.Parameter(torch.zeros(ndim)) if bias else None
+
+    def forward(self, input):
+        return F.layer_norm(input, self.weight.shape, self.weight, self.bias, 1e-5)
+
+
+class KVCache:
+    """ Keys and values of one attention layer for the positions processed so far, so that
+    generating a token costs one position instead of the whole context. """
+
+    def __init__(self):
+        self.k = self.v = None  # (B, nh, block_size, hs), allocated on first use
+        self.pos = 0  # number of positions filled
+
+    def append(self, k, v, block_size):
+        B, nh, T, hs = k.shape
+        if self.k is None:
+            self.k = k.new_empty(B, nh, block_size, hs)
+            self.v = v.new_empty(B, nh, block_size, hs)
+        self.k[:, :, self.pos:self.pos + T] = k
+        self.v[:, :, self.pos:self.pos + T] = v
+        self.pos += T
+        return self.k[:, :, :self.pos], self.v[:, :, :self.pos]  # (B, nh, pos, hs)
+
+
+class CausalSelfAttention(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        assert config.n_embd % config.n_head == 0  # GPT.__init__ raised a readable error already
+        # key, query, value projections for all heads, but in a batch
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        # output projection
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        # regularization
+        self.attn_dropout = nn.Dropout(config.dropout)
+        self.resid_dropout = nn.Dropout(config.dropout)
+        self.n_head = config.n_head
+        self.n_embd = config.n_embd
+        self.dropout = config.dropout
+        self.block_size = config.block_size
+        # flash attention through PyTorch's fused kernel; False selects the explicit masked
+        # softmax below, which computes the same thing (the tests compare the two)
+        self.flash = True
+
+    def forward(self, x, kv_cache=None):
+        B, T, C = x.size()  # batch size, sequence length, embedding dimensionality (n_embd)
+        # calculate query, key, values for all heads in batch and move head forward to be the batch dim
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
+        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        past = 0
+        if kv_cache is not None:
+            past = kv_cache.pos
+            k, v = kv_cache.append(k, v, self.block_size)  # (B, nh, past + T, hs)
+        # query i (at position past + i) may attend to keys 0 .. past + i
+        mask = None
+        if past > 0 and T > 1 or not self.flash:
+            mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
+        if self.flash:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                               dropout_p=self.dropout if self.training else 0,
+                                               is_causal=mask is None and past == 0 and T > 1)
+        else:
+            att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))  # (B, nh, T, past + T)
+            att = att.masked_fill(~mask, float('-inf'))
+            att = F.softmax(att, dim=-1)
+            att = self.attn_dropout(att)
+            y = att @ v  # (B, nh, T, past + T) x (B, nh, past + T, hs) -> (B, nh, T, hs)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble all head outputs side by side
+        # output projection
+        y = self.resid_dropout(self.c_proj(y))
+        return y
+
+
+class MLP(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.gelu = nn.GELU(approximate='tanh')  # GPT-2's GELU ('gelu_new' in transformers)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        x = self.c_fc(x)  # (B, T, 4 * n_embd)
+        x = self.gelu(x)
+        x = self.c_proj(x)  # (B, T, n_embd)
+        x = self.dropout(x)
+        return x
+
+
+class Block(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        self.ln_1 = LayerNorm(config.n_embd, bias=config.bias)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x, kv_cache=None):
+        x = x + self.attn(self.ln_1(x), kv_cache)
+        x = x + self.mlp(self.ln_2(x))
+        return x
+
+
+@dataclass
+class GPTConfig:
+    block_size: int = 1024
+    vocab_size: int = 50304  # GPT-2 vocab_size of 50257, padded up to nearest multiple of 64 for efficiency
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    dropout: float = 0.0
+    bias: bool = True  # True: bias in Linears and LayerNorms, like GPT-2. False: a bit better and faster
+
+
+class GPT(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        if config.n_embd % config.n_head != 0:
+            raise ValueError(f"n_embd ({config.n_embd}) must be divisible by n_head ({config.n_head})")
+        self.config = config
+
+        self.transformer = nn.ModuleDict(dict(
+            wte = nn.Embedding(config.vocab_size, config.n_embd),
+            wpe = nn.Embedding(config.block_size, config.n_embd),
+            drop = nn.Dropout(config.dropout),
+            h = nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+            ln_f = LayerNorm(config.n_embd, bias=config.bias),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        # weight tying: the token embedding and the output projection share one matrix
+        # https://paperswithcode.com/method/weight-tying
+        self.transformer.wte.weight = self.lm_head.weight
+
+        # init all weights
+        self.apply(self._init_weights)
+        # apply special scaled init to the residual projections, per GPT-2 paper
+        for pn, p in self.named_parameters():
+            if pn.endswith('c_proj.weight'):
+                torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    def get_num_params(self, non_embedding=True):
+        # non_embedding leaves out the position embeddings; the token embeddings stay in because
+        # they are shared with lm_head, where they count as weights of the final layer
+        n_params = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n_params -= self.transformer.wpe.weight.numel()
+        return n_params
+
+    def _init_weights(self, module):
+        if isinstance(module, nn.Linear):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                torch.nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def forward(self, idx, targets=None, kv_cache=None):
+        """ idx: (B, T) token ids. With targets (B, T): logits (B, T, vocab_size) and the mean
+        cross-entropy (targets of -1 are ignored). Without: logits of the last position only,
+        (B, 1, vocab_size), and loss None. kv_cache: a list of one KVCache per layer, holding
+        the positions before idx (see generate). """
+        if idx.dtype not in (torch.long, torch.int32):
+            raise TypeError(f"idx must be an integer tensor of token ids (torch.long), got {idx.dtype}")
+        b, t = idx.size()
+        past = 0 if kv_cache is None else kv_cache[0].pos
+        if past + t > self.config.block_size:
+            raise ValueError(f"Cannot forward sequence of length {past + t}, "
+                             f"block size is only {self.config.block_size}")
+        pos = torch.arange(past, past + t, dtype=torch.long, device=idx.device)  # shape (t)
+
+        # forward the GPT model itself
+        tok_emb = self.transformer.wte(idx)  # token embeddings of shape (b, t, n_embd)
+        pos_emb = self.transformer.wpe(pos)  # position embeddings of shape (t, n_embd)
+        x = self.transformer.drop(tok_emb + pos_emb)
+        for i, block in enumerate(self.transformer.h):
+            x = block(x, None if kv_cache is None else kv_cache[i])
+        x = self.transformer.ln_f(x)
+
+        if targets is not None:
+            # if we are given some desired targets also calculate the loss
+            logits = self.lm_head(x)
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
+        else:
+            # inference-time mini-optimization: only forward the lm_head on the very last position
+            logits = self.lm_head(x[:, [-1], :])  # note: using list [-1] to preserve the time dim
+            loss = None
+
+        return logits, loss
+
+    def load_state_dict(self, state_dict, strict=True, assign=False):
+        # nanoGPT saves the torch.compile wrapper, whose keys all carry an '_orig_mod.' prefix
+        state_dict = {k.removeprefix('_orig_mod.'): v for k, v in state_dict.items()}
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+    def crop_block_size(self, block_size):
+        # model surgery, e.g. to use GPT-2's weights (block size 1024) with a smaller block size
+        if block_size > self.config.block_size:
+            raise ValueError(f"block_size {block_size} is larger than the model's {self.config.block_size}; "
+                             "a block size can only be cropped, not extended")
+        self.config.block_size = block_size
+        self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size])
+        for block in self.transformer.h:
+            block.attn.block_size = block_size
+
+    @classmethod
+    def from_pretrained(cls, model_type, override_args=None):
+        """ Load OpenAI's GPT-2 weights ('gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl') through
+        transformers, or any GPT-2 model saved in Hugging Face format in a local directory
+        (config.json + weights), which is how to work offline. Only dropout can be overridden. """
+        from transformers import GPT2LMHeadModel
+        override_args = override_args or {}
+        if any(k != 'dropout' for k in override_args):
+            raise ValueError(f"only dropout can be overridden for a pretrained model, got {sorted(override_args)}")
+        if model_type not in PRETRAINED and not os.path.isdir(model_type):
+            raise ValueError(f"unknown pretrained model '{model_type}': use one of {', '.join(PRETRAINED)} "
+                             "or a local directory holding a Hugging Face GPT-2 (config.json + model.safetensors)")
+        print(f"loading weights from pretrained gpt: {model_type}")
+        try:
+            model_hf = GPT2LMHeadModel.from_pretrained(model_type)
+        except OSError as e:
+            reason = str(e).strip().splitlines()[0]  # the hub client's message runs over several lines
+            raise OSError(f"could not load '{model_type}' from the Hugging Face hub or its local cache ({reason}). "
+                          "Without network access, download it once elsewhere and point at the directory "
+                          "instead, e.g. init_from='/path/to/gpt2' (a directory with config.json and "
+                          "model.safetensors, as written by save_pretrained)") from None
+        hf = model_hf.config
+        config = GPTConfig(block_size=hf.n_positions, vocab_size=hf.vocab_size, n_layer=hf.n_layer,
+                           n_head=hf.n_head, n_embd=hf.n_embd, bias=True,
+                           dropout=override_args.get('dropout', 0.0))
+        model = GPT(config)
+        sd = model.state_dict()
+        sd_hf = model_hf.state_dict()
+        with torch.no_grad():
+            for k in sd:
+                w = sd_hf[k].t() if k.endswith(CONV1D_WEIGHTS) else sd_hf[k]
+                if w.shape != sd[k].shape:
+                    raise ValueError(f"{model_type}: {k} has shape {tuple(w.shape)}, expected {tuple(sd[k].shape)}")
+                sd[k].copy_(w)
+        return model
+
+    def export_hf(self, path, vocab_size=None):
+        """ Write this model as a Hugging Face GPT-2 directory (config.json + model.safetensors)
+        that transformers.GPT2LMHeadModel.from_pretrained(path) loads with the same logits.
+        A padded vocabulary (e.g. 50304 = 50257 rounded up to a multiple of 64) is exported whole
+        by default, so the logits match row for row; pass vocab_size=50257 to keep only GPT-2's
+        real tokens (the padding rows never occur in the data, so nothing is lost). A model
+        without biases is exported with zero biases, which computes exactly the same function. """
+        from transformers import GPT2Config, GPT2LMHeadModel
+        c = self.config
+        vocab_size = vocab_size or c.vocab_size
+        if vocab_size > c.vocab_size:
+            raise ValueError(f"vocab_size {vocab_size} is larger than the model's {c.vocab_size}")
+        hf_config = GPT2Config(vocab_size=vocab_size, n_positions=c.block_size, n_embd=c.n_embd,
+                               n_layer=c.n_layer, n_head=c.n_head, activation_function='gelu_new',
+                               resid_pdrop=c.dropout, embd_pdrop=c.dropout, attn_pdrop=c.dropout,
+                               layer_norm_epsilon=1e-5, tie_word_embeddings=True)
+        model_hf = GPT2LMHeadModel(hf_config)
+        sd = self.state_dict()
+        with torch.no_grad():
+            for k, v in model_hf.state_dict().items():
+                if k in sd:
+                    w = sd[k].t() if k.endswith(CONV1D_WEIGHTS) else sd[k]
+                    v.copy_(w[:vocab_size] if k in ('transformer.wte.weight', 'lm_head.weight') else w)
+                elif k.endswith('.bias') and k.replace('.bias', '.weight') in sd:
+                    v.zero_()  # bias=False model
+        model_hf.save_pretrained(path)
+
+    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type, verbose=True):
+        # start with all of the candidate parameters that require grad
+        param_dict = {pn: p for pn, p in self.named_parameters() if p.requires_grad}
+        # create optim groups. Any parameters that is 2D will be weight decayed, otherwise no.
+        # i.e. all weight tensors in matmuls + embeddings decay, all biases and layernorms don't.
+        decay_params = [p for n, p in param_dict.items() if p.dim() >= 2]
+        nodecay_params = [p for n, p in param_dict.items() if p.dim() < 2]
+        optim_groups = [
+            {'params': decay_params, 'weight_decay': weight_decay},
+            {'params': nodecay_params, 'weight_decay': 0.0}
+        ]
+        # the fused kernel does the whole update in one pass; torch has it for cuda, cpu and mps
+        try:
+            optimizer = torch.optim.AdamW(optim_groups, lr=learning_rate, betas=betas, fused=True)
+            use_fused = True
+        except (RuntimeError, TypeError):
+            optimizer = torch.optim.AdamW(optim_groups, lr=learning_rate, betas=betas)
+            use_fused = False
+        if verbose:
+            num_decay = sum(p.numel() for p in decay_params)
+            num_nodecay = sum(p.numel() for p in nodecay_params)
+            print(f"num decayed parameter tensors: {len(decay_params)}, with {num_decay:,} parameters")
+            print(f"num non-decayed parameter tensors: {len(nodecay_params)}, with {num_nodecay:,} parameters")
+            print(f"using fused AdamW: {use_fused} ({device_type})")
+        return optimizer
+
+    def estimate_mfu(self, fwdbwd_per_iter, dt, peak_flops=None):
+        """ model flops utilization (MFU): achieved flops over the device's peak flops.
+        The peak is the bfloat16 tensor-core peak for A100 (312e12) and H100/H200 (989e12);
+        on any other device (CPU included) it is measured once: float32 matmul throughput. """
+        # first estimate the number of flops we do per iteration.
+        # see PaLM paper Appendix B as ref: https://arxiv.org/abs/2204.02311
+        N = self.get_num_params()
+        cfg = self.config
+        L, H, Q, T = cfg.n_layer, cfg.n_head, cfg.n_embd // cfg.n_head, cfg.block_size
+        flops_per_token = 6 * N + 12 * L * H * Q * T
+        flops_per_fwdbwd = flops_per_token * T
+        flops_per_iter = flops_per_fwdbwd * fwdbwd_per_iter
+        flops_achieved = flops_per_iter * (1.0 / dt)  # per second
+        if peak_flops is None:
+            peak_flops = device_peak_flops(str(self.lm_head.weight.device))
+        return flops_achieved / peak_flops
+
+    @torch.no_grad()
+    def generate_tokens(self, idx, max_new_tokens, temperature=1.0, top_k=None, use_cache=True):
+        """ Yield max_new_tokens new tokens, each a (b, 1) tensor, continuing idx (b, t).
+        Without the cache this is nanoGPT's loop: the whole (cropped) context is run for every token.
+        With it, each step runs one position against the cached keys and values. When the cache
+        is full (block_size positions) it is rebuilt from the last block_size // 2 tokens, so the
+        model keeps going with half a block of context instead of recomputing a whole block per token. """
+        if max_new_tokens > 0 and idx.size(1) == 0:
+            raise ValueError("generate needs at least one token of context to start from")
+        block_size = self.config.block_size
+        cache = None
+        for _ in range(max_new_tokens):
+            if not use_cache:
+                # if the sequence context is growing too long we must crop it at block_size
+                logits, _ = self(idx if idx.size(1) <= block_size else idx[:, -block_size:])
+            elif cache is None or cache[0].pos == block_size:
+                keep = block_size if cache is None else block_size // 2
+                cache = [KVCache() for _ in self.transformer.h]
+                logits, _ = self(idx[:, -keep:], kv_cache=cache)
+            else:
+                logits, _ = self(idx[:, -1:], kv_cache=cache)
+            logits = logits[:, -1, :]  # (b, vocab_size)
+            if temperature == 0:
+                idx_next = logits.argmax(dim=-1, keepdim=True)  # greedy
+            else:
+                # pluck the logits at the final step and scale by desired temperature
+                logits = logits / temperature
+                # optionally crop the logits to only the top k options
+                if top_k is not None:
+                    v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+                    logits[logits < v[:, [-1]]] = -float('Inf')
+                # apply softmax to convert logits to (normalized) probabilities
+                probs = F.softmax(logits, dim=-1)
+                idx_next = torch.multinomial(probs, num_samples=1)  # (b, 1)
+            idx = torch.cat((idx, idx_next), dim=1)
+            yield idx_next
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, use_cache=True):
+        """ Complete idx (b, t) with max_new_tokens tokens, feeding each prediction back in.
+        Call model.eval() first. temperature=0 picks the most likely token (greedy). """
+        new = list(self.generate_tokens(idx, max_new_tokens, temperature, top_k, use_cache))
+        return torch.cat([idx] + new, dim=1)
+
+
+@functools.cache
+def device_peak_flops(device):
+    """ Peak flops/s of a device ('cuda:0', 'cpu', ...): the table above for known GPUs, otherwise
+    measured as the float32 throughput of 2048x2048 matmuls (what this device really sustains). """
+    device = torch.device(device)
+    if device.type == 'cuda':
+        name = torch.cuda.get_device_name(device)
+        for key, flops in PEAK_FLOPS.items():
+            if key in name:
+                return flops
+    sync = {'cuda': torch.cuda.synchronize, 'mps': lambda: torch.mps.synchronize()}.get(device.type, lambda: None)
+    a = torch.randn(2048, 2048, device=device)
+    b = torch.randn(2048, 2048, device=device)
+    a @ b  # warm up
+    sync()
+    n, t0 = 0, time.perf_counter()
+    while n < 3 or time.perf_counter() - t0 < 0.2:
+        a @ b
+        n += 1
+    sync()
+    return n * 2 * 2048 ** 3 / (time.perf_counter() - t0)

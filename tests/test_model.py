@@ -1,0 +1,275 @@
+"""model.py against references: Hugging Face's GPT-2, nanoGPT's checkpoint format, and itself
+(SDPA vs explicit attention, cached vs uncached generation)."""
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from model import GPT, GPTConfig, KVCache
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = dict(block_size=16, vocab_size=50, n_layer=2, n_head=2, n_embd=32, dropout=0.0)
+
+
+def tiny_gpt(seed=0, **kw):
+    torch.manual_seed(seed)
+    return GPT(GPTConfig(**{**TINY, **kw})).eval()
+
+
+def all_logits(model, idx):
+    logits, _ = model(idx, targets=torch.zeros_like(idx))  # with targets: logits at every position
+    return logits
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+    """A tiny random GPT-2 saved in Hugging Face format (what from_pretrained reads offline)."""
+    torch.manual_seed(0)
+    hf = GPT2LMHeadModel(GPT2Config(vocab_size=50, n_positions=16, n_embd=32, n_layer=2, n_head=2,
+                                    initializer_range=0.2))  # large weights make the test sharp
+    path = tmp_path_factory.mktemp("hf")
+    hf.save_pretrained(path)
+    return path, hf.eval()
+
+
+def test_from_pretrained_local_dir_matches_transformers(hf_dir):
+    path, hf = hf_dir
+    model = GPT.from_pretrained(str(path)).eval()
+    assert model.config.block_size == 16 and model.config.vocab_size == 50 and model.config.bias
+    idx = torch.randint(0, 50, (3, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = hf(idx).logits
+        ours = all_logits(model, idx)
+    assert (ours - ref).abs().max().item() <= 1e-4
+    # greedy generation agrees with transformers' own greedy decoding
+    out = model.generate(idx[:1, :4], 8, temperature=0)
+    ref_out = hf.generate(idx[:1, :4], max_new_tokens=8, do_sample=False, pad_token_id=0)
+    assert torch.equal(out, ref_out)
+
+
+def test_from_pretrained_dropout_override_and_bad_args(hf_dir):
+    path, _ = hf_dir
+    assert GPT.from_pretrained(str(path), dict(dropout=0.2)).config.dropout == 0.2
+    with pytest.raises(ValueError, match="only dropout"):
+        GPT.from_pretrained(str(path), dict(n_layer=3))
+    with pytest.raises(ValueError, match="unknown pretrained model 'gpt3'.*gpt2-xl.*local directory"):
+        GPT.from_pretrained("gpt3")
+
+
+def test_from_pretrained_offline_error_names_model_and_local_dir(tmp_path):
+    code = ("from model import GPT\n"
+            "try:\n    GPT.from_pretrained('gpt2-medium')\n"
+            "except OSError as e:\n    print('ERR', e)\n")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    line = [l for l in out.stdout.splitlines() if l.startswith("ERR")]
+    assert line, out.stdout + out.stderr
+    assert len(line) == 1 and "'gpt2-medium'" in line[0] and "init_from='/path/to/gpt2'" in line[0]
+
+
+@pytest.mark.parametrize("bias, vocab_size, export_vocab", [(True, 50, None), (False, 64, 50)])
+def test_export_roundtrip_through_transformers(tmp_path, bias, vocab_size, export_vocab):
+    model = tiny_gpt(bias=bias, vocab_size=vocab_size)
+    with torch.no_grad():  # move every parameter off its init value so all of them are checked
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    model.export_hf(tmp_path, vocab_size=export_vocab)
+    assert (tmp_path / "config.json").exists() and (tmp_path / "model.safetensors").exists()
+    hf = GPT2LMHeadModel.from_pretrained(tmp_path).eval()
+    idx = torch.randint(0, 50, (2, 16))
+    with torch.no_grad():
+        ref = hf(idx).logits
+        ours = all_logits(model, idx)[..., :ref.size(-1)]
+    assert ref.size(-1) == (export_vocab or vocab_size)
+    assert (ours - ref).abs().max().item() <= 1e-4
+    # and back again: our loader reads what we wrote
+    again = GPT.from_pretrained(str(tmp_path)).eval()
+    assert torch.allclose(all_logits(again, idx), ref, atol=1e-5)
+
+
+def test_sdpa_and_explicit_attention_agree():
+    model = tiny_gpt()
+    idx = torch.randint(0, 50, (4, 16))
+    fast = all_logits(model, idx)
+    for block in model.transformer.h:
+        block.attn.flash = False
+    slow = all_logits(model, idx)
+    assert (fast - slow).abs().max().item() < 1e-5
+
+
+def test_causality():
+    model = tiny_gpt()
+    idx = torch.randint(0, 50, (1, 16))
+    t = 7
+    changed = idx.clone()
+    changed[0, t + 1] = (idx[0, t + 1] + 1) % 50
+    a, b = all_logits(model, idx), all_logits(model, changed)
+    assert torch.equal(a[:, :t + 1], b[:, :t + 1])
+    assert not torch.allclose(a[:, t + 1], b[:, t + 1])
+
+
+def test_loss_at_init_is_uniform():
+    model = tiny_gpt(vocab_size=65)
+    g = torch.Generator().manual_seed(0)
+    idx, targets = torch.randint(0, 65, (32, 16), generator=g), torch.randint(0, 65, (32, 16), generator=g)
+    logits, loss = model(idx, targets)
+    assert logits.shape == (32, 16, 65)
+    assert abs(loss.item() - math.log(65)) < 0.1
+    ignored = targets.clone()
+    ignored[:, :8] = -1  # ignore_index=-1: the loss is the mean over the other positions only
+    _, partial = model(idx, ignored)
+    ref = torch.nn.functional.cross_entropy(logits[:, 8:].reshape(-1, 65), targets[:, 8:].reshape(-1))
+    assert torch.allclose(partial, ref)
+    last, none = model(idx)
+    assert none is None and last.shape == (32, 1, 65) and torch.allclose(last[:, 0], logits[:, -1], atol=1e-6)
+
+
+def test_init_statistics():
+    model = GPT(GPTConfig(block_size=64, vocab_size=512, n_layer=4, n_head=4, n_embd=256))
+    sd = dict(model.named_parameters())
+    assert abs(sd["transformer.h.0.attn.c_attn.weight"].std().item() - 0.02) < 0.002
+    assert abs(sd["transformer.h.0.mlp.c_proj.weight"].std().item() - 0.02 / math.sqrt(8)) < 0.001
+    assert sd["transformer.h.0.attn.c_attn.bias"].abs().max().item() == 0
+    assert model.lm_head.weight is model.transformer.wte.weight
+
+
+def test_kv_cache_forward_matches_full_forward():
+    model = tiny_gpt()
+    idx = torch.randint(0, 50, (2, 16))
+    full = all_logits(model, idx)
+    for flash in (True, False):
+        for block in model.transformer.h:
+            block.attn.flash = flash
+        cache = [KVCache() for _ in model.transformer.h]
+        chunks = [model(idx[:, :5], kv_cache=cache)[0]]  # prefill, then one position at a time,
+        chunks.append(model(idx[:, 5:9], kv_cache=cache)[0])  # and a multi-token step after a prefix
+        for t in range(9, 16):
+            chunks.append(model(idx[:, t:t + 1], kv_cache=cache)[0])
+        last = torch.cat(chunks, dim=1)  # (B, 2 + 7, V): the last logits of each call
+        assert torch.allclose(last[:, 0], full[:, 4], atol=1e-5)
+        assert torch.allclose(last[:, 1], full[:, 8], atol=1e-5)
+        assert torch.allclose(last[:, 2:], full[:, 9:], atol=1e-5)
+
+
+def test_cached_and_uncached_generation_agree():
+    model = tiny_gpt()
+    prompt = torch.randint(0, 50, (3, 4))
+    greedy = model.generate(prompt, 12, temperature=0)
+    assert torch.equal(greedy, model.generate(prompt, 12, temperature=0, use_cache=False))
+    for top_k in (None, 5):
+        torch.manual_seed(123)
+        a = model.generate(prompt, 12, temperature=0.8, top_k=top_k)
+        torch.manual_seed(123)
+        b = model.generate(prompt, 12, temperature=0.8, top_k=top_k, use_cache=False)
+        assert torch.equal(a, b)
+    assert a.shape == (3, 16)
+
+
+def test_generation_past_block_size_uses_the_documented_window():
+    model = tiny_gpt()
+    bs, keep = model.config.block_size, model.config.block_size // 2
+    seq = model.generate(torch.randint(0, 50, (1, 3)), 40, temperature=0)
+    assert seq.shape == (1, 43)
+    # token j was predicted from seq[start:j]; the window grows to block_size, then restarts from
+    # the last block_size // 2 tokens
+    start = 0
+    for j in range(3, 43):
+        if j - start > bs:
+            start = j - keep
+        assert seq[0, j].item() == model(seq[:, start:j])[0][0, -1].argmax().item()
+    # nanoGPT's uncached path also works past block_size (a sliding window)
+    assert model.generate(torch.randint(0, 50, (1, 3)), 40, use_cache=False).shape == (1, 43)
+
+
+def test_temperature_zero_and_top_k():
+    model = tiny_gpt()
+    prompt = torch.randint(0, 50, (1, 5))
+    out = model.generate(prompt, 1, temperature=0)
+    assert out[0, -1] == model(prompt)[0][0, -1].argmax()
+    top2 = set(model(prompt)[0][0, -1].topk(2).indices.tolist())
+    torch.manual_seed(0)
+    picks = {model.generate(prompt, 1, temperature=5.0, top_k=2)[0, -1].item() for _ in range(40)}
+    assert picks <= top2 and len(picks) == 2
+
+
+def test_nanogpt_checkpoint_with_orig_mod_prefix_loads(tmp_path):
+    src = tiny_gpt(seed=3)
+    model_args = dict(n_layer=2, n_head=2, n_embd=32, block_size=16, bias=True, vocab_size=50, dropout=0.0)
+    optimizer = src.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu", verbose=False)
+    ckpt = {"model": {"_orig_mod." + k: v for k, v in src.state_dict().items()},
+            "optimizer": optimizer.state_dict(), "model_args": model_args, "iter_num": 5,
+            "best_val_loss": torch.tensor(2.5), "config": {"dataset": "x"}}
+    torch.save(ckpt, tmp_path / "ckpt.pt")
+    loaded = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    model = GPT(GPTConfig(**loaded["model_args"])).eval()
+    model.load_state_dict(loaded["model"])
+    idx = torch.randint(0, 50, (2, 16))
+    assert torch.equal(all_logits(model, idx), all_logits(src, idx))
+    # and our state_dict has exactly nanoGPT's parameter names, so nanoGPT can load ours
+    names = set(model.state_dict())
+    expected = {"transformer.wte.weight", "transformer.wpe.weight", "transformer.ln_f.weight",
+                "transformer.ln_f.bias", "lm_head.weight"}
+    for i in range(2):
+        for part in ("ln_1", "attn.c_attn", "attn.c_proj", "ln_2", "mlp.c_fc", "mlp.c_proj"):
+            expected |= {f"transformer.h.{i}.{part}.weight", f"transformer.h.{i}.{part}.bias"}
+    assert names == expected
+
+
+@pytest.mark.parametrize("name, shape, total", [
+    ("gpt2", (12, 12, 768), 124_439_808), ("gpt2-medium", (24, 16, 1024), 354_823_168),
+    ("gpt2-large", (36, 20, 1280), 774_030_080), ("gpt2-xl", (48, 25, 1600), 1_557_611_200)])
+def test_gpt2_parameter_counts(name, shape, total):
+    with torch.device("meta"):
+        model = GPT(GPTConfig(vocab_size=50257, block_size=1024, bias=True,
+                              n_layer=shape[0], n_head=shape[1], n_embd=shape[2]))
+    assert model.get_num_params(non_embedding=False) == total
+    assert model.get_num_params() == total - 1024 * shape[2]
+    if name == "gpt2":
+        assert f"{model.get_num_params() / 1e6:.2f}M" == "123.65M"
+
+
+def test_crop_block_size():
+    model = tiny_gpt()
+    idx = torch.randint(0, 50, (1, 8))
+    before = all_logits(model, idx)
+    model.crop_block_size(8)
+    assert model.transformer.wpe.weight.shape == (8, 32)
+    assert torch.equal(all_logits(model, idx), before)
+    with pytest.raises(ValueError, match="Cannot forward sequence of length 9, block size is only 8"):
+        model(torch.zeros(1, 9, dtype=torch.long))
+    with pytest.raises(ValueError, match="block_size 32 is larger than the model's 8"):
+        model.crop_block_size(32)
+
+
+def test_configure_optimizers_groups_and_fused(capsys):
+    model = tiny_gpt()
+    opt = model.configure_optimizers(0.1, 6e-4, (0.9, 0.95), "cpu")
+    decay, nodecay = opt.param_groups
+    assert decay["weight_decay"] == 0.1 and nodecay["weight_decay"] == 0.0
+    assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() < 2 for p in nodecay["params"])
+    assert len(decay["params"]) + len(nodecay["params"]) == len(list(model.parameters()))
+    assert opt.defaults["fused"] is True  # torch 2.13 has the fused AdamW on CPU
+    out = capsys.readouterr().out
+    assert "num decayed parameter tensors: 10" in out and "using fused AdamW: True" in out
+
+
+def test_estimate_mfu_formula():
+    model = tiny_gpt()
+    N, (L, H, Q, T) = model.get_num_params(), (2, 2, 16, 16)
+    flops_per_iter = (6 * N + 12 * L * H * Q * T) * T * 8
+    assert model.estimate_mfu(8, 0.5, peak_flops=1e9) == pytest.approx(flops_per_iter / 0.5 / 1e9)
+    assert 0 < model.estimate_mfu(8, 0.5) < 1  # CPU: against the measured matmul peak
+
+
+def test_clear_errors():
+    with pytest.raises(ValueError, match=r"n_embd \(30\) must be divisible by n_head \(4\)"):
+        GPT(GPTConfig(n_embd=30, n_head=4, n_layer=1, block_size=8, vocab_size=10))
+    model = tiny_gpt()
+    with pytest.raises(TypeError, match="integer tensor of token ids.*float32"):
+        model(torch.zeros(1, 4))
+    with pytest.raises(ValueError, match="Cannot forward sequence of length 17, block size is only 16"):
+        model(torch.zeros(1, 17, dtype=torch.long))
