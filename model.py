@@ -248,13 +248,13 @@ class GPT(nn.Module):
         """ Load OpenAI's GPT-2 weights ('gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl') through
         transformers, or any GPT-2 model saved in Hugging Face format in a local directory
         (config.json + weights), which is how to work offline. Only dropout can be overridden. """
-        from transformers import GPT2LMHeadModel
         override_args = override_args or {}
         if any(k != 'dropout' for k in override_args):
             raise ValueError(f"only dropout can be overridden for a pretrained model, got {sorted(override_args)}")
         if model_type not in PRETRAINED and not os.path.isdir(model_type):
             raise ValueError(f"unknown pretrained model '{model_type}': use one of {', '.join(PRETRAINED)} "
                              "or a local directory holding a Hugging Face GPT-2 (config.json + model.safetensors)")
+        from transformers import GPT2LMHeadModel  # imported here: it takes seconds, and only this needs it
         print(f"loading weights from pretrained gpt: {model_type}")
         try:
             model_hf = GPT2LMHeadModel.from_pretrained(model_type)
@@ -397,7 +397,8 @@ class GPT(nn.Module):
 @functools.cache
 def device_peak_flops(device):
     """ Peak flops/s of a device ('cuda:0', 'cpu', ...): the table above for known GPUs, otherwise
-    measured as the float32 throughput of 2048x2048 matmuls (what this device really sustains). """
+    measured as the float32 throughput of 1024x1024 matmuls (what this device really sustains).
+    The operands are constant, so measuring draws nothing from the random streams. """
     device = torch.device(device)
     if device.type == 'cuda':
         name = torch.cuda.get_device_name(device)
@@ -405,13 +406,13 @@ def device_peak_flops(device):
             if key in name:
                 return flops
     sync = {'cuda': torch.cuda.synchronize, 'mps': lambda: torch.mps.synchronize()}.get(device.type, lambda: None)
-    a = torch.randn(2048, 2048, device=device)
-    b = torch.randn(2048, 2048, device=device)
-    a @ b  # warm up
+    n = 1024
+    a = torch.full((n, n), 0.5, device=device)
+    a @ a  # warm up
     sync()
-    n, t0 = 0, time.perf_counter()
-    while n < 3 or time.perf_counter() - t0 < 0.2:
-        a @ b
-        n += 1
+    k, t0 = 0, time.perf_counter()
+    while k < 4 or time.perf_counter() - t0 < 0.05:
+        a @ a
+        k += 1
     sync()
-    return n * 2 * 2048 ** 3 / (time.perf_counter() - t0)
+    return k * 2 * n ** 3 / (time.perf_counter() - t0)

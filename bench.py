@@ -1,0 +1,156 @@
+"""
+A much shorter version of train.py for benchmarking: `python bench.py` times training iterations of
+GPT-2 124M; `--profile=True` writes a torch.profiler trace; `--mode=generate` times generation with
+and without the KV cache. Small shapes for a CPU: `python bench.py --n_layer=4 --n_head=4 --n_embd=128
+--block_size=64 --batch_size=12 --dataset=shakespeare_char`.
+"""
+import os
+import time
+
+import numpy as np
+import torch
+
+import runtime
+from configurator import ROOT, configure
+from model import GPT, GPTConfig
+from tokenizer import load_meta
+
+# -----------------------------------------------------------------------------
+mode = 'train'  # 'train': time forward+backward+update; 'generate': tokens/s with and without the KV cache
+batch_size = 12
+block_size = 1024
+n_layer = 12
+n_head = 12
+n_embd = 768
+bias = False
+vocab_size = 0  # 0: the dataset's (from its meta.pkl) when real_data, else 50304 (GPT-2's, padded)
+real_data = True  # batches from data/<dataset>/train.bin (when prepared), else one fixed random batch
+dataset = 'openwebtext'
+seed = 1337
+device = 'auto'  # 'auto' (cuda, else mps, else cpu), 'cpu', 'cuda', 'cuda:1', 'mps'
+dtype = 'auto'  # 'auto' (bfloat16 or float16 on GPUs, float32 elsewhere), 'float32', 'bfloat16', 'float16'
+compile = None  # use PyTorch 2.0 to compile the model to be faster; None: on CUDA only
+profile = False  # use pytorch profiler, or just simple benchmarking?
+burnin = 10  # iterations before timing starts (compilation, allocator warm-up)
+iters = 20  # timed iterations
+max_new_tokens = 500  # mode=generate: tokens generated from a one-token prompt
+profile_dir = 'bench_log'  # where the profiler's TensorBoard trace goes
+# -----------------------------------------------------------------------------
+configure(globals())
+device = runtime.pick_device(device)
+dtype = runtime.pick_dtype(dtype, device)
+compile = runtime.pick_compile(compile, device)
+torch.manual_seed(seed)
+runtime.allow_tf32(device)
+ctx = runtime.autocast_context(device, dtype)
+runtime.print_environment(device, dtype)
+
+# data: a prepared dataset when there is one (its vocabulary too), else random tokens
+data_dir = os.path.join(ROOT, 'data', dataset)
+data_path = os.path.join(data_dir, 'train.bin')
+meta_path = os.path.join(data_dir, 'meta.pkl')
+if not vocab_size:
+    vocab_size = load_meta(meta_path)['vocab_size'] if real_data and os.path.exists(meta_path) else 50304
+real_data = real_data and os.path.exists(data_path)
+print(f"data: {data_path if real_data else 'a fixed random batch'}, vocab_size {vocab_size}")
+if real_data:
+    data = np.memmap(data_path, dtype=np.uint16, mode='r')
+
+
+def get_batch():
+    if real_data:
+        ix = torch.randint(len(data) - block_size, (batch_size,))
+        x = torch.stack([torch.from_numpy(data[i:i + block_size].astype(np.int64)) for i in ix])
+        y = torch.stack([torch.from_numpy(data[i + 1:i + 1 + block_size].astype(np.int64)) for i in ix])
+        return runtime.to_device(x, device), runtime.to_device(y, device)
+    return fixed_x, fixed_y
+
+
+fixed_x = torch.randint(vocab_size, (batch_size, block_size), device=device)
+fixed_y = torch.randint(vocab_size, (batch_size, block_size), device=device)
+
+# model init
+gptconf = GPTConfig(block_size=block_size, n_layer=n_layer, n_head=n_head, n_embd=n_embd,
+                    dropout=0, bias=bias, vocab_size=vocab_size)
+model = GPT(gptconf)
+model.to(device)
+print(f"number of parameters: {model.get_num_params() / 1e6:.2f}M")
+
+if mode == 'generate':
+    # one-token prompt, as sample.py's default; the same seed for both so they draw alike
+    model.eval()
+    prompt = torch.zeros((1, 1), dtype=torch.long, device=device)
+    rates = {}
+    for use_cache in (True, False):
+        torch.manual_seed(seed)
+        with torch.no_grad(), ctx:
+            model.generate(prompt, 8, use_cache=use_cache)  # warm-up
+            runtime.synchronize(device)
+            t0 = time.perf_counter()
+            model.generate(prompt, max_new_tokens, use_cache=use_cache)
+            runtime.synchronize(device)
+        rates[use_cache] = max_new_tokens / (time.perf_counter() - t0)
+        print(f"{'with' if use_cache else 'without'} KV cache: {rates[use_cache]:.1f} tokens/s")
+    print(f"KV cache speedup: {rates[True] / rates[False]:.1f}x ({max_new_tokens} new tokens, "
+          f"block_size {block_size}, {n_layer} layers, {n_embd} wide)")
+    raise SystemExit(0)
+
+optimizer = model.configure_optimizers(weight_decay=1e-2, learning_rate=1e-4, betas=(0.9, 0.95),
+                                       device_type=runtime.device_type(device))
+if compile:
+    print("Compiling model...")
+    model = torch.compile(model)  # pytorch 2.0
+
+
+def train_step():
+    X, Y = get_batch()
+    with ctx:
+        logits, loss = model(X, Y)
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss
+
+
+if profile:
+    # useful docs on pytorch profiler:
+    # - tutorial https://pytorch.org/tutorials/intermediate/tensorboard_profiler_tutorial.html
+    # - api https://pytorch.org/docs/stable/profiler.html#torch.profiler.profile
+    wait, warmup, active = 5, 5, 5
+    num_steps = wait + warmup + active
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if runtime.device_type(device) == 'cuda':
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(
+        activities=activities,
+        schedule=torch.profiler.schedule(wait=wait, warmup=warmup, active=active, repeat=1),
+        on_trace_ready=torch.profiler.tensorboard_trace_handler(profile_dir),
+        record_shapes=False,
+        profile_memory=False,
+        with_stack=False,  # incurs an additional overhead, disable if not needed
+        with_flops=True,
+        with_modules=False,  # only for torchscript models atm
+    ) as prof:
+        for k in range(num_steps):
+            loss = train_step()
+            lossf = loss.item()
+            print(f"{k}/{num_steps} loss: {lossf:.4f}")
+            prof.step()  # notify the profiler at end of each step
+    sort_by = 'self_cuda_time_total' if runtime.device_type(device) == 'cuda' else 'self_cpu_time_total'
+    print(prof.key_averages().table(sort_by=sort_by, row_limit=20))
+    print(f"trace written to {os.path.abspath(profile_dir)} (view with: tensorboard --logdir {profile_dir})")
+else:
+    # simple benchmarking
+    runtime.synchronize(device)
+    for stage, num_steps in enumerate([burnin, iters]):  # burnin, then benchmark
+        t0 = time.perf_counter()
+        for k in range(num_steps):
+            loss = train_step()
+        lossf = loss.item()  # one host sync per stage, not per step
+        runtime.synchronize(device)
+        dt = time.perf_counter() - t0
+        if stage == 1:
+            tokens_per_s = num_steps * batch_size * block_size / dt
+            mfu = model.estimate_mfu(batch_size * 1 * num_steps, dt)
+            print(f"time per iteration: {dt / num_steps * 1000:.2f}ms, {tokens_per_s:,.0f} tokens/s, "
+                  f"MFU: {mfu * 100:.2f}%, loss {lossf:.4f}")

@@ -1,0 +1,144 @@
+"""
+Prepare OpenWebText (or any corpus of documents) for GPT-2 training, as nanoGPT does: hold out a random
+0.05% of the documents as val, tokenize every document with GPT-2 BPE plus the end-of-text token 50256,
+and write all ids of each split into one flat uint16 file, train.bin and val.bin.
+
+    python data/openwebtext/prepare.py                                  # the Hugging Face hub dataset
+    python data/openwebtext/prepare.py --source=my_corpus/ --out_dir=data/my_corpus
+    python data/openwebtext/prepare.py --source='dumps/*.jsonl' --text_column=content
+
+--source may be a hub dataset name, a folder written by Dataset.save_to_disk, or local files: a path, a
+folder or a glob of .txt (one document per file), .json/.jsonl, .parquet or .csv files.
+
+The tokenized corpus is never held in memory: datasets keeps it in its cache on disk (HF_DATASETS_CACHE,
+which also needs room for the text: ~54 GB for OpenWebText) and it is copied into the output files in
+batches, a chunk of documents at a time, so peak memory stays ~0.5 GB whatever the corpus size
+(bench_prepare.py measures it). val.bin holds nanoGPT's val documents in nanoGPT's order (the same
+bytes); train.bin holds the same documents as nanoGPT's, in corpus order rather than shuffled (see below).
+For the full OpenWebText: train.bin ~17 GB (~9B tokens), val.bin ~8.5 MB (~4M tokens).
+"""
+import glob
+import os
+import sys
+
+import datasets
+import numpy as np
+import pyarrow.compute as pc
+from datasets import Dataset, DatasetDict, Features, List, Value, load_dataset, load_from_disk
+from tqdm import tqdm
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))  # repo root
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # data/, for prepare_text
+from configurator import UserError, configure
+from prepare_text import atomic_outputs, check_out_dir, train_hint
+from tokenizer import gpt2_encoding
+
+# -----------------------------------------------------------------------------
+source = 'openwebtext'  # hub dataset name, save_to_disk folder, or local .txt/.json/.jsonl/.parquet/.csv files
+text_column = 'text'    # the column holding each document's text
+out_dir = os.path.dirname(os.path.abspath(__file__))  # where train.bin and val.bin go
+num_proc = os.cpu_count() or 1  # worker processes for loading and tokenizing
+test_size = 0.0005      # fraction of documents held out as val (nanoGPT's split: ~4,000 OpenWebText documents)
+seed = 2357             # of that random split, nanoGPT's value, so the same documents end up in val
+chunk = 20000           # documents tokenized by each new set of worker processes: bounds memory, see below
+write_batch = 1024      # documents per batch when copying token ids into train.bin / val.bin
+# -----------------------------------------------------------------------------
+FILE_BUILDERS = {'.txt': 'text', '.json': 'json', '.jsonl': 'json', '.parquet': 'parquet', '.csv': 'csv'}
+
+
+def load_source(source):
+    """The corpus as one datasets.Dataset of documents, from the hub, a save_to_disk folder or local files."""
+    path = os.path.expanduser(source)
+    if any(os.path.exists(os.path.join(path, f)) for f in ('state.json', 'dataset_dict.json')):
+        dataset = load_from_disk(path)
+        return dataset['train'] if isinstance(dataset, DatasetDict) else dataset
+    if os.path.isdir(path):
+        paths = glob.glob(os.path.join(path, '**', '*'), recursive=True)
+    else:
+        paths = glob.glob(path)
+    files = sorted(p for p in paths if os.path.splitext(p)[1].lower() in FILE_BUILDERS)
+    if paths or os.path.isdir(path):  # local files
+        builders = {FILE_BUILDERS[os.path.splitext(p)[1].lower()] for p in files}
+        if len(builders) != 1:
+            raise UserError(f"--source={source} must name files of one kind among {', '.join(FILE_BUILDERS)}; "
+                            f"found {len(files)} such files" + (f" of kinds {sorted(builders)}" if files else ""))
+        builder = builders.pop()
+        options = {'sample_by': 'document'} if builder == 'text' else {}  # a whole .txt file is one document
+        return load_dataset(builder, data_files=files, split='train', num_proc=min(num_proc, len(files)), **options)
+    if source.startswith(('/', '.', '~')) or os.path.splitext(source)[1].lower() in FILE_BUILDERS:
+        raise UserError(f"--source not found: {source}")
+    return load_dataset(source, split='train', num_proc=num_proc)  # a hub dataset, e.g. openwebtext
+
+
+if __name__ == '__main__':
+    configure(globals())
+    check_out_dir(out_dir)
+    enc = gpt2_encoding()
+
+    try:
+        dataset = load_source(source)
+    except UserError:
+        raise
+    except Exception as e:  # offline and not cached, no such dataset, unreadable files: one line, not a traceback
+        message = str(e).strip().splitlines()[0] if str(e).strip() else ''
+        raise UserError(f"cannot load --source={source}: {type(e).__name__}: {message}") from None
+    if text_column not in dataset.column_names:
+        raise UserError(f"--source={source} has no '{text_column}' column (it has {', '.join(dataset.column_names)}); "
+                        f"pick one with --text_column=")
+    if len(dataset) < 2:
+        raise UserError(f"--source={source} has {len(dataset)} document(s); a train/val split needs at least 2")
+
+    # owt by default only contains the 'train' split, so hold out val documents with nanoGPT's split. It is
+    # run on a column of document numbers, which gives the same split as on the text (it depends only on
+    # the number of documents, test_size and seed) and tells us which documents are val: val.bin gets them in
+    # nanoGPT's shuffled order, byte for byte the same file, while train.bin gets the others in corpus order
+    # (nanoGPT: shuffled; training samples random windows, so the order doesn't matter), see below for why.
+    try:
+        numbers = Dataset.from_dict({'doc': np.arange(len(dataset))})
+        val_docs = np.array(numbers.train_test_split(test_size=test_size, seed=seed, shuffle=True)['test']['doc'])
+    except ValueError as e:  # e.g. --test_size=1.5, or too few documents for it
+        raise UserError(f"--test_size={test_size}: {e}") from None
+    is_val = np.zeros(len(dataset), dtype=bool)
+    is_val[val_docs] = True
+    splits = {'train': np.flatnonzero(~is_val), 'val': val_docs}
+    del numbers, is_val
+
+    def process(example):
+        ids = enc.encode_ordinary(example[text_column])  # encode_ordinary ignores any special tokens
+        ids.append(enc.eot_token)  # add the end of text token, 50256 for gpt2 bpe
+        return {'ids': ids}
+
+    # Tokenize and write `chunk` documents at a time, each chunk in fresh worker processes (datasets starts
+    # a pool per map call), reading the corpus front to back. datasets memory-maps its files, and every page
+    # of them a process has read counts as its resident memory until the process exits or the file is
+    # closed; this keeps memory flat whatever the corpus size. (Reading in shuffled order, nanoGPT's workers
+    # end up with the whole corpus file resident.) Token ids go into the datasets cache as uint16 (the
+    # default, int64, makes it 4x larger), and into the output with plain sequential writes rather than
+    # nanoGPT's np.memmap, whose written pages would count as resident memory too.
+    datasets.disable_progress_bars()  # one bar per split below rather than one per chunk
+    paths = [os.path.join(out_dir, f'{split}.bin') for split in splits]
+    with atomic_outputs(paths) as tmps:
+        for (split, docs), tmp in zip(splits.items(), tmps):
+            n_tokens = 0
+            with open(tmp, 'wb') as f, tqdm(total=len(docs), unit='doc', desc=f'tokenizing {split}') as bar:
+                for start in range(0, len(docs), chunk):
+                    part = dataset.select(docs[start:start + chunk], keep_in_memory=True)  # (just the indices)
+                    tokenized = part.map(process, remove_columns=dataset.column_names, num_proc=min(num_proc, len(part)),
+                                         features=Features({'ids': List(Value('uint16'))}))
+                    for batch in tokenized.with_format('arrow').iter(batch_size=write_batch):
+                        arr_batch = pc.list_flatten(batch['ids']).to_numpy()
+                        f.write(arr_batch.tobytes())
+                        n_tokens += len(arr_batch)
+                    bar.update(len(part))
+                    bar.set_postfix(tokens=f'{n_tokens:,}')
+                    del part, tokenized, batch  # closes this chunk's cache file
+            print(f"{split}.bin: {n_tokens:,} tokens from {len(docs):,} documents")
+    print(f"wrote {' and '.join(os.path.basename(p) for p in paths)} to {out_dir}")
+    print(train_hint(out_dir))
+
+# train.bin is ~17GB, val.bin ~8.5MB
+# train has ~9B tokens (9,035,582,198)
+# val has ~4M tokens (4,434,897)
+
+# to read the bin files later, e.g. with numpy:
+# m = np.memmap('train.bin', dtype=np.uint16, mode='r')

@@ -1,0 +1,183 @@
+"""
+Prepare your own text for training: a .txt file, or a folder of them, becomes train.bin and val.bin
+(uint16 token ids, the first 90% of the text and the last 10%) plus meta.pkl for the char tokenizer.
+
+    python data/prepare_text.py --input=my_book.txt                        # -> data/my_book/, char-level
+    python data/prepare_text.py --input=my_letters/ --tokenizer=gpt2       # -> data/my_letters/, GPT-2 BPE
+    python train.py --dataset=my_book ...
+
+A folder's .txt files (searched recursively) are joined in sorted path order with a blank line between
+them. The whole text is held in memory; for corpora of many hundreds of MB use
+data/openwebtext/prepare.py --source=FOLDER, which streams. The shakespeare scripts reuse the functions
+below, which is why they live in a module rather than inline.
+"""
+import contextlib
+import glob
+import os
+import pickle
+import sys
+import urllib.request
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # repo root
+from configurator import UserError, configure
+from tokenizer import char_codec, char_meta, gpt2_encoding
+
+# -----------------------------------------------------------------------------
+input = ''            # a .txt file, or a folder of .txt files
+out_dir = ''          # default: data/<input's name without .txt>, so that train.py --dataset=<that name> finds it
+tokenizer = 'char'    # 'char': the text's sorted set of characters (writes meta.pkl); 'gpt2': GPT-2 BPE
+val_fraction = 0.1    # the last 10% of the text becomes val.bin, as in nanoGPT
+# -----------------------------------------------------------------------------
+
+
+def read_text(path):
+    """The text of a .txt file or of a folder of them, with one-line errors for every way that can fail."""
+    if os.path.isdir(path):
+        files = sorted(glob.glob(os.path.join(path, "**", "*.txt"), recursive=True))
+        if not files:
+            raise UserError(f"no .txt files in the folder {path}")
+        text = "\n\n".join(t for t in map(read_file, files) if t)
+    else:
+        text = read_file(path)
+    if not text.strip():
+        raise UserError(f"input is empty: {path}")
+    return text
+
+
+def read_file(path):
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        raise UserError(f"input not found: {path}") from None
+    except OSError as e:
+        raise UserError(f"cannot read {path}: {e.strerror}") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path} is not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start:,}); "
+                        f"convert it first, e.g. iconv -f latin1 -t utf-8") from None
+    # universal newlines, as nanoGPT's open(path, 'r') gives, so Windows files prepare the same
+    return text.replace("\r\n", "\n").replace("\r", "\n")
+
+
+def download_if_missing(url, path):
+    """Download url to path unless it exists: into a temporary file first, so a failed download leaves nothing."""
+    if os.path.exists(path):
+        return
+    print(f"downloading {url} to {path}")
+    tmp = path + ".tmp"
+    try:
+        with urllib.request.urlopen(url, timeout=30) as response, open(tmp, "wb") as f:
+            f.write(response.read())
+        os.replace(tmp, path)
+    except OSError as e:  # URLError, HTTPError and timeouts are all OSErrors
+        reason = getattr(e, "reason", None) or e.strerror or e
+        raise UserError(f"{path} is missing and downloading it failed ({reason}); "
+                        f"put input.txt there, or pass --input=/path/to/input.txt") from None
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def check_out_dir(out_dir):
+    """Fail now, not after an hour of tokenizing, when out_dir cannot be created or written."""
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        probe = os.path.join(out_dir, f".write_test_{os.getpid()}")
+        with open(probe, "wb"):
+            pass
+        os.remove(probe)
+    except OSError as e:
+        raise UserError(f"cannot write to the output directory {out_dir}: {e.strerror}") from None
+
+
+@contextlib.contextmanager
+def atomic_outputs(paths):
+    """Yield a temporary path (same directory, '.tmp' added) for each final path. Only when the block
+    finishes are they fsynced and renamed onto the final names, all together; if it fails or is
+    interrupted they are deleted, so a final name only ever holds a complete file from one run."""
+    tmps = [p + ".tmp" for p in paths]
+    try:
+        yield tmps
+        for tmp in tmps:
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())  # the data is on disk before the rename makes it visible
+        for tmp, path in zip(tmps, paths):
+            os.replace(tmp, path)
+        dir_fd = os.open(os.path.dirname(os.path.abspath(paths[0])), os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)  # and the renames themselves survive a crash
+        finally:
+            os.close(dir_fd)
+    except OSError as e:  # e.g. disk full
+        folder = os.path.dirname(os.path.abspath(paths[0]))
+        raise UserError(f"cannot write the output files in {folder}: {e.strerror or e}") from None
+    finally:
+        for tmp in tmps:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+
+
+def write_outputs(out_dir, splits, meta=None):
+    """Write each split (name -> token ids) as <name>.bin of uint16, and meta.pkl when given."""
+    names = [f"{name}.bin" for name in splits] + (["meta.pkl"] if meta is not None else [])
+    with atomic_outputs([os.path.join(out_dir, name) for name in names]) as tmps:
+        for tmp, ids in zip(tmps, splits.values()):
+            with open(tmp, "wb") as f:
+                f.write(np.asarray(ids, dtype=np.uint16).tobytes())  # (ndarray.tofile loses the OS error)
+        if meta is not None:
+            with open(tmps[-1], "wb") as f:
+                pickle.dump(meta, f)
+    if meta is None and os.path.exists(os.path.join(out_dir, "meta.pkl")):
+        # a meta.pkl left by an earlier char-level run would make train.py and sample.py use its vocabulary
+        os.remove(os.path.join(out_dir, "meta.pkl"))
+
+
+def train_hint(out_dir):
+    """How to point train.py at out_dir: by dataset name when it is a folder of data/, else by path."""
+    data = os.path.dirname(os.path.abspath(__file__))
+    name = os.path.basename(os.path.normpath(out_dir))
+    where = f"--dataset={name}" if os.path.dirname(os.path.abspath(out_dir)) == data else f"--data_dir={out_dir}"
+    return f"train on it with: python train.py {where}"
+
+
+def prepare(text, out_dir, tokenizer="char", val_fraction=0.1):
+    """Split text (first 1 - val_fraction for train), tokenize both parts and write them to out_dir.
+    Returns {'train': n_tokens, 'val': n_tokens}."""
+    if tokenizer not in ("char", "gpt2"):
+        raise UserError(f"--tokenizer must be 'char' or 'gpt2', not '{tokenizer}'")
+    if not 0 < val_fraction < 1:
+        raise UserError(f"--val_fraction must be between 0 and 1, not {val_fraction}")
+    print(f"length of dataset in characters: {len(text):,}")
+    n = len(text)
+    parts = {"train": text[:int(n * (1 - val_fraction))], "val": text[int(n * (1 - val_fraction)):]}
+    meta = None
+    if tokenizer == "char":
+        meta = char_meta(text)
+        print(f"vocab size: {meta['vocab_size']:,}")
+        encode, _ = char_codec(meta)
+    else:
+        encode = gpt2_encoding().encode_ordinary  # ordinary: '<|endoftext|>' in the text is just text
+    splits = {name: encode(part) for name, part in parts.items()}
+    for name, ids in splits.items():
+        if not ids:
+            raise UserError(f"the text is too short: its {name} split is empty")
+        print(f"{name} has {len(ids):,} tokens")
+    write_outputs(out_dir, splits, meta)
+    print(f"wrote {' and '.join(f'{name}.bin' for name in splits)}{' and meta.pkl' if meta else ''} to {out_dir}")
+    return {name: len(ids) for name, ids in splits.items()}
+
+
+if __name__ == "__main__":
+    configure(globals())
+    if not input:
+        raise UserError("say which text to prepare: --input=path/to/file.txt (or a folder of .txt files)")
+    if not out_dir:
+        name = os.path.splitext(os.path.basename(os.path.normpath(input)))[0]
+        out_dir = os.path.join(os.path.dirname(os.path.abspath(__file__)), name)
+    check_out_dir(out_dir)
+    prepare(read_text(input), out_dir, tokenizer, val_fraction)
+    print(train_hint(out_dir))

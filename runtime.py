@@ -1,0 +1,226 @@
+"""
+What train.py, sample.py and bench.py share, so it is written once: picking the device and dtype,
+the autocast context, CUDA-only calls guarded by device type, torchrun's distributed setup, seeding
+and RNG state, and checkpoint files (atomic writes, safe and clearly-failing reads).
+
+    device = pick_device(device)              # 'auto' -> cuda, else mps, else cpu
+    dtype = pick_dtype(dtype, device)         # 'auto' -> bfloat16 / float16 on CUDA, float32 elsewhere
+    ctx = autocast_context(device, dtype)     # `with ctx:` around forward passes
+"""
+import atexit
+import os
+import random
+import subprocess
+import sys
+import zipfile
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from configurator import ROOT, UserError
+
+DTYPES = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}
+
+
+def device_type(device):
+    """'cuda:1' -> 'cuda'; the part of a device string that torch.autocast and friends want."""
+    return device.split(':')[0]
+
+
+def pick_device(device='auto'):
+    """Resolve 'auto' to cuda, else mps, else cpu; check that an explicit choice exists here."""
+    if device == 'auto':
+        return 'cuda' if torch.cuda.is_available() else 'mps' if torch.backends.mps.is_available() else 'cpu'
+    kind = device_type(device)
+    if kind == 'cuda' and not torch.cuda.is_available():
+        raise UserError(f"device '{device}' requested but no CUDA GPU is available here; use --device=cpu (or auto)")
+    if kind == 'mps' and not torch.backends.mps.is_available():
+        raise UserError(f"device '{device}' requested but MPS is not available here; use --device=cpu (or auto)")
+    if kind not in ('cuda', 'mps', 'cpu'):
+        raise UserError(f"unknown device '{device}': use auto, cpu, cuda, cuda:N or mps")
+    return device
+
+
+def pick_dtype(dtype, device):
+    """Resolve 'auto' to bfloat16 on GPUs that have it, float16 on older GPUs (use a GradScaler) and
+    float32 on CPU and MPS; refuse a dtype the device cannot train in."""
+    kind = device_type(device)
+    bf16_gpu = kind == 'cuda' and torch.cuda.is_bf16_supported(including_emulation=False)
+    if dtype == 'auto':
+        return ('bfloat16' if bf16_gpu else 'float16') if kind == 'cuda' else 'float32'
+    if dtype not in DTYPES:
+        raise UserError(f"unknown dtype '{dtype}': use auto, {', '.join(DTYPES)}")
+    if dtype == 'bfloat16' and kind == 'cuda' and not bf16_gpu:
+        raise UserError(f"this GPU ({torch.cuda.get_device_name(device)}) has no bfloat16 support; "
+                        "use --dtype=float16 (or auto)")
+    if dtype == 'float16' and kind == 'cpu':
+        raise UserError("dtype float16 is not supported on cpu; use --dtype=bfloat16 or float32 (or auto)")
+    return dtype
+
+
+def pick_compile(compile, device):
+    """torch.compile by default (compile=None) only on CUDA, where it works and pays off."""
+    if compile not in (None, True, False):
+        raise UserError(f"compile must be True, False or None (automatic), got {compile!r}")
+    return device_type(device) == 'cuda' if compile is None else compile
+
+
+def autocast_context(device, dtype):
+    """The mixed-precision context for forward passes: a no-op for float32."""
+    if dtype == 'float32':
+        return nullcontext()
+    return torch.autocast(device_type=device_type(device), dtype=DTYPES[dtype])
+
+
+def allow_tf32(device):
+    """Let float32 matmuls and convolutions use TF32 tensor cores (CUDA only; a no-op elsewhere)."""
+    if device_type(device) == 'cuda':
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+
+def to_device(x, device):
+    """Move a CPU tensor to device; on CUDA through pinned memory and asynchronously, so the copy
+    overlaps with the GPU's work."""
+    if device_type(device) == 'cuda':
+        return x.pin_memory().to(device, non_blocking=True)
+    return x.to(device)
+
+
+def synchronize(device):
+    """Wait for the device's queued work (for timing); a no-op on CPU."""
+    if device_type(device) == 'cuda':
+        torch.cuda.synchronize(device)
+    elif device_type(device) == 'mps':
+        torch.mps.synchronize()
+
+
+def init_distributed(device):
+    """Join the process group when launched by torchrun (RANK, LOCAL_RANK, WORLD_SIZE in the
+    environment): nccl with one GPU per process on CUDA, gloo on CPU. The group is destroyed at exit.
+    Returns (ddp, rank, local_rank, world_size, device), device being this process's own GPU."""
+    if 'RANK' not in os.environ:
+        return False, 0, 0, 1, device
+    rank, local_rank, world_size = (int(os.environ[k]) for k in ('RANK', 'LOCAL_RANK', 'WORLD_SIZE'))
+    if device_type(device) == 'mps':
+        raise UserError("distributed training on mps is not supported; use --device=cpu with torchrun")
+    if device_type(device) == 'cuda':
+        device = f'cuda:{local_rank}'
+        torch.cuda.set_device(device)
+        dist.init_process_group(backend='nccl', device_id=torch.device(device))
+    else:
+        dist.init_process_group(backend='gloo')
+    atexit.register(cleanup_distributed)
+    return True, rank, local_rank, world_size, device
+
+
+def cleanup_distributed():
+    """Destroy the process group if there is one (safe to call twice)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def gather_to_rank0(obj):
+    """Collect one picklable object from every process: the list (indexed by rank) on rank 0, None
+    on the others. Without a process group, [obj]. Every process must call it."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return [obj]
+    objs = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(obj, objs, dst=0)
+    return objs
+
+
+def seed_everything(seed):
+    """Seed python's random, numpy and torch (every device)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def rng_state():
+    """This process's RNG states (python, numpy, torch, cuda) as tensors and plain values, so a
+    checkpoint holding them loads with torch.load(weights_only=True)."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {'python': random.getstate(),
+            'numpy': [name, keys.tolist(), pos, has_gauss, cached],
+            'torch': torch.get_rng_state(),
+            'cuda': torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(state):
+    """Restore what rng_state() returned. CUDA states are restored only on a machine with the same
+    number of GPUs."""
+    version, internal, gauss = state['python']
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = state['numpy']
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state['torch'])
+    if torch.cuda.is_available() and len(state['cuda']) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state['cuda'])
+
+
+def save_checkpoint(checkpoint, path):
+    """Write atomically: into a temporary file in the same directory, flushed and fsynced, then
+    renamed over path. A crash at any moment leaves either the old file or the new one, never half."""
+    tmp = path + '.tmp'
+    try:
+        with open(tmp, 'wb') as f:
+            torch.save(checkpoint, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    dir_fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)  # make the rename itself durable
+    finally:
+        os.close(dir_fd)
+
+
+def load_checkpoint(path, keys=('model', 'model_args')):
+    """Load a checkpoint (ours or nanoGPT's) to CPU with torch.load(weights_only=True), so loading
+    neither runs code from the file nor fills the GPU. Raises UserError if it is missing, truncated,
+    corrupt, unsafe to load, or lacks any of `keys`."""
+    if not os.path.isfile(path):
+        raise UserError(f"no checkpoint at {path}: train one first (init_from='scratch'), "
+                        "or point --out_dir at the directory that holds ckpt.pt")
+    if not zipfile.is_zipfile(path):
+        raise UserError(f"checkpoint {path} is truncated or corrupt (not a complete PyTorch file); "
+                        f"delete it, or restore it from a copy")
+    try:
+        checkpoint = torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        if 'Weights only load failed' in reason:
+            raise UserError(f"checkpoint {path} holds pickled Python objects besides tensors and plain values, "
+                            "which are not loaded because loading them could run code") from None
+        raise UserError(f"checkpoint {path} is corrupt ({reason}); delete it, or restore it from a copy") from None
+    missing = [k for k in keys if not isinstance(checkpoint, dict) or k not in checkpoint]
+    if missing:
+        raise UserError(f"{path} is not a nanoGPT checkpoint: it has no {', '.join(missing)}")
+    return checkpoint
+
+
+def git_commit():
+    """The repository's commit (short hash, '+dirty' with uncommitted changes), or None outside git."""
+    def git(*args):
+        return subprocess.run(['git', '-C', ROOT, *args], capture_output=True, text=True, timeout=10)
+    try:
+        head = git('rev-parse', '--short', 'HEAD')
+        if head.returncode != 0:
+            return None
+        return head.stdout.strip() + ('+dirty' if git('status', '--porcelain').stdout.strip() else '')
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def print_environment(device, dtype):
+    """One line saying what produced this run's numbers: versions, device, dtype, code version."""
+    name = torch.cuda.get_device_name(device) if device_type(device) == 'cuda' else device
+    print(f"python {sys.version.split()[0]}, torch {torch.__version__}, device {name}, dtype {dtype}, "
+          f"threads {torch.get_num_threads()}, commit {git_commit() or 'unknown'}")

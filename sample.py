@@ -1,0 +1,116 @@
+"""
+Sample from a trained model: `python sample.py --out_dir=out-shakespeare-char`,
+or from OpenAI's GPT-2: `python sample.py --init_from=gpt2-xl --start="What is the answer?"`.
+"""
+import os
+import time
+
+import torch
+
+import runtime
+from configurator import ROOT, UserError, configure
+from model import GPT, GPTConfig
+from tokenizer import load_tokenizer
+
+# -----------------------------------------------------------------------------
+init_from = 'resume'  # 'resume' (from out_dir/ckpt.pt), a gpt2 variant (e.g. 'gpt2-xl') or a local Hugging Face dir
+out_dir = 'out'  # ignored if init_from is not 'resume'
+start = "\n"  # or "<|endoftext|>" or etc. Can also specify a file, use as: "FILE:prompt.txt"
+num_samples = 10  # number of samples to draw
+max_new_tokens = 500  # number of tokens generated in each sample
+temperature = 0.8  # 1.0 = no change, < 1.0 = less random, > 1.0 = more random, 0 = always the most likely token
+top_k = 200  # retain only the top_k most likely tokens, clamp others to have 0 probability (0: no limit)
+seed = 1337
+device = 'auto'  # 'auto' (cuda, else mps, else cpu), 'cpu', 'cuda', 'cuda:1', 'mps'
+dtype = 'auto'  # 'auto' (bfloat16 or float16 on GPUs, float32 elsewhere), 'float32', 'bfloat16', 'float16'
+compile = False  # use PyTorch 2.0 to compile the model to be faster
+stream = False  # print each token as it is generated (samples are then drawn one at a time)
+kv_cache = True  # False: recompute the whole context for every token, as nanoGPT does
+# -----------------------------------------------------------------------------
+configure(globals())
+if max_new_tokens <= 0:
+    raise UserError(f"max_new_tokens must be positive, got {max_new_tokens}")
+if num_samples <= 0:
+    raise UserError(f"num_samples must be positive, got {num_samples}")
+device = runtime.pick_device(device)
+dtype = runtime.pick_dtype(dtype, device)
+runtime.allow_tf32(device)
+ctx = runtime.autocast_context(device, dtype)
+torch.manual_seed(seed)
+
+# model
+if init_from == 'resume':
+    checkpoint = runtime.load_checkpoint(os.path.join(out_dir, 'ckpt.pt'))
+    try:
+        model = GPT(GPTConfig(**checkpoint['model_args']))
+        model.load_state_dict(checkpoint['model'])
+    except (TypeError, ValueError, RuntimeError) as e:
+        reason = str(e).strip().splitlines()[0]
+        raise UserError(f"{out_dir}/ckpt.pt is a checkpoint of a format this code does not know ({reason})") from None
+    # a character-level dataset's vocabulary is in its meta.pkl (our train.py records where the data was)
+    train_config = checkpoint.get('config', {})
+    data_dir = train_config.get('data_dir') or os.path.join(ROOT, 'data', str(train_config.get('dataset', '')))
+    meta_path = os.path.join(data_dir, 'meta.pkl') if 'dataset' in train_config else None
+else:
+    try:
+        model = GPT.from_pretrained(init_from, dict(dropout=0.0))
+    except (ValueError, OSError) as e:
+        raise UserError(str(e)) from None
+    meta_path = None
+model.eval()
+model.to(device)
+if compile:
+    # generate() calls self(...), so compile the forward pass itself, not a wrapper around the module
+    model.forward = torch.compile(model.forward)
+
+# encode the beginning of the prompt
+if model.config.vocab_size < 50257 and not (meta_path and os.path.exists(meta_path)):
+    raise UserError(f"this model has a {model.config.vocab_size}-token vocabulary but its meta.pkl was not found "
+                    f"(looked for {meta_path}); prepare the dataset again, or set data_dir in the checkpoint's config")
+encode, decode = load_tokenizer(meta_path)
+if meta_path and os.path.exists(meta_path):
+    print(f"Loading meta from {meta_path}...")
+else:
+    print("No meta.pkl found, assuming GPT-2 encodings...")
+if start.startswith('FILE:'):
+    try:
+        with open(start[5:], 'r', encoding='utf-8') as f:
+            start = f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"cannot read the prompt file {start[5:]}: {getattr(e, 'strerror', None) or e}") from None
+start_ids = encode(start)
+if not start_ids:
+    raise UserError("the prompt is empty: give at least one character with --start=... (the default is a newline)")
+x = torch.tensor(start_ids, dtype=torch.long, device=device)[None, ...]  # (1, T)
+
+
+def stream_sample(x):
+    """Generate one sample, printing text as it appears. A BPE token can end inside a multi-byte
+    character, so text is printed only up to the last complete character."""
+    print(start, end='', flush=True)
+    tokens, shown = [], 0
+    for token in model.generate_tokens(x, max_new_tokens, temperature, top_k or None, use_cache=kv_cache):
+        tokens.append(token.item())
+        text = decode(tokens)
+        if not text.endswith('\ufffd'):
+            print(text[shown:], end='', flush=True)
+            shown = len(text)
+    print(decode(tokens)[shown:])
+
+
+# run generation
+t0 = time.perf_counter()
+with torch.no_grad(), ctx:
+    if stream:
+        for k in range(num_samples):
+            stream_sample(x)
+            print('---------------')
+    else:  # all samples in one batch: the weights are read once per step for all of them
+        y = model.generate(x.expand(num_samples, -1), max_new_tokens, temperature, top_k or None, use_cache=kv_cache)
+        for k in range(num_samples):
+            print(decode(y[k].tolist()))
+            print('---------------')
+runtime.synchronize(device)
+dt = time.perf_counter() - t0
+print(f"{num_samples} samples of {max_new_tokens} tokens in {dt:.2f}s "
+      f"({num_samples * max_new_tokens / dt:.1f} tokens/s)", flush=True)

@@ -1,0 +1,85 @@
+"""Shared fixtures: the real tiny-shakespeare text prepared as a char dataset, and running train.py
+(or torchrun train.py) in a subprocess with a hermetic environment and a tiny model."""
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHAKESPEARE = os.path.join(ROOT, '..', 'shared', 'data', 'tinyshakespeare', 'input.txt')
+TORCHRUN = os.path.join(os.path.dirname(sys.executable), 'torchrun')
+# small enough that an iteration takes milliseconds on a CPU
+TINY = ['--n_layer=2', '--n_head=2', '--n_embd=32', '--block_size=32', '--batch_size=4',
+        '--gradient_accumulation_steps=1', '--bias=False', '--device=cpu', '--compile=False']
+
+
+def hermetic_env(**extra):
+    """No network, no wandb account, one thread per process (several processes share 2 cores)."""
+    env = dict(os.environ, HF_HUB_OFFLINE='1', TRANSFORMERS_OFFLINE='1', WANDB_MODE='offline',
+               OMP_NUM_THREADS='1', PYTHONUNBUFFERED='1')
+    for k in [k for k in env if k in ('RANK', 'LOCAL_RANK', 'WORLD_SIZE', 'MASTER_ADDR', 'MASTER_PORT')]:
+        del env[k]
+    env.update(extra)
+    return env
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+def read_log(out_dir):
+    """The rows of out_dir/log.jsonl: (training rows by iter, eval rows by iter)."""
+    with open(os.path.join(out_dir, 'log.jsonl')) as f:
+        rows = [json.loads(line) for line in f]
+    return ({r['iter']: r for r in rows if 'loss' in r}, {r['iter']: r for r in rows if 'val_loss' in r})
+
+
+def error_line(result):
+    """The one line a user error prints on stderr: exit status 1, no traceback."""
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert 'Traceback' not in result.stderr, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith('error: '), result.stderr
+    return lines[0]
+
+
+@pytest.fixture(scope='session')
+def shakespeare_char(tmp_path_factory):
+    """data/shakespeare_char/prepare.py run on the real tiny-shakespeare text, into a temporary folder."""
+    if not os.path.isfile(SHAKESPEARE):
+        if os.environ.get('CI') == 'true':
+            pytest.fail(f"{SHAKESPEARE} is missing: CI needs ../shared/data beside the checkout")
+        pytest.skip(f"{SHAKESPEARE} not found")
+    out = tmp_path_factory.mktemp('shakespeare_char')
+    subprocess.run([sys.executable, os.path.join(ROOT, 'data', 'shakespeare_char', 'prepare.py'),
+                    f'--input={SHAKESPEARE}', f'--out_dir={out}'], check=True, capture_output=True)
+    return str(out)
+
+
+@pytest.fixture(scope='session')
+def train_command(shakespeare_char):
+    """command(*args, torchrun=None): the command line of train.py with the tiny model on the prepared
+    data, args appended after the defaults; torchrun is a list of torchrun options."""
+    def command(*args, torchrun=None):
+        launcher = [TORCHRUN, *torchrun] if torchrun else [sys.executable]
+        return [*launcher, os.path.join(ROOT, 'train.py'), '--dataset=shakespeare_char',
+                f'--data_dir={shakespeare_char}', *TINY, *args]
+    return command
+
+
+@pytest.fixture(scope='session')
+def train(train_command):
+    """run(*args, torchrun=None, check=True, env=None, cwd=None): run train_command(*args) to completion."""
+    def run(*args, torchrun=None, check=True, env=None, cwd=None, timeout=240):
+        cmd = train_command(*args, torchrun=torchrun)
+        result = subprocess.run(cmd, capture_output=True, text=True, env=env or hermetic_env(), cwd=cwd,
+                                timeout=timeout)
+        if check and result.returncode != 0:
+            raise AssertionError(f"{' '.join(cmd)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+        return result
+    return run

@@ -1,0 +1,127 @@
+"""Every command in README.md's sh blocks runs, in README order, in a copy of the repository: on the real
+tiny-Shakespeare text, with a tiny model appended to each training command (the GPU recipes run on CPU
+processes), a tiny local GPT-2 in Hugging Face format standing in for OpenAI's weights, and a small local
+corpus standing in for OpenWebText. The install and test commands are what .ci/run itself runs."""
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import ROOT, SHAKESPEARE, TORCHRUN, free_port, hermetic_env
+
+RUN_BY_CI = ('python3 -m venv', 'python -m pytest')  # .ci/run runs these itself
+TINY_MODEL = ['--n_layer=2', '--n_head=2', '--n_embd=32', '--block_size=32', '--batch_size=4']
+TINY_TRAIN = [*TINY_MODEL, '--gradient_accumulation_steps=4', '--max_iters=4', '--lr_decay_iters=4',
+              '--warmup_iters=1', '--eval_interval=2', '--eval_iters=2', '--log_interval=1',
+              '--device=cpu', '--dtype=float32', '--compile=False']
+
+
+def readme_commands():
+    """Each command of the README's sh blocks (a line, split at '&&'), comments and CI's own removed."""
+    text = open(os.path.join(ROOT, 'README.md'), encoding='utf-8').read()
+    commands = []
+    for block in re.findall(r'```sh\n(.*?)```', text, flags=re.S):
+        for line in block.splitlines():
+            line = re.sub(r'\s+#.*$', '', line).strip()
+            if line and not line.startswith(('#', *RUN_BY_CI)):
+                commands += [part.strip() for part in line.split('&&')]
+    return commands
+
+
+def adapt(command, hf_dir, corpus):
+    """The command as run here: argv, plus which node of a two-node launch it is (or None)."""
+    argv = shlex.split(command)
+    if argv[0] == 'torchrun':
+        argv = [TORCHRUN] + [re.sub(r'--nproc_per_node=\d+', '--nproc_per_node=2', a) for a in argv[1:]]
+    elif argv[0] == 'python':
+        argv[0] = sys.executable
+    script = next(os.path.basename(a) for a in argv if a.endswith('.py'))
+    argv = [f'--init_from={hf_dir}' if a.startswith('--init_from=') and a != '--init_from=resume' else a
+            for a in argv]
+    if script == 'train.py':
+        argv += TINY_TRAIN
+        if '--init_from=resume' in argv:
+            argv += ['--max_iters=6', '--lr_decay_iters=6']
+        if 'finetune' in command and not any(a.startswith('--init_from=') for a in argv):
+            argv.append(f'--init_from={hf_dir}')  # the config's gpt2-xl
+    elif script == 'sample.py':
+        argv += ['--device=cpu', '--num_samples=1', '--max_new_tokens=5']
+    elif script == 'bench.py':
+        argv += [*TINY_MODEL, '--device=cpu', '--burnin=1', '--iters=2', '--max_new_tokens=10']
+    elif command.startswith('python data/openwebtext/prepare.py'):
+        argv += [f'--source={corpus}', '--num_proc=2']
+    node = re.search(r'--node_rank=(\d)', command)
+    if node:
+        argv = [a.replace('10.0.0.1', '127.0.0.1') for a in argv]
+    return argv, node and int(node.group(1))
+
+
+@pytest.fixture
+def sandbox(tmp_path):
+    """A copy of the repository's code, the real text where the Shakespeare scripts look for it, a tiny
+    GPT-2 in Hugging Face format, a small corpus of documents, and the user's own text."""
+    if not os.path.isfile(SHAKESPEARE):
+        if os.environ.get('CI') == 'true':
+            pytest.fail(f"{SHAKESPEARE} is missing: CI needs ../shared/data beside the checkout")
+        pytest.skip(f"{SHAKESPEARE} not found")
+    repo = tmp_path / 'repo'
+    shutil.copytree(ROOT, repo, ignore=shutil.ignore_patterns(
+        '.git', '.venv', '.notes', '__pycache__', '.pytest_cache', '*.bin', '*.pkl', 'input.txt', 'out*', 'wandb'))
+    for name in ('shakespeare_char', 'shakespeare'):
+        shutil.copy(SHAKESPEARE, repo / 'data' / name / 'input.txt')
+    text = open(SHAKESPEARE, encoding='utf-8').read()
+    (repo / 'my_book.txt').write_text(text[:200_000], encoding='utf-8')
+    (repo / 'prompt.txt').write_text('ROMEO:', encoding='utf-8')
+    (repo / 'my_letters').mkdir()
+    for i in range(3):
+        (repo / 'my_letters' / f'{i}.txt').write_text(text[i * 100_000:(i + 1) * 100_000], encoding='utf-8')
+    corpus = tmp_path / 'corpus'
+    corpus.mkdir()
+    paragraphs = text.split('\n\n')
+    for i in range(0, 3000, 10):  # 300 documents
+        (corpus / f'{i:05d}.txt').write_text('\n\n'.join(paragraphs[i:i + 10]), encoding='utf-8')
+    hf_dir = tmp_path / 'gpt2-local'
+    subprocess.run([sys.executable, '-c', (
+        "import sys, torch; from transformers import GPT2Config, GPT2LMHeadModel; torch.manual_seed(0); "
+        "GPT2LMHeadModel(GPT2Config(vocab_size=50257, n_positions=64, n_embd=32, n_layer=2, n_head=2))"
+        ".save_pretrained(sys.argv[1])"), str(hf_dir)], check=True, capture_output=True, env=hermetic_env())
+    return repo, str(hf_dir), str(corpus)
+
+
+def test_every_readme_command_runs(sandbox):
+    repo, hf_dir, corpus = sandbox
+    env = hermetic_env(WANDB_DIR=str(repo))
+    ran, seen, port, first_node = [], set(), free_port(), None
+    for command in readme_commands():
+        argv, node = adapt(command, hf_dir, corpus)
+        if tuple(sorted(argv)) in seen:
+            continue  # the same once adapted: a step shown twice, or GPT-2 sizes that all become the tiny one
+        seen.add(tuple(sorted(argv)))
+        argv = [a.replace('29500', str(port)) for a in argv]
+        if node == 0:  # the first node of a two-node launch waits for the second
+            first_node = subprocess.Popen(argv, cwd=repo, env=env, stdout=subprocess.PIPE,
+                                          stderr=subprocess.STDOUT, text=True)
+            ran.append(command)
+            continue
+        t0 = time.time()
+        result = subprocess.run(argv, cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+        print(f"{time.time() - t0:5.1f}s {command}")
+        assert result.returncode == 0, f"{command}\n{' '.join(argv)}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+        if node == 1:
+            output, _ = first_node.communicate(timeout=120)
+            assert first_node.returncode == 0, f"node 0 of: {command}\n{output[-3000:]}"
+            assert 'step 4: train loss' in output  # rank 0 of node 0 evaluated and printed
+        ran.append(command)
+    # the commands did what the README says they do
+    assert (repo / 'data' / 'shakespeare_char' / 'meta.pkl').exists()
+    assert (repo / 'data' / 'openwebtext' / 'val.bin').exists()
+    assert (repo / 'data' / 'my_book' / 'train.bin').exists() and (repo / 'data' / 'my_letters' / 'val.bin').exists()
+    for out_dir in ('out-shakespeare-char-cpu', 'out-shakespeare-char', 'out-shakespeare', 'out-my-book'):
+        assert (repo / out_dir / 'ckpt.pt').exists(), out_dir
+    assert any((repo / 'bench_log').iterdir())
+    assert len(ran) >= 20, ran

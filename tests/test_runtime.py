@@ -1,0 +1,88 @@
+"""runtime.py: device and dtype choices, RNG state that survives a weights_only checkpoint, atomic
+checkpoint writes and clear failures when reading."""
+import os
+import random
+from contextlib import nullcontext
+
+import numpy as np
+import pytest
+import torch
+
+import runtime
+from configurator import UserError
+
+
+def test_device_and_dtype_defaults_on_this_machine():
+    expected = 'cuda' if torch.cuda.is_available() else 'mps' if torch.backends.mps.is_available() else 'cpu'
+    assert runtime.pick_device('auto') == expected
+    assert runtime.pick_dtype('auto', 'cpu') == 'float32'
+    assert runtime.pick_dtype('bfloat16', 'cpu') == 'bfloat16'
+    assert runtime.pick_compile(None, 'cpu') is False and runtime.pick_compile(True, 'cpu') is True
+
+
+@pytest.mark.parametrize('call, message', [
+    (lambda: runtime.pick_device('tpu'), "unknown device 'tpu'"),
+    (lambda: runtime.pick_dtype('float8', 'cpu'), "unknown dtype 'float8'"),
+    (lambda: runtime.pick_dtype('float16', 'cpu'), 'dtype float16 is not supported on cpu'),
+    (lambda: runtime.pick_compile('yes', 'cpu'), "compile must be True, False or None"),
+])
+def test_impossible_choices(call, message):
+    with pytest.raises(UserError, match=message):
+        call()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason='this machine has a GPU')
+def test_cuda_without_gpu():
+    with pytest.raises(UserError, match="no CUDA GPU is available"):
+        runtime.pick_device('cuda:0')
+
+
+def test_autocast_context():
+    assert isinstance(runtime.autocast_context('cpu', 'float32'), nullcontext)
+    with runtime.autocast_context('cpu', 'bfloat16'):
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.bfloat16
+
+
+def draws():
+    return random.random(), np.random.rand(), np.random.randn(), torch.rand(3).tolist()
+
+
+def test_rng_state_round_trip_through_weights_only_checkpoint(tmp_path):
+    runtime.seed_everything(3)
+    np.random.randn()  # leaves a cached gaussian in numpy's state
+    runtime.save_checkpoint({'rng': runtime.rng_state()}, str(tmp_path / 'rng.pt'))
+    expected = draws()
+    runtime.seed_everything(4)
+    runtime.set_rng_state(torch.load(tmp_path / 'rng.pt', weights_only=True)['rng'])
+    assert draws() == expected
+
+
+def test_save_is_atomic(tmp_path, monkeypatch):
+    path = str(tmp_path / 'ckpt.pt')
+    runtime.save_checkpoint({'iter_num': 1}, path)
+
+    def crash(obj, f):  # half a file written, then the process dies
+        f.write(b'PK\x03\x04 partial')
+        raise KeyboardInterrupt
+    monkeypatch.setattr(torch, 'save', crash)
+    with pytest.raises(KeyboardInterrupt):
+        runtime.save_checkpoint({'iter_num': 2}, path)
+    assert torch.load(path, weights_only=True) == {'iter_num': 1}
+    assert os.listdir(tmp_path) == ['ckpt.pt']
+
+
+def test_load_errors(tmp_path):
+    with pytest.raises(UserError, match=f"no checkpoint at {tmp_path / 'ckpt.pt'}: train one first"):
+        runtime.load_checkpoint(str(tmp_path / 'ckpt.pt'))
+    (tmp_path / 'empty.pt').write_bytes(b'')
+    with pytest.raises(UserError, match='is truncated or corrupt'):
+        runtime.load_checkpoint(str(tmp_path / 'empty.pt'))
+    torch.save([1, 2], tmp_path / 'list.pt')
+    with pytest.raises(UserError, match='is not a nanoGPT checkpoint: it has no model, model_args'):
+        runtime.load_checkpoint(str(tmp_path / 'list.pt'))
+
+
+def test_single_process_helpers():
+    assert runtime.init_distributed('cpu') == (False, 0, 0, 1, 'cpu')  # no torchrun environment
+    assert runtime.gather_to_rank0({'a': 1}) == [{'a': 1}]
+    assert runtime.device_type('cuda:1') == 'cuda'

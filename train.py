@@ -1,0 +1,405 @@
+"""
+This training script can be run both on a single device (CPU, one GPU, Apple MPS) and
+in distributed data parallel (DDP) mode through torchrun.
+
+To run on a single device, example:
+$ python train.py config/train_shakespeare_char_cpu.py
+
+To run with DDP on 4 gpus on 1 node, example:
+$ torchrun --standalone --nproc_per_node=4 train.py config/train_gpt2.py
+
+To run with DDP on 4 gpus across 2 nodes, example:
+- Run on the first (master) node with example IP 123.456.123.456:
+$ torchrun --nproc_per_node=4 --nnodes=2 --node_rank=0 --master_addr=123.456.123.456 --master_port=1234 train.py
+- Run on the worker node:
+$ torchrun --nproc_per_node=4 --nnodes=2 --node_rank=1 --master_addr=123.456.123.456 --master_port=1234 train.py
+(If your cluster does not have Infiniband interconnect prepend NCCL_IB_DISABLE=1)
+
+A run writes out_dir/ckpt.pt (continue it with --init_from=resume) and out_dir/log.jsonl.
+"""
+import glob
+import json
+import math
+import os
+import pickle
+import signal
+import tempfile
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import runtime
+from configurator import UserError, configure
+from model import GPT, GPTConfig, device_peak_flops
+
+# -----------------------------------------------------------------------------
+# default config values designed to train a gpt2 (124M) on OpenWebText
+# I/O
+out_dir = 'out'
+eval_interval = 2000
+log_interval = 1
+eval_iters = 200
+eval_only = False  # if True, script exits right after the first eval
+always_save_checkpoint = True  # if True, always save a checkpoint after each eval
+init_from = 'scratch'  # 'scratch', 'resume' (out_dir/ckpt.pt), 'gpt2*' or a local Hugging Face directory
+# wandb logging
+wandb_log = False  # disabled by default
+wandb_project = 'owt'
+wandb_run_name = 'gpt2'
+# data
+dataset = 'openwebtext'
+data_dir = ''  # where train.bin, val.bin and meta.pkl are; '' means data/<dataset> in this repository
+gradient_accumulation_steps = 5 * 8  # global count over all processes, to simulate larger batch sizes
+batch_size = 12  # if gradient_accumulation_steps > 1, this is the micro-batch size
+block_size = 1024
+# model
+n_layer = 12
+n_head = 12
+n_embd = 768
+dropout = 0.0  # for pretraining 0 is good, for finetuning try 0.1+
+bias = False  # do we use bias inside LayerNorm and Linear layers?
+# adamw optimizer
+learning_rate = 6e-4  # max learning rate
+max_iters = 600000  # total number of training iterations
+weight_decay = 1e-1
+beta1 = 0.9
+beta2 = 0.95
+grad_clip = 1.0  # clip gradients at this value, or disable if == 0.0
+# learning rate decay settings
+decay_lr = True  # whether to decay the learning rate
+warmup_iters = 2000  # how many steps to warm up for
+lr_decay_iters = 600000  # should be ~= max_iters per Chinchilla
+min_lr = 6e-5  # minimum learning rate, should be ~= learning_rate/10 per Chinchilla
+# system
+device = 'auto'  # 'auto' (cuda, else mps, else cpu), 'cpu', 'cuda', 'cuda:1', 'mps'
+dtype = 'auto'  # 'auto' (bfloat16, float16 on GPUs without it, float32 on cpu/mps), 'float32', 'bfloat16', 'float16'
+compile = None  # use PyTorch 2.0 to compile the model to be faster; None: on CUDA only
+seed = 1337
+# -----------------------------------------------------------------------------
+config = configure(globals())  # config files and --key=value from the command line
+repo_dir = os.path.dirname(os.path.abspath(__file__))
+
+# devices, precision and processes, decided after the overrides
+ddp, rank, local_rank, world_size, device = runtime.init_distributed(runtime.pick_device(device))
+master_process = rank == 0  # this process prints, evaluates and writes checkpoints
+dtype = runtime.pick_dtype(dtype, device)
+compile = runtime.pick_compile(compile, device)
+config.update(device=device, dtype=dtype, compile=compile)
+device_type = runtime.device_type(device)
+for key in ('batch_size', 'gradient_accumulation_steps', 'block_size', 'eval_iters', 'eval_interval', 'log_interval'):
+    if config[key] <= 0:
+        raise UserError(f"{key} must be at least 1, got {config[key]}")
+if gradient_accumulation_steps % world_size != 0:
+    raise UserError(f"gradient_accumulation_steps ({gradient_accumulation_steps}) is the global count and must be "
+                    f"divisible by the number of processes ({world_size})")
+accum_steps = gradient_accumulation_steps // world_size  # micro-steps per process and iteration
+if master_process:
+    runtime.print_environment(device, dtype)
+    print("config: " + ", ".join(f"{k}={v!r}" for k, v in config.items()))
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        tempfile.TemporaryFile(dir=out_dir).close()
+    except OSError as e:
+        raise UserError(f"cannot write to out_dir {out_dir} ({e.strerror}); choose another with --out_dir=") from None
+runtime.seed_everything(seed + rank)  # each rank its own dropout masks
+runtime.allow_tf32(device)
+ctx = runtime.autocast_context(device, dtype)
+scaler = torch.amp.GradScaler(device_type, enabled=(dtype == 'float16'))  # no-op unless float16
+
+# data: token ids as uint16 in train.bin and val.bin
+if not data_dir:
+    data_dir = os.path.join(repo_dir, 'data', dataset)
+    if not os.path.isdir(data_dir):
+        known = sorted(os.path.basename(os.path.dirname(p)) for p in glob.glob(os.path.join(repo_dir, 'data', '*', 'prepare.py')))
+        raise UserError(f"unknown dataset '{dataset}': the datasets are the folders of data/ ({', '.join(known)}), "
+                        "or point --data_dir at a folder with train.bin and val.bin")
+for split in ('train', 'val'):
+    if not os.path.isfile(os.path.join(data_dir, f'{split}.bin')):
+        prepare = os.path.join(repo_dir, 'data', dataset, 'prepare.py')
+        if not os.path.exists(prepare):  # a folder of the user's own text
+            prepare = os.path.join(repo_dir, 'data', 'prepare_text.py') + f" --input=<your text> --out_dir={data_dir}"
+        raise UserError(f"{split}.bin not found in {data_dir}: prepare the dataset first with python {prepare}")
+n_tokens = {split: os.path.getsize(os.path.join(data_dir, f'{split}.bin')) // 2 for split in ('train', 'val')}
+meta_path = os.path.join(data_dir, 'meta.pkl')
+meta_vocab_size = None
+if os.path.exists(meta_path):
+    with open(meta_path, 'rb') as f:
+        meta_vocab_size = pickle.load(f)['vocab_size']  # all training needs; sample.py reads the rest
+    if master_process:
+        print(f"found vocab_size = {meta_vocab_size} (inside {meta_path})")
+
+
+def tokens(split):
+    # recreate the memmap every time: one kept open holds on to its pages and memory grows
+    return np.memmap(os.path.join(data_dir, f'{split}.bin'), dtype=np.uint16, mode='r')
+
+
+def get_batch(split, ix):
+    """Windows of block_size + 1 tokens starting at ix (batch_size,): inputs x and targets y, (B, T)."""
+    data, starts = tokens(split), ix.tolist()
+    x = torch.stack([torch.from_numpy(data[i:i + block_size].astype(np.int64)) for i in starts])
+    y = torch.stack([torch.from_numpy(data[i + 1:i + 1 + block_size].astype(np.int64)) for i in starts])
+    return runtime.to_device(x, device), runtime.to_device(y, device)
+
+
+# Every rank draws the iteration's global batch from an identically seeded generator and takes its own
+# rows, so the data a run sees depends on the seed, not on how many processes share the work.
+sampler = torch.Generator().manual_seed(seed)
+sampler_state = sampler.get_state()
+
+
+def train_batches():
+    """This rank's micro-batches, forever. sampler_state is the sampler's state before the latest draw:
+    that is the state to checkpoint, since the batch drawn last is not trained on yet."""
+    global sampler_state
+    while True:
+        sampler_state = sampler.get_state()
+        ix = torch.randint(n_tokens['train'] - block_size, (gradient_accumulation_steps, batch_size), generator=sampler)
+        for row in ix[rank * accum_steps:(rank + 1) * accum_steps]:
+            yield get_batch('train', row)
+
+
+# model init
+iter_num = 0
+best_val_loss = 1e9
+model_args = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size,
+                  bias=bias, vocab_size=None, dropout=dropout)
+shape_keys = ('n_layer', 'n_head', 'n_embd', 'block_size', 'bias', 'vocab_size')
+ckpt_path = os.path.join(out_dir, 'ckpt.pt')
+checkpoint = None
+try:
+    if init_from == 'scratch':
+        # a char-level dataset's vocab_size from meta.pkl, else GPT-2's 50257 padded up to 50304 for efficiency
+        model_args['vocab_size'] = meta_vocab_size or 50304
+        model = GPT(GPTConfig(**model_args))
+    elif init_from == 'resume':
+        if master_process:
+            print(f"resuming training from {out_dir}")
+        checkpoint = runtime.load_checkpoint(ckpt_path, keys=('model', 'optimizer', 'model_args', 'iter_num'))
+        # the checkpoint fixes the model's shape; dropout comes from this run's config
+        model_args.update({k: checkpoint['model_args'][k] for k in shape_keys})
+        model = GPT(GPTConfig(**model_args))
+        try:
+            model.load_state_dict(checkpoint['model'])  # nanoGPT's '_orig_mod.' prefixes are accepted
+        except RuntimeError as e:
+            raise UserError(f"{ckpt_path} does not match its model_args: {str(e).splitlines()[0]}") from None
+        iter_num = checkpoint['iter_num']
+        best_val_loss = float(checkpoint.get('best_val_loss', best_val_loss))  # nanoGPT stores a tensor
+    else:  # 'gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl' or a local Hugging Face directory
+        model = GPT.from_pretrained(init_from, dict(dropout=dropout))
+        model_args.update({k: getattr(model.config, k) for k in shape_keys})
+except (ValueError, OSError) as e:  # e.g. n_embd not divisible by n_head, unknown or unreachable GPT-2 weights
+    raise UserError(str(e)) from None
+if block_size < model.config.block_size:
+    model.crop_block_size(block_size)  # model surgery, e.g. GPT-2's 1024 positions down to block_size
+    model_args['block_size'] = block_size
+block_size = model_args['block_size']
+for split, n in n_tokens.items():
+    if n <= block_size:
+        raise UserError(f"{split}.bin has {n} tokens, too few for block_size {block_size}: use --block_size={n - 1} or less")
+    data = tokens(split)  # a token id the model has no embedding for would crash mid-training
+    top = max(int(data[i:i + 2**26].max()) for i in range(0, n, 2**26))
+    if top >= model_args['vocab_size']:
+        raise UserError(f"{split}.bin holds token id {top} but the model's vocab_size is {model_args['vocab_size']}: "
+                        "the data was prepared for another vocabulary")
+    del data
+model.to(device)
+raw_model = model  # what checkpoints save: no torch.compile or DDP wrappers, so no '_orig_mod.' prefixes
+
+optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type, verbose=master_process)
+rng_states = None
+if checkpoint is not None:
+    optimizer.load_state_dict(checkpoint['optimizer'])  # moves its tensors to the parameters' device
+    if scaler.is_enabled() and checkpoint.get('scaler'):
+        scaler.load_state_dict(checkpoint['scaler'])
+    if 'sampler_state' in checkpoint:
+        sampler.set_state(checkpoint['sampler_state'])
+    rng_states = checkpoint.get('rng_states')
+    if len(rng_states or ()) != world_size and master_process:
+        print("note: the checkpoint has no random state for this number of processes (from nanoGPT, or another "
+              "world size): dropout masks will differ from an uninterrupted run")
+    checkpoint = None  # free the memory
+peak_flops = device_peak_flops(device)  # measured once, before the loop, so it skews no iteration's timing
+if compile:
+    if master_process:
+        print("compiling the model... (takes a ~minute)")
+    model = torch.compile(model)  # what evaluation runs
+train_model = DDP(model, device_ids=[local_rank] if device_type == 'cuda' else None) if ddp else model
+
+
+@torch.no_grad()
+def estimate_loss():
+    """Mean loss over eval_iters batches of each split, in eval mode. The batches come from their own
+    generator, reseeded every time: evaluations compare like with like and never shift the training stream."""
+    out = {}
+    model.eval()
+    for split in ('train', 'val'):
+        generator = torch.Generator().manual_seed(seed)
+        ix = torch.randint(n_tokens[split] - block_size, (eval_iters, batch_size), generator=generator)
+        losses = torch.zeros(eval_iters)
+        for k in range(eval_iters):
+            X, Y = get_batch(split, ix[k])
+            with ctx:
+                logits, loss = model(X, Y)
+            losses[k] = loss.item()
+        out[split] = losses.mean().item()
+    model.train()
+    return out
+
+
+def get_lr(it):
+    """Linear warmup to learning_rate, cosine decay to min_lr at lr_decay_iters, then min_lr."""
+    if it < warmup_iters:
+        return learning_rate * (it + 1) / (warmup_iters + 1)
+    if it > lr_decay_iters:
+        return min_lr
+    decay_ratio = (it - warmup_iters) / (lr_decay_iters - warmup_iters)
+    coeff = 0.5 * (1.0 + math.cos(math.pi * decay_ratio))  # coeff ranges 0..1
+    return min_lr + coeff * (learning_rate - min_lr)
+
+
+def save_checkpoint(rng_states):
+    checkpoint = {'model': raw_model.state_dict(), 'optimizer': optimizer.state_dict(), 'model_args': model_args,
+                  'iter_num': iter_num, 'best_val_loss': best_val_loss, 'config': config,
+                  # beyond nanoGPT's keys: what continuing exactly needs
+                  'rng_states': rng_states, 'sampler_state': sampler_state, 'scaler': scaler.state_dict()}
+    print(f"saving checkpoint to {out_dir}")
+    runtime.save_checkpoint(checkpoint, ckpt_path)
+
+
+# one JSON object per line for every logged and evaluated iteration, to plot runs without wandb
+log_path = os.path.join(out_dir, 'log.jsonl')
+
+
+def log(row):
+    with open(log_path, 'a') as f:
+        f.write(json.dumps(row) + '\n')
+
+
+def before_resume_point(line):
+    try:
+        return json.loads(line)['iter'] < iter_num
+    except ValueError:  # a line cut short by a kill
+        return False
+
+
+if master_process:
+    # rows past the starting iteration belong to iterations that are about to be redone (none when starting fresh)
+    lines = []
+    if os.path.exists(log_path):
+        with open(log_path) as f:
+            lines = [line for line in f if before_resume_point(line)]
+    with open(log_path, 'w') as f:
+        f.writelines(lines)
+    print(f"tokens per iteration will be: {gradient_accumulation_steps * batch_size * block_size:,}")
+    if wandb_log:
+        import wandb
+        wandb.init(project=wandb_project, name=wandb_run_name, config=config, dir=out_dir)
+
+# SIGINT (Ctrl-C) or SIGTERM (preemption): finish the current step, save a checkpoint, exit
+stop_signal = None
+
+
+def request_stop(signum, frame):
+    global stop_signal
+    stop_signal = signal.Signals(signum).name
+
+
+signal.signal(signal.SIGINT, request_stop)
+signal.signal(signal.SIGTERM, request_stop)
+
+# training loop
+if rng_states and len(rng_states) == world_size:
+    runtime.set_rng_state(rng_states[rank])  # last, so nothing above draws from the restored streams
+batches = train_batches()
+X, Y = next(batches)  # fetch the very first batch
+t_start = t0 = time.time()
+local_iter_num = 0  # number of iterations in the lifetime of this process
+running_mfu = -1.0
+while True:
+    # determine and set the learning rate for this iteration
+    lr = get_lr(iter_num) if decay_lr else learning_rate
+    for param_group in optimizer.param_groups:
+        param_group['lr'] = lr
+
+    # evaluate the loss on train/val sets and write checkpoints
+    if iter_num % eval_interval == 0 or iter_num == max_iters or eval_only:
+        rng_states = runtime.gather_to_rank0(runtime.rng_state())  # every rank takes part
+        if master_process:
+            losses = estimate_loss()
+            print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+            log(dict(iter=iter_num, train_loss=losses['train'], val_loss=losses['val'], lr=lr))
+            if wandb_log:
+                wandb.log({"iter": iter_num, "train/loss": losses['train'], "val/loss": losses['val'],
+                           "lr": lr, "mfu": running_mfu * 100})
+            improved = losses['val'] < best_val_loss
+            best_val_loss = min(best_val_loss, losses['val'])
+            if iter_num > 0 and not eval_only and (improved or always_save_checkpoint):
+                save_checkpoint(rng_states)
+    if iter_num >= max_iters or eval_only:
+        break
+
+    # forward backward update, with optional gradient accumulation to simulate larger batch size
+    loss_sum = torch.zeros((), device=device)
+    for micro_step in range(accum_steps):
+        if ddp:
+            # average the gradients over ranks only after the last micro-step; before it, accumulate locally
+            train_model.require_backward_grad_sync = (micro_step == accum_steps - 1)
+        with ctx:
+            logits, loss = train_model(X, Y)  # logits (B, T, vocab_size), loss a scalar
+            loss = loss / accum_steps  # scale the loss to account for gradient accumulation
+        loss_sum += loss.detach()
+        # immediately async prefetch next batch while model is doing the forward pass on the GPU
+        X, Y = next(batches)
+        # backward pass, with gradient scaling if training in fp16
+        scaler.scale(loss).backward()
+    # one host sync per iteration: the loss (averaged over ranks) for the log and the non-finite
+    # check, and whether any rank was asked to stop, so that all of them stop at the same iteration
+    stats = torch.stack([loss_sum, torch.tensor(float(stop_signal is not None), device=device)])
+    if ddp:
+        dist.all_reduce(stats)
+    lossf, stopping = stats.tolist()
+    lossf /= world_size
+    if not math.isfinite(lossf):
+        raise UserError(f"loss is {lossf} at iter {iter_num}: training diverged (try a lower learning_rate); "
+                        f"the last checkpoint in {out_dir}, if any, is untouched")
+    # clip the gradient
+    if grad_clip != 0.0:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    # step the optimizer and scaler if training in fp16 (it skips steps whose gradients overflowed)
+    scaler.step(optimizer)
+    scaler.update()
+    # flush the gradients as soon as we can, no need for this memory anymore
+    optimizer.zero_grad(set_to_none=True)
+
+    # timing and logging
+    t1 = time.time()
+    dt = t1 - t0
+    t0 = t1
+    if iter_num % log_interval == 0 and master_process:
+        if local_iter_num >= 5:  # let the training loop settle a bit
+            mfu = raw_model.estimate_mfu(batch_size * accum_steps, dt, peak_flops)
+            running_mfu = mfu if running_mfu == -1.0 else 0.9 * running_mfu + 0.1 * mfu
+        tokens_per_s = gradient_accumulation_steps * batch_size * block_size / dt
+        print(f"iter {iter_num}: loss {lossf:.4f}, lr {lr:.3e}, time {dt * 1000:.2f}ms, "
+              f"{tokens_per_s:,.0f} tok/s, mfu {running_mfu * 100:.2f}%")
+        log(dict(iter=iter_num, loss=lossf, lr=lr, ms=dt * 1000, tokens_per_s=tokens_per_s, mfu=running_mfu))
+    iter_num += 1
+    local_iter_num += 1
+
+    if stopping:
+        rng_states = runtime.gather_to_rank0(runtime.rng_state())
+        if master_process:
+            save_checkpoint(rng_states)
+            print(f"{stop_signal or 'a stop signal'} received: saved a checkpoint at iter {iter_num} to {ckpt_path}; "
+                  "continue with --init_from=resume")
+        break
+
+if master_process:
+    print(f"done: {local_iter_num} iterations in {time.time() - t_start:.1f} s, best val loss {best_val_loss:.4f}")
+    if wandb_log:
+        wandb.finish()
