@@ -1,7 +1,9 @@
 """
 A much shorter version of train.py for benchmarking: `python bench.py` times training iterations of
 GPT-2 124M; `--profile=True` writes a torch.profiler trace; `--mode=generate` times generation with
-and without the KV cache. Small shapes for a CPU: `python bench.py --n_layer=4 --n_head=4 --n_embd=128
+and without the KV cache; `--mode=speed` times the faithful path (eager, float32) against the fast path
+(the --dtype and --compile given) on the same model and batches, in alternating blocks, and prints the
+ratio of the medians. Small shapes for a CPU: `python bench.py --n_layer=4 --n_head=4 --n_embd=128
 --block_size=64 --batch_size=12 --dataset=shakespeare_char`.
 """
 import os
@@ -16,7 +18,8 @@ from model import GPT, GPTConfig
 from tokenizer import load_meta
 
 # -----------------------------------------------------------------------------
-mode = 'train'  # 'train': time forward+backward+update; 'generate': tokens/s with and without the KV cache
+mode = 'train'  # 'train': time forward+backward+update; 'generate': tokens/s with and without the KV cache;
+# 'speed': the faithful path (eager, float32) against --dtype/--compile, alternating blocks of iters
 batch_size = 12
 block_size = 1024
 n_layer = 12
@@ -32,7 +35,8 @@ dtype = 'auto'  # 'auto' (bfloat16 or float16 on GPUs, float32 elsewhere), 'floa
 compile = None  # use PyTorch 2.0 to compile the model to be faster; None: on CUDA only
 profile = False  # use pytorch profiler, or just simple benchmarking?
 burnin = 10  # iterations before timing starts (compilation, allocator warm-up)
-iters = 20  # timed iterations
+iters = 20  # timed iterations (mode=speed: per block)
+rounds = 5  # mode=speed: timed blocks per path, alternating faithful and fast; the medians are compared
 max_new_tokens = 500  # mode=generate: tokens generated from a one-token prompt
 profile_dir = 'bench_log'  # where the profiler's TensorBoard trace goes
 # -----------------------------------------------------------------------------
@@ -95,21 +99,64 @@ if mode == 'generate':
           f"block_size {block_size}, {n_layer} layers, {n_embd} wide)")
     raise SystemExit(0)
 
+
+def time_blocks(paths):
+    """Alternate timed blocks of `iters` training steps over the paths (name -> step function), `rounds`
+    each, after `burnin` untimed steps each; the machine may be shared and noisy, so report medians."""
+    times = {name: [] for name in paths}
+    for name, step in paths.items():
+        for _ in range(burnin):
+            step()
+    for _ in range(rounds):
+        for name, step in paths.items():
+            runtime.synchronize(device)
+            t0 = time.perf_counter()
+            for _ in range(iters):
+                loss = step()
+            loss.item()
+            runtime.synchronize(device)
+            times[name].append((time.perf_counter() - t0) / iters)
+    return {name: float(np.median(ts)) for name, ts in times.items()}
+
+
+def make_step(net, optimizer, context):
+    def step():
+        X, Y = get_batch()
+        with context:
+            _, loss = net(X, Y)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss
+    return step
+
+
+if mode == 'speed':
+    # two copies of the same initial model; the faithful one is eager float32, the fast one uses --dtype/--compile
+    kind = runtime.device_type(device)
+    fast_model = GPT(gptconf).to(device)
+    fast_model.load_state_dict(model.state_dict())
+    opt_args = dict(weight_decay=1e-2, learning_rate=1e-4, betas=(0.9, 0.95), device_type=kind, verbose=False)
+    faithful_ctx = runtime.autocast_context(device, 'float32')  # a no-op
+    paths = {'faithful': make_step(model, model.configure_optimizers(**opt_args), faithful_ctx),
+             'fast': make_step(torch.compile(fast_model) if compile else fast_model,
+                               fast_model.configure_optimizers(**opt_args), ctx)}
+    dt = time_blocks(paths)
+    tokens = batch_size * block_size
+    print(f"faithful (eager, float32): {dt['faithful'] * 1000:.2f}ms/iter, {tokens / dt['faithful']:,.0f} tokens/s")
+    print(f"fast (compile={compile}, {dtype}, {torch.get_num_threads()} threads): {dt['fast'] * 1000:.2f}ms/iter, "
+          f"{tokens / dt['fast']:,.0f} tokens/s")
+    print(f"training speedup: {dt['faithful'] / dt['fast']:.2f}x (medians of {rounds} alternating blocks of "
+          f"{iters} iterations, batch {batch_size} x {block_size}, {n_layer} layers, {n_embd} wide)")
+    raise SystemExit(0)
+
 optimizer = model.configure_optimizers(weight_decay=1e-2, learning_rate=1e-4, betas=(0.9, 0.95),
                                        device_type=runtime.device_type(device))
 if compile:
     print("Compiling model...")
     model = torch.compile(model)  # pytorch 2.0
 
-
-def train_step():
-    X, Y = get_batch()
-    with ctx:
-        logits, loss = model(X, Y)
-    loss.backward()
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return loss
+train_step = make_step(model, optimizer, ctx)
 
 
 if profile:

@@ -121,7 +121,7 @@ def test_every_readme_command_runs(sandbox):
     assert (repo / 'data' / 'shakespeare_char' / 'meta.pkl').exists()
     assert (repo / 'data' / 'openwebtext' / 'val.bin').exists()
     assert (repo / 'data' / 'my_book' / 'train.bin').exists() and (repo / 'data' / 'my_letters' / 'val.bin').exists()
-    for out_dir in ('out-shakespeare-char-cpu', 'out-shakespeare-char', 'out-shakespeare', 'out-my-book'):
+    for out_dir in ('out-shakespeare-char-cpu', 'out-shakespeare-char', 'out-shakespeare', 'out-my-book', 'out-my-letters'):
         assert (repo / out_dir / 'ckpt.pt').exists(), out_dir
     assert any((repo / 'bench_log').iterdir())
     assert len(ran) >= 20, ran

@@ -105,6 +105,15 @@ def test_bench_train_profile_and_generate(shakespeare_char, tmp_path):
     assert 'with KV cache:' in result.stdout and 'KV cache speedup:' in result.stdout
 
 
+
+def test_bench_speed_prints_both_paths_and_the_ratio():
+    tiny = ['--n_layer=2', '--n_head=2', '--n_embd=32', '--block_size=32', '--batch_size=4']
+    result = run('bench.py', *tiny, '--mode=speed', '--burnin=1', '--iters=2', '--rounds=2',
+                 '--real_data=False', '--vocab_size=65', '--compile=False')
+    assert result.returncode == 0, result.stderr
+    assert 'faithful (eager, float32):' in result.stdout and 'fast (compile=False' in result.stdout
+    assert result.stdout.count('tokens/s') >= 2 and 'training speedup:' in result.stdout
+
 def test_sample_errors(trained, tmp_path):
     empty = tmp_path / 'empty'
     empty.mkdir()
