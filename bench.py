@@ -63,10 +63,7 @@ if real_data:
 
 def get_batch():
     if real_data:
-        ix = torch.randint(len(data) - block_size, (batch_size,))
-        x = torch.stack([torch.from_numpy(data[i:i + block_size].astype(np.int64)) for i in ix])
-        y = torch.stack([torch.from_numpy(data[i + 1:i + 1 + block_size].astype(np.int64)) for i in ix])
-        return runtime.to_device(x, device), runtime.to_device(y, device)
+        return runtime.get_batch(data, torch.randint(len(data) - block_size, (batch_size,)), block_size, device)
     return fixed_x, fixed_y
 
 

@@ -89,6 +89,15 @@ def to_device(x, device):
     return x.to(device)
 
 
+def get_batch(data, starts, block_size, device):
+    """Inputs x and targets y (B, T) from windows of block_size + 1 token ids of data (a uint16 memmap)
+    starting at each of starts (B,), on device."""
+    starts = starts.tolist()
+    x = torch.stack([torch.from_numpy(data[i:i + block_size].astype(np.int64)) for i in starts])
+    y = torch.stack([torch.from_numpy(data[i + 1:i + 1 + block_size].astype(np.int64)) for i in starts])
+    return to_device(x, device), to_device(y, device)
+
+
 def synchronize(device):
     """Wait for the device's queued work (for timing); a no-op on CPU."""
     if device_type(device) == 'cuda':

@@ -66,7 +66,7 @@ if compile:
 # encode the beginning of the prompt
 if model.config.vocab_size < 50257 and not (meta_path and os.path.exists(meta_path)):
     raise UserError(f"this model has a {model.config.vocab_size}-token vocabulary but its meta.pkl was not found "
-                    f"(looked for {meta_path}); prepare the dataset again, or set data_dir in the checkpoint's config")
+                    f"(looked for {meta_path}); prepare that dataset again with its data/<name>/prepare.py")
 encode, decode = load_tokenizer(meta_path)
 if meta_path and os.path.exists(meta_path):
     print(f"Loading meta from {meta_path}...")

@@ -139,10 +139,7 @@ def tokens(split):
 
 def get_batch(split, ix):
     """Windows of block_size + 1 tokens starting at ix (batch_size,): inputs x and targets y, (B, T)."""
-    data, starts = tokens(split), ix.tolist()
-    x = torch.stack([torch.from_numpy(data[i:i + block_size].astype(np.int64)) for i in starts])
-    y = torch.stack([torch.from_numpy(data[i + 1:i + 1 + block_size].astype(np.int64)) for i in starts])
-    return runtime.to_device(x, device), runtime.to_device(y, device)
+    return runtime.get_batch(tokens(split), ix, block_size, device)
 
 
 # Every rank draws the iteration's global batch from an identically seeded generator and takes its own
