@@ -220,7 +220,7 @@ def check_checkpoint(checkpoint, path):
     so a damaged or foreign file ends in one line at start-up, not in a traceback mid-run (or in a
     checkpoint saved over it). Keys that are absent are left to the caller (load_checkpoint's keys)."""
     def bad(what):
-        return UserError(f"checkpoint {path} is damaged or not one of ours: {what}")
+        return UserError(f"checkpoint {path} is damaged or of a format this code does not know: {what}")
     args = checkpoint.get('model_args')
     if args is not None:
         if not isinstance(args, dict):

@@ -108,7 +108,7 @@ def damage(name, case, data, trained, marker):
             "ckpt.pt is a checkpoint of a format this code does not know (Error(s) in loading state_dict for GPT:"
     if name == 'ckpt_bad_model_args':
         return 'train.py', resume_from(case, trained, lambda c: c['model_args'].pop('n_head')), \
-            "ckpt.pt is damaged or not one of ours: model_args['n_head'] is None, not a positive int"
+            "ckpt.pt is damaged or of a format this code does not know: model_args['n_head'] is None, not a positive int"
     if name == 'ckpt_vocab_disagrees':  # a 65-character model on data of a 13-character vocabulary
         (data / 'meta.pkl').write_bytes(pickle.dumps(tokenizer.char_meta('abcdefghij' * 8 + 'xyz')))
         return 'train.py', resume_from(case, trained, lambda c: None), "the model's vocab_size is 65 but the data's"
