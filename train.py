@@ -283,7 +283,7 @@ def log(row):
 def before_resume_point(line):
     try:
         return json.loads(line)['iter'] < iter_num
-    except (ValueError, KeyError, TypeError):  # a line cut short by a kill, or not one of our rows
+    except (ValueError, KeyError, TypeError, RecursionError):  # a line cut short by a kill, or not one of our rows
         return False
 
 
