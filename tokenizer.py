@@ -5,6 +5,7 @@ stored in nanoGPT's meta.pkl format. Used by the data/*/prepare.py scripts, samp
     enc = gpt2_encoding()                    # a tiktoken.Encoding, identical to tiktoken.get_encoding('gpt2')
     meta = char_meta(text)                   # {'vocab_size', 'itos', 'stoi'}, as nanoGPT writes to meta.pkl
     encode, decode = char_codec(meta)        # str -> list[int] -> str
+    meta = load_meta(path)                   # a meta.pkl read as plain data only (no code runs) and checked
     encode, decode = load_tokenizer(path)    # char vocabulary from meta.pkl if that file exists, else GPT-2
 """
 import functools
