@@ -12,11 +12,11 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
-from conftest import ROOT, TINY, error_line, hermetic_env
-from configurator import UserError
-from model import GPT, GPTConfig
 import runtime
 import tokenizer
+from configurator import UserError
+from conftest import ROOT, TINY, error_line, hermetic_env
+from model import GPT, GPTConfig
 
 
 class Hostile:
