@@ -58,6 +58,7 @@ if not vocab_size:
 real_data = real_data and os.path.exists(data_path)
 print(f"data: {data_path if real_data else 'a fixed random batch'}, vocab_size {vocab_size}")
 if real_data:
+    runtime.count_tokens(data_path)  # refuses an empty or odd-length file, which np.memmap cannot map
     data = np.memmap(data_path, dtype=np.uint16, mode='r')
 
 

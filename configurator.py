@@ -19,6 +19,7 @@ import ast
 import difflib
 import os
 import sys
+import traceback
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -77,6 +78,11 @@ def override(defaults, args):
                     exec(compile(f.read(), path, "exec"), scope)
             except SyntaxError as e:
                 raise UserError(f"config file {path} line {e.lineno}: {e.msg}") from None
+            except Exception as e:  # the file's own code failed, e.g. a NameError or a failed import
+                lines = [f.lineno for f in traceback.extract_tb(e.__traceback__) if f.filename == path]
+                where = f" line {lines[-1]}" if lines else ""
+                reason = (str(e).strip().splitlines() or [""])[0]
+                raise UserError(f"config file {path}{where}: {type(e).__name__}: {reason}") from None
             for key, value in scope.items():
                 if key.startswith("_") or type(value).__name__ == "module":
                     continue

@@ -11,6 +11,7 @@ GPT-2 was trained with, so imported and exported weights give Hugging Face's log
 """
 
 import functools
+import json
 import math
 import os
 import time
@@ -152,6 +153,34 @@ class GPTConfig:
     bias: bool = True  # True: bias in Linears and LayerNorms, like GPT-2. False: a bit better and faster
 
 
+def check_hf_dir(path, allow_unsafe_pickle=False):
+    """ Raise ValueError unless path is a Hugging Face GPT-2 directory we load: config.json a JSON
+    object (of model_type gpt2, if it says), weights in safetensors, which hold only tensors. A
+    pytorch_model.bin is a pickle, and unpickling can run code, so it is loaded only on request. """
+    config_path = os.path.join(path, 'config.json')
+    try:
+        with open(config_path, 'rb') as f:
+            hf_config = json.loads(f.read())
+    except OSError as e:
+        raise ValueError(f"{path} is not a Hugging Face model directory: cannot read {config_path} ({e.strerror})") from None
+    except ValueError as e:  # json.JSONDecodeError and UnicodeDecodeError
+        raise ValueError(f"{config_path} is not valid JSON ({str(e).splitlines()[0]})") from None
+    if not isinstance(hf_config, dict) or hf_config.get('model_type', 'gpt2') != 'gpt2':
+        kind = hf_config.get('model_type') if isinstance(hf_config, dict) else type(hf_config).__name__
+        raise ValueError(f"{config_path} does not describe a GPT-2 model (model_type {kind!r})")
+    files = set(os.listdir(path))
+    if files & {'model.safetensors', 'model.safetensors.index.json'}:
+        return
+    if not files & {'pytorch_model.bin', 'pytorch_model.bin.index.json'}:
+        raise ValueError(f"{path} has no weights: expected model.safetensors next to config.json")
+    if not allow_unsafe_pickle:
+        raise ValueError(
+            f"{path} holds its weights only as pytorch_model.bin, a pickle, which is not loaded because loading "
+            f"a pickle can run code; if you trust it, convert it once with python -c \"from transformers import "
+            f"GPT2LMHeadModel as M; M.from_pretrained({path!r}, use_safetensors=False).save_pretrained({path!r})\" "
+            f"(writes model.safetensors), or load it as it is with --allow_unsafe_pickle=True")
+
+
 class GPT(nn.Module):
 
     def __init__(self, config):
@@ -244,26 +273,39 @@ class GPT(nn.Module):
             block.attn.block_size = block_size
 
     @classmethod
-    def from_pretrained(cls, model_type, override_args=None):
+    def from_pretrained(cls, model_type, override_args=None, allow_unsafe_pickle=False):
         """ Load OpenAI's GPT-2 weights ('gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl') through
         transformers, or any GPT-2 model saved in Hugging Face format in a local directory
-        (config.json + weights), which is how to work offline. Only dropout can be overridden. """
+        (config.json + weights), which is how to work offline. Only dropout can be overridden.
+        Weights are read from safetensors only, unless allow_unsafe_pickle (see check_hf_dir). """
         override_args = override_args or {}
         if any(k != 'dropout' for k in override_args):
             raise ValueError(f"only dropout can be overridden for a pretrained model, got {sorted(override_args)}")
         if model_type not in PRETRAINED and not os.path.isdir(model_type):
             raise ValueError(f"unknown pretrained model '{model_type}': use one of {', '.join(PRETRAINED)} "
                              "or a local directory holding a Hugging Face GPT-2 (config.json + model.safetensors)")
+        if os.path.isdir(model_type):
+            check_hf_dir(model_type, allow_unsafe_pickle)
         from transformers import GPT2LMHeadModel  # imported here: it takes seconds, and only this needs it
         print(f"loading weights from pretrained gpt: {model_type}")
-        try:
-            model_hf = GPT2LMHeadModel.from_pretrained(model_type)
+        try:  # OpenAI's GPT-2 on the hub has model.safetensors too; None: safetensors if there, else the pickle
+            model_hf, info = GPT2LMHeadModel.from_pretrained(
+                model_type, use_safetensors=None if allow_unsafe_pickle else True, output_loading_info=True)
         except OSError as e:
             reason = str(e).strip().splitlines()[0]  # the hub client's message runs over several lines
+            if os.path.isdir(model_type):
+                raise ValueError(f"cannot load {model_type} ({reason})") from None
             raise OSError(f"could not load '{model_type}' from the Hugging Face hub or its local cache ({reason}). "
                           "Without network access, download it once elsewhere and point at the directory "
                           "instead, e.g. init_from='/path/to/gpt2' (a directory with config.json and "
                           "model.safetensors, as written by save_pretrained)") from None
+        except Exception as e:  # a damaged weights file (safetensors' own error), shapes that disagree with config.json
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise ValueError(f"cannot load the weights of {model_type} ({type(e).__name__}: {reason})") from None
+        if info['missing_keys'] or info['mismatched_keys']:  # transformers would fill these in at random
+            names = sorted(info['missing_keys']) + sorted(str(k) for k in info['mismatched_keys'])
+            raise ValueError(f"{model_type}: its weights do not fit its config.json ({len(names)} tensors missing "
+                             f"or of another shape, e.g. {names[0]})")
         hf = model_hf.config
         config = GPTConfig(block_size=hf.n_positions, vocab_size=hf.vocab_size, n_layer=hf.n_layer,
                            n_head=hf.n_head, n_embd=hf.n_embd, bias=True,

@@ -215,6 +215,78 @@ def load_checkpoint(path, keys=('model', 'model_args')):
     return checkpoint
 
 
+def check_checkpoint(checkpoint, path):
+    """Check what train.py and sample.py take from a loaded checkpoint before anything is built from it,
+    so a damaged or foreign file ends in one line at start-up, not in a traceback mid-run (or in a
+    checkpoint saved over it). Keys that are absent are left to the caller (load_checkpoint's keys)."""
+    def bad(what):
+        return UserError(f"checkpoint {path} is damaged or of a format this code does not know: {what}")
+    args = checkpoint.get('model_args')
+    if args is not None:
+        if not isinstance(args, dict):
+            raise bad("model_args is not a dict")
+        for k in ('n_layer', 'n_head', 'n_embd', 'block_size', 'vocab_size'):
+            if type(args.get(k)) is not int or args[k] <= 0:
+                raise bad(f"model_args['{k}'] is {args.get(k)!r}, not a positive int")
+        if type(args.get('bias')) is not bool:
+            raise bad(f"model_args['bias'] is {args.get('bias')!r}, not True or False")
+    model = checkpoint.get('model')
+    if model is not None and not (isinstance(model, dict) and all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in model.items())):
+        raise bad("model is not a state dict (parameter names -> tensors)")
+    if 'iter_num' in checkpoint and (type(checkpoint['iter_num']) is not int or checkpoint['iter_num'] < 0):
+        raise bad(f"iter_num is {checkpoint['iter_num']!r}, not an int >= 0")
+    best = checkpoint.get('best_val_loss', 0.0)  # nanoGPT stores a 0-d tensor
+    if not (type(best) in (int, float) or isinstance(best, torch.Tensor) and best.numel() == 1):
+        raise bad(f"best_val_loss is {best!r}, not a number")
+    config = checkpoint.get('config', {})
+    if not isinstance(config, dict) or not all(isinstance(config.get(k, ''), str) for k in ('dataset', 'data_dir')):
+        raise bad("config is not a dict with dataset and data_dir as strings")
+    # the loop state is checked by restoring it (into a throwaway generator; the global RNGs are put back)
+    try:
+        if checkpoint.get('sampler_state') is not None:
+            torch.Generator().set_state(checkpoint['sampler_state'])
+        if checkpoint.get('rng_states') is not None:
+            saved = rng_state()
+            try:
+                for state in checkpoint['rng_states']:
+                    set_rng_state(state)
+            finally:
+                set_rng_state(saved)
+    except Exception as e:
+        raise bad(f"its random state cannot be restored ({type(e).__name__})") from None
+
+
+def load_optimizer_state(optimizer, state, path):
+    """optimizer.load_state_dict(state), refusing state that does not fit the model: torch checks the
+    groups' sizes, not the shapes of the moment buffers, which would only fail at the first step."""
+    try:
+        optimizer.load_state_dict(state)
+    except (ValueError, KeyError, TypeError, IndexError, RuntimeError) as e:
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise UserError(f"checkpoint {path}: the optimizer state does not fit the model ({reason})") from None
+    for group in optimizer.param_groups:
+        for p in group['params']:
+            for name, v in optimizer.state.get(p, {}).items():
+                if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape != p.shape:
+                    raise UserError(f"checkpoint {path}: the optimizer's {name} has shape {tuple(v.shape)} "
+                                    f"for a parameter of shape {tuple(p.shape)}")
+
+
+def count_tokens(path):
+    """The number of uint16 token ids in a prepared .bin file. A file that is empty or of odd byte
+    length is damaged (cut short, or not token ids at all) and is refused here rather than by numpy."""
+    try:
+        with open(path, 'rb') as f:
+            size = os.fstat(f.fileno()).st_size
+    except OSError as e:
+        raise UserError(f"cannot read {path}: {e.strerror}") from None
+    if size == 0 or size % 2:
+        raise UserError(f"{path} is damaged: {'it is empty' if size == 0 else f'{size:,} bytes is an odd length'} "
+                        "for uint16 token ids; prepare the dataset again")
+    return size // 2
+
+
 def git_commit():
     """The repository's commit (short hash, '+dirty' with uncommitted changes), or None outside git."""
     def git(*args):

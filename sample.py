@@ -15,6 +15,7 @@ from tokenizer import load_tokenizer
 # -----------------------------------------------------------------------------
 init_from = 'resume'  # 'resume' (from out_dir/ckpt.pt), a gpt2 variant (e.g. 'gpt2-xl') or a local Hugging Face dir
 out_dir = 'out'  # ignored if init_from is not 'resume'
+allow_unsafe_pickle = False  # True: a Hugging Face directory may load pytorch_model.bin, a pickle that can run code
 start = "\n"  # or "<|endoftext|>" or etc. Can also specify a file, use as: "FILE:prompt.txt"
 num_samples = 10  # number of samples to draw
 max_new_tokens = 500  # number of tokens generated in each sample
@@ -41,6 +42,7 @@ torch.manual_seed(seed)
 # model
 if init_from == 'resume':
     checkpoint = runtime.load_checkpoint(os.path.join(out_dir, 'ckpt.pt'))
+    runtime.check_checkpoint(checkpoint, os.path.join(out_dir, 'ckpt.pt'))
     try:
         model = GPT(GPTConfig(**checkpoint['model_args']))
         model.load_state_dict(checkpoint['model'])
@@ -53,7 +55,7 @@ if init_from == 'resume':
     meta_path = os.path.join(data_dir, 'meta.pkl') if 'dataset' in train_config else None
 else:
     try:
-        model = GPT.from_pretrained(init_from, dict(dropout=0.0))
+        model = GPT.from_pretrained(init_from, dict(dropout=0.0), allow_unsafe_pickle)
     except (ValueError, OSError) as e:
         raise UserError(str(e)) from None
     meta_path = None
@@ -67,7 +69,7 @@ if compile:
 if model.config.vocab_size < 50257 and not (meta_path and os.path.exists(meta_path)):
     raise UserError(f"this model has a {model.config.vocab_size}-token vocabulary but its meta.pkl was not found "
                     f"(looked for {meta_path}); prepare that dataset again with its data/<name>/prepare.py")
-encode, decode = load_tokenizer(meta_path)
+encode, decode = load_tokenizer(meta_path, model.config.vocab_size)
 if meta_path and os.path.exists(meta_path):
     print(f"Loading meta from {meta_path}...")
 else:

@@ -5,6 +5,7 @@ stored in nanoGPT's meta.pkl format. Used by the data/*/prepare.py scripts, samp
     enc = gpt2_encoding()                    # a tiktoken.Encoding, identical to tiktoken.get_encoding('gpt2')
     meta = char_meta(text)                   # {'vocab_size', 'itos', 'stoi'}, as nanoGPT writes to meta.pkl
     encode, decode = char_codec(meta)        # str -> list[int] -> str
+    meta = load_meta(path)                   # a meta.pkl read as plain data only (no code runs) and checked
     encode, decode = load_tokenizer(path)    # char vocabulary from meta.pkl if that file exists, else GPT-2
 """
 import functools
@@ -113,24 +114,68 @@ def char_codec(meta):
     return encode, decode
 
 
+class _RefusedGlobal(pickle.UnpicklingError):
+    pass
+
+
+class _PlainDataUnpickler(pickle.Unpickler):
+    """Reads only plain data. A pickle rebuilds anything else by naming a global (a class or function,
+    e.g. os.system) that the loader imports and calls; refusing every global means loading runs no code
+    from the file. nanoGPT's meta.pkl, written with pickle.dump at any protocol, holds dicts, strings and
+    ints, which the pickle opcodes build directly without a global."""
+
+    def find_class(self, module, name):
+        raise _RefusedGlobal(f"{module}.{name}")
+
+
+def check_meta(meta, path):
+    """Raise UserError unless meta is a character vocabulary as nanoGPT writes it: vocab_size an int,
+    itos {int: str} over ids 0..vocab_size-1 and stoi its exact inverse {str: int}."""
+    def bad(what):
+        return UserError(f"{path} is not a valid character vocabulary: {what}; prepare the dataset again")
+    if not isinstance(meta, dict):
+        raise bad(f"it holds a {type(meta).__name__}, not a dict")
+    missing = [k for k in ("vocab_size", "itos", "stoi") if k not in meta]
+    if missing:
+        raise bad(f"it has no {', '.join(missing)}")
+    vocab_size, itos, stoi = meta["vocab_size"], meta["itos"], meta["stoi"]
+    if type(vocab_size) is not int or not 0 < vocab_size <= MAX_CHAR_VOCAB:
+        raise bad(f"vocab_size is {vocab_size!r}, not an int from 1 to {MAX_CHAR_VOCAB}")
+    if not isinstance(itos, dict) or not all(type(i) is int and type(c) is str for i, c in itos.items()):
+        raise bad("itos is not a dict of int -> str")
+    if not isinstance(stoi, dict) or not all(type(c) is str and type(i) is int for c, i in stoi.items()):
+        raise bad("stoi is not a dict of str -> int")
+    if set(itos) != set(range(vocab_size)) or stoi != {c: i for i, c in itos.items()}:
+        raise bad(f"itos ({len(itos)} entries) and stoi ({len(stoi)}) are not inverse maps over the "
+                  f"{vocab_size} ids 0..{vocab_size - 1}")
+
+
 def load_meta(path):
-    """Read a meta.pkl written by a char prepare.py (ours or nanoGPT's)."""
+    """Read and check a meta.pkl written by a char prepare.py (ours or nanoGPT's), running no code from it."""
     try:
         with open(path, "rb") as f:
-            meta = pickle.load(f)
+            meta = _PlainDataUnpickler(f).load()
     except OSError as e:
         raise UserError(f"cannot read {path}: {e.strerror}") from None
+    except _RefusedGlobal as e:
+        raise UserError(f"{path} was not loaded: it names {e} to be called on loading, which could run any "
+                        f"code; a meta.pkl holds only dicts, strings and numbers") from None
     except Exception as e:  # truncated or not a pickle at all
-        raise UserError(f"{path} is not a valid meta.pkl ({type(e).__name__}: {e})") from None
-    if not isinstance(meta, dict) or not {"vocab_size", "itos", "stoi"} <= meta.keys():
-        raise UserError(f"{path} is not a character vocabulary (needs the keys vocab_size, itos, stoi)")
+        reason = (str(e).strip().splitlines() or [""])[0]
+        raise UserError(f"{path} is not a valid meta.pkl ({type(e).__name__}: {reason})") from None
+    check_meta(meta, path)
     return meta
 
 
-def load_tokenizer(meta_path=None):
+def load_tokenizer(meta_path=None, vocab_size=None):
     """(encode, decode) as nanoGPT's sample.py chooses them: the character vocabulary in meta_path when that
-    file exists, else GPT-2 BPE (where '<|endoftext|>' in a prompt becomes token 50256)."""
+    file exists, else GPT-2 BPE (where '<|endoftext|>' in a prompt becomes token 50256). With vocab_size (the
+    model's), a character vocabulary of another size is refused: its ids would mean other characters."""
     if meta_path and os.path.exists(meta_path):
-        return char_codec(load_meta(meta_path))
+        meta = load_meta(meta_path)
+        if vocab_size is not None and meta["vocab_size"] != vocab_size:
+            raise UserError(f"the model has a {vocab_size}-token vocabulary but {meta_path} holds "
+                            f"{meta['vocab_size']} characters: they belong to different datasets")
+        return char_codec(meta)
     enc = gpt2_encoding()
     return (lambda s: enc.encode(s, allowed_special={ENDOFTEXT})), enc.decode

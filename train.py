@@ -21,7 +21,6 @@ import glob
 import json
 import math
 import os
-import pickle
 import signal
 import tempfile
 import time
@@ -34,6 +33,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import runtime
 from configurator import UserError, configure
 from model import GPT, GPTConfig, device_peak_flops
+from tokenizer import load_meta
 
 # -----------------------------------------------------------------------------
 # default config values designed to train a gpt2 (124M) on OpenWebText
@@ -45,6 +45,7 @@ eval_iters = 200
 eval_only = False  # if True, script exits right after the first eval
 always_save_checkpoint = True  # if True, always save a checkpoint after each eval
 init_from = 'scratch'  # 'scratch', 'resume' (out_dir/ckpt.pt), 'gpt2*' or a local Hugging Face directory
+allow_unsafe_pickle = False  # True: a Hugging Face directory may load pytorch_model.bin, a pickle that can run code
 # wandb logging
 wandb_log = False  # disabled by default
 wandb_project = 'owt'
@@ -122,12 +123,11 @@ for split in ('train', 'val'):
         if not os.path.exists(prepare):  # a folder of the user's own text
             prepare = os.path.join(repo_dir, 'data', 'prepare_text.py') + f" --input=<your text> --out_dir={data_dir}"
         raise UserError(f"{split}.bin not found in {data_dir}: prepare the dataset first with python {prepare}")
-n_tokens = {split: os.path.getsize(os.path.join(data_dir, f'{split}.bin')) // 2 for split in ('train', 'val')}
+n_tokens = {split: runtime.count_tokens(os.path.join(data_dir, f'{split}.bin')) for split in ('train', 'val')}
 meta_path = os.path.join(data_dir, 'meta.pkl')
 meta_vocab_size = None
 if os.path.exists(meta_path):
-    with open(meta_path, 'rb') as f:
-        meta_vocab_size = pickle.load(f)['vocab_size']  # all training needs; sample.py reads the rest
+    meta_vocab_size = load_meta(meta_path)['vocab_size']  # all training needs; sample.py reads the rest
     if master_process:
         print(f"found vocab_size = {meta_vocab_size} (inside {meta_path})")
 
@@ -176,6 +176,7 @@ try:
         if master_process:
             print(f"resuming training from {out_dir}")
         checkpoint = runtime.load_checkpoint(ckpt_path, keys=('model', 'optimizer', 'model_args', 'iter_num'))
+        runtime.check_checkpoint(checkpoint, ckpt_path)
         # the checkpoint fixes the model's shape; dropout comes from this run's config
         model_args.update({k: checkpoint['model_args'][k] for k in shape_keys})
         model = GPT(GPTConfig(**model_args))
@@ -186,7 +187,7 @@ try:
         iter_num = checkpoint['iter_num']
         best_val_loss = float(checkpoint.get('best_val_loss', best_val_loss))  # nanoGPT stores a tensor
     else:  # 'gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl' or a local Hugging Face directory
-        model = GPT.from_pretrained(init_from, dict(dropout=dropout))
+        model = GPT.from_pretrained(init_from, dict(dropout=dropout), allow_unsafe_pickle)
         model_args.update({k: getattr(model.config, k) for k in shape_keys})
 except (ValueError, OSError) as e:  # e.g. n_embd not divisible by n_head, unknown or unreachable GPT-2 weights
     raise UserError(str(e)) from None
@@ -194,6 +195,9 @@ if block_size < model.config.block_size:
     model.crop_block_size(block_size)  # model surgery, e.g. GPT-2's 1024 positions down to block_size
     model_args['block_size'] = block_size
 block_size = model_args['block_size']
+if meta_vocab_size and model_args['vocab_size'] != meta_vocab_size:
+    raise UserError(f"the model's vocab_size is {model_args['vocab_size']} but the data's ({meta_path}) is {meta_vocab_size}: "
+                    "they were made for different vocabularies")
 for split, n in n_tokens.items():
     if n <= block_size:
         raise UserError(f"{split}.bin has {n} tokens, too few for block_size {block_size}: use --block_size={n - 1} or less")
@@ -209,7 +213,7 @@ raw_model = model  # what checkpoints save: no torch.compile or DDP wrappers, so
 optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type, verbose=master_process)
 rng_states = None
 if checkpoint is not None:
-    optimizer.load_state_dict(checkpoint['optimizer'])  # moves its tensors to the parameters' device
+    runtime.load_optimizer_state(optimizer, checkpoint['optimizer'], ckpt_path)  # to the parameters' device
     if scaler.is_enabled() and checkpoint.get('scaler'):
         scaler.load_state_dict(checkpoint['scaler'])
     if 'sampler_state' in checkpoint:
@@ -279,7 +283,7 @@ def log(row):
 def before_resume_point(line):
     try:
         return json.loads(line)['iter'] < iter_num
-    except ValueError:  # a line cut short by a kill
+    except (ValueError, KeyError, TypeError, RecursionError):  # a line cut short by a kill, or not one of our rows
         return False
 
 
@@ -287,7 +291,7 @@ if master_process:
     # rows past the starting iteration belong to iterations that are about to be redone (none when starting fresh)
     lines = []
     if os.path.exists(log_path):
-        with open(log_path) as f:
+        with open(log_path, errors='replace') as f:
             lines = [line for line in f if before_resume_point(line)]
     with open(log_path, 'w') as f:
         f.writelines(lines)

@@ -38,8 +38,9 @@ def write_dataset(folder, train_tokens, val_tokens, vocab_size=65):
     folder.mkdir()
     np.array(train_tokens, dtype=np.uint16).tofile(folder / 'train.bin')
     np.array(val_tokens, dtype=np.uint16).tofile(folder / 'val.bin')
+    itos = {i: chr(0x100 + i) for i in range(vocab_size)}  # a character vocabulary as nanoGPT writes it
     with open(folder / 'meta.pkl', 'wb') as f:
-        pickle.dump({'vocab_size': vocab_size}, f)
+        pickle.dump({'vocab_size': vocab_size, 'itos': itos, 'stoi': {c: i for i, c in itos.items()}}, f)
     return folder
 
 
