@@ -197,6 +197,7 @@ def main():
     unknown = [t for t in task_list if t not in ('hellaswag', 'val')]
     if unknown or not task_list:
         raise UserError(f"unknown task(s) {', '.join(unknown) or '(none)'}: use --tasks=hellaswag, val or hellaswag,val")
+    rows = load_hellaswag(hellaswag_path, hellaswag_limit) if 'hellaswag' in task_list else None  # checked first
     dev = runtime.pick_device(device)
     ctx = runtime.autocast_context(dev, runtime.pick_dtype(dtype, dev))
     runtime.allow_tf32(dev)
@@ -234,7 +235,6 @@ def main():
     results = {}
     for task in task_list:
         if task == 'hellaswag':
-            rows = load_hellaswag(hellaswag_path, hellaswag_limit)
             r = results['hellaswag'] = hellaswag_score(model, rows, dev, ctx, batch_size, progress=True)
             print(f"hellaswag: acc {r['acc']:.4f}, acc_norm {r['acc_norm']:.4f} ({r['items']} items)", flush=True)
         else:

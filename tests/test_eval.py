@@ -132,14 +132,15 @@ def test_hellaswag_equals_reference_checkpoint_and_export(gpt2_run):
     assert 0 < sum(a for a, _ in ours) < len(ours)  # neither all right nor all wrong: the scores decide
     assert [a for a, _ in ours] != [b for _, b in ours]  # length normalisation changes some choices
     expected = {'acc': np.mean([a for a, _ in reference]), 'acc_norm': np.mean([b for _, b in reference]), 'items': 10}
-    # eval.py on the checkpoint and on its export, batched (4 items: 3 batches, the last one short)
-    for init in ('resume', g['export']):
-        out_json = g['tmp'] / f"eval-{'ckpt' if init == 'resume' else 'export'}.json"
-        result = run('eval.py', f'--init_from={init}', f"--out_dir={g['out']}", '--tasks=hellaswag', '--device=cpu',
-                     f"--hellaswag_path={g['items']}", '--batch_size=4', f'--out_json={out_json}')
-        scores = json.load(open(out_json))['results']['hellaswag']
-        assert scores == pytest.approx(expected, abs=1e-12)
-        assert f"hellaswag: acc {expected['acc']:.4f}, acc_norm {expected['acc_norm']:.4f} (10 items)" in result.stdout
+    # eval.py on the checkpoint, batched (4 items: 3 batches, the last one short), and our model loaded from
+    # the export
+    out_json = g['tmp'] / 'eval.json'
+    result = run('eval.py', '--init_from=resume', f"--out_dir={g['out']}", '--tasks=hellaswag', '--device=cpu',
+                 f"--hellaswag_path={g['items']}", '--batch_size=4', f'--out_json={out_json}')
+    assert json.load(open(out_json))['results']['hellaswag'] == pytest.approx(expected, abs=1e-12)
+    assert f"hellaswag: acc {expected['acc']:.4f}, acc_norm {expected['acc_norm']:.4f} (10 items)" in result.stdout
+    exported = GPT.from_pretrained(g['export'])
+    assert evaluation.hellaswag_score(exported, g['rows'], 'cpu', batch_size=4) == pytest.approx(expected, abs=1e-12)
     # train.py scored the same checkpoint, sharded over its 2 processes, and logged it
     _, evals = read_log(g['out'])
     assert g['checkpoint']['iter_num'] == 4
@@ -152,14 +153,11 @@ def test_hellaswag_bad_input(gpt2_run, tmp_path, train):
     del rows[1]['ctx_b']
     bad = tmp_path / 'bad.jsonl'
     bad.write_text(''.join(json.dumps(r) + '\n' for r in rows))
-    result = run('eval.py', f'--init_from={gpt2_run["export"]}', '--tasks=hellaswag', f'--hellaswag_path={bad}',
+    result = run('eval.py', f"--out_dir={gpt2_run['out']}", '--tasks=hellaswag', f'--hellaswag_path={bad}',
                  '--device=cpu', check=False, cwd=tmp_path)
-    assert 'line 2: missing field(s) ctx_b' in error_line(result)
-    # a character-level checkpoint has no GPT-2 tokenizer: refused by eval.py and by train.py, each in a line
-    train('--max_iters=1', '--eval_interval=1', '--eval_iters=1', f'--out_dir={tmp_path}')
-    result = run('eval.py', '--init_from=resume', f'--out_dir={tmp_path}', '--tasks=hellaswag', '--device=cpu',
-                 f'--hellaswag_path={gpt2_run["items"]}', check=False)
-    assert 'hellaswag needs a model with the GPT-2 tokenizer' in error_line(result)
+    assert error_line(result) == (f"error: {bad} line 2: missing field(s) ctx_b (a HellaSwag item has "
+                                  "activity_label, ctx_a, ctx_b, endings, label)")
+    # a character-level dataset has no GPT-2 tokenizer: train.py refuses eval_hellaswag in one line
     result = train('--max_iters=1', f'--out_dir={tmp_path / "b"}', '--eval_hellaswag=True',
                    f'--hellaswag_path={gpt2_run["items"]}', check=False)
     assert 'hellaswag needs a model with the GPT-2 tokenizer' in error_line(result)
@@ -192,6 +190,13 @@ def test_val_perplexity_equals_direct_computation(train, tmp_path, shakespeare_c
     text_file.write_text(''.join(itos[int(i)] for i in data), encoding='utf-8')
     run('eval.py', f'--out_dir={tmp_path}', '--device=cpu', f'--val_path={text_file}', f'--out_json={tmp_path / "t.json"}')
     assert json.load(open(tmp_path / 't.json'))['results']['val']['loss'] == pytest.approx(val['loss'], rel=1e-6)
+    # a character-level checkpoint has no GPT-2 tokenizer: hellaswag is refused in one line
+    items = tmp_path / 'items.jsonl'
+    items.write_text(json.dumps(hellaswag_rows(open(SHAKESPEARE).read(), 1)[0]) + '\n')
+    result = run('eval.py', f'--out_dir={tmp_path}', '--tasks=hellaswag', '--device=cpu', f'--hellaswag_path={items}',
+                 check=False)
+    assert error_line(result).startswith("error: hellaswag needs a model with the GPT-2 tokenizer, but "
+                                         f"{tmp_path}/ckpt.pt (iter 3) has a 65-token character-level vocabulary")
 
 
 def test_early_stopping_keeps_best_and_grad_norm_is_clip_grad_norm(train, tmp_path, shakespeare_char):
