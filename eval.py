@@ -129,7 +129,8 @@ def hellaswag_score(model, rows, device, ctx=None, batch_size=8, rank=0, world_s
     counts = torch.zeros(3, dtype=torch.float64)  # right by acc, right by acc_norm, items
     was_training = model.training
     model.eval()
-    for i in tqdm(range(0, per_rank, batch_size), desc='hellaswag', unit_scale=batch_size, disable=not progress):
+    bar = tqdm(total=per_rank, desc='hellaswag', unit='item', disable=not progress)
+    for i in range(0, per_rank, batch_size):
         seqs, n_cont, items = [], [], []
         for row in share[i:i + batch_size]:
             query, choices, label = hellaswag_example(row)
@@ -156,6 +157,8 @@ def hellaswag_score(model, rows, device, ctx=None, batch_size=8, rank=0, world_s
             k += len(lengths)
             counts += weight * torch.tensor([float(ll.argmax() == label), float((ll / lengths).argmax() == label), 1.0],
                                             dtype=torch.float64)
+        bar.update(len(items))
+    bar.close()
     model.train(was_training)
     if world_size > 1:
         counts = counts.to(device)
@@ -182,11 +185,14 @@ def val_loss(model, data, device, ctx, batch_size=8, progress=False):
     if len(starts) == 0:
         raise UserError(f"the text has {len(data)} tokens, too few for one window of {block_size + 1}")
     total = 0.0
-    for i in tqdm(range(0, len(starts), batch_size), desc='val', unit_scale=batch_size, disable=not progress):
+    bar = tqdm(total=len(starts), desc='val', unit='window', disable=not progress)
+    for i in range(0, len(starts), batch_size):
         x, y = runtime.get_batch(data, starts[i:i + batch_size], block_size, device)  # (B, block_size)
         with ctx:
             _, loss = model(x, y)
         total += loss.item() * len(x)  # every window has block_size targets, so the mean of means is the mean
+        bar.update(len(x))
+    bar.close()
     return {'loss': total / len(starts), 'windows': len(starts), 'tokens': len(starts) * block_size}
 
 
