@@ -339,8 +339,9 @@ while True:
             hellaswag = hellaswag_score(model, hellaswag_rows, device, ctx, batch_size, rank, world_size)
         if master_process:
             losses = estimate_loss()
-            print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}" +
-                  (f", hellaswag acc_norm {hellaswag['acc_norm']:.4f}" if hellaswag else ""))
+            print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+            if hellaswag:
+                print(f"step {iter_num}: hellaswag acc {hellaswag['acc']:.4f}, acc_norm {hellaswag['acc_norm']:.4f}")
             log(dict(iter=iter_num, train_loss=losses['train'], val_loss=losses['val'], lr=lr,
                      tokens=iter_num * tokens_per_iter, **{f'hellaswag_{k}': v for k, v in hellaswag.items()}))
             if wandb_log:
