@@ -141,6 +141,22 @@ def gather_to_rank0(obj):
     return objs
 
 
+def broadcast_from_rank0(obj):
+    """Rank 0's obj (picklable) on every process; obj itself without a process group. Every process must call it."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return obj
+    objs = [obj]
+    dist.broadcast_object_list(objs, src=0)
+    return objs[0]
+
+
+def clip_grad_norm(parameters, max_norm):
+    """clip_grad_norm_'s return value, the gradients' total norm before clipping, as a 0-dim tensor (no host
+    sync). Under FSDP it is a DTensor: full_tensor() makes it a plain one, collectively on every rank."""
+    norm = torch.nn.utils.clip_grad_norm_(parameters, max_norm)
+    return norm.full_tensor() if hasattr(norm, 'full_tensor') else norm
+
+
 def seed_everything(seed):
     """Seed python's random, numpy and torch (every device)."""
     random.seed(seed)

@@ -32,6 +32,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import runtime
 from configurator import UserError, configure
+from eval import check_gpt2_tokenizer, hellaswag_score, load_hellaswag
 from model import GPT, GPTConfig, device_peak_flops
 from tokenizer import load_meta
 
@@ -44,6 +45,9 @@ log_interval = 1
 eval_iters = 200
 eval_only = False  # if True, script exits right after the first eval
 always_save_checkpoint = True  # if True, always save a checkpoint after each eval
+early_stop_patience = 0  # stop after this many evals without a new best val loss, keeping the best checkpoint (0 = off)
+eval_hellaswag = False  # also score HellaSwag at each eval (GPT-2 tokenizer only), sharded over the processes
+hellaswag_path = ''  # a local HellaSwag .jsonl; '' = Rowan/hellaswag's validation split from the hub
 init_from = 'scratch'  # 'scratch', 'resume' (out_dir/ckpt.pt), 'gpt2*' or a local Hugging Face directory
 allow_unsafe_pickle = False  # True: a Hugging Face directory may load pytorch_model.bin, a pickle that can run code
 # wandb logging
@@ -198,6 +202,7 @@ block_size = model_args['block_size']
 if meta_vocab_size and model_args['vocab_size'] != meta_vocab_size:
     raise UserError(f"the model's vocab_size is {model_args['vocab_size']} but the data's ({meta_path}) is {meta_vocab_size}: "
                     "they were made for different vocabularies")
+tokens_per_iter = gradient_accumulation_steps * batch_size * block_size
 for split, n in n_tokens.items():
     if n <= block_size:
         raise UserError(f"{split}.bin has {n} tokens, too few for block_size {block_size}: use --block_size={n - 1} or less")
@@ -207,6 +212,9 @@ for split, n in n_tokens.items():
         raise UserError(f"{split}.bin holds token id {top} but the model's vocab_size is {model_args['vocab_size']}: "
                         "the data was prepared for another vocabulary")
     del data
+if eval_hellaswag:
+    check_gpt2_tokenizer(model_args['vocab_size'], meta_path, f"the dataset in {data_dir}")
+    hellaswag_rows = load_hellaswag(hellaswag_path)
 model.to(device)
 raw_model = model  # what checkpoints save: no torch.compile or DDP wrappers, so no '_orig_mod.' prefixes
 
@@ -295,7 +303,7 @@ if master_process:
             lines = [line for line in f if before_resume_point(line)]
     with open(log_path, 'w') as f:
         f.writelines(lines)
-    print(f"tokens per iteration will be: {gradient_accumulation_steps * batch_size * block_size:,}")
+    print(f"tokens per iteration will be: {tokens_per_iter:,}")
     if wandb_log:
         import wandb
         wandb.init(project=wandb_project, name=wandb_run_name, config=config, dir=out_dir)
@@ -313,6 +321,7 @@ signal.signal(signal.SIGINT, request_stop)
 signal.signal(signal.SIGTERM, request_stop)
 
 # training loop
+evals_since_best = 0  # for early stopping
 if rng_states and len(rng_states) == world_size:
     runtime.set_rng_state(rng_states[rank])  # last, so nothing above draws from the restored streams
 batches = train_batches()
@@ -329,17 +338,30 @@ while True:
     # evaluate the loss on train/val sets and write checkpoints
     if iter_num % eval_interval == 0 or iter_num == max_iters or eval_only:
         rng_states = runtime.gather_to_rank0(runtime.rng_state())  # every rank takes part
+        hellaswag = {}
+        if eval_hellaswag:  # every rank scores its share
+            hellaswag = hellaswag_score(model, hellaswag_rows, device, ctx, batch_size, rank, world_size)
         if master_process:
             losses = estimate_loss()
             print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
-            log(dict(iter=iter_num, train_loss=losses['train'], val_loss=losses['val'], lr=lr))
+            if hellaswag:
+                print(f"step {iter_num}: hellaswag acc {hellaswag['acc']:.4f}, acc_norm {hellaswag['acc_norm']:.4f}")
+            log(dict(iter=iter_num, train_loss=losses['train'], val_loss=losses['val'], lr=lr,
+                     tokens=iter_num * tokens_per_iter, **{f'hellaswag_{k}': v for k, v in hellaswag.items()}))
             if wandb_log:
                 wandb.log({"iter": iter_num, "train/loss": losses['train'], "val/loss": losses['val'],
-                           "lr": lr, "mfu": running_mfu * 100})
+                           "lr": lr, "mfu": running_mfu * 100, **{f"hellaswag/{k}": v for k, v in hellaswag.items()}})
             improved = losses['val'] < best_val_loss
             best_val_loss = min(best_val_loss, losses['val'])
-            if iter_num > 0 and not eval_only and (improved or always_save_checkpoint):
+            evals_since_best = 0 if improved else evals_since_best + 1
+            # with early stopping only a new best is saved, so the checkpoint left is the best one
+            if iter_num > 0 and not eval_only and (improved or always_save_checkpoint and not early_stop_patience):
                 save_checkpoint(rng_states)
+        if early_stop_patience and runtime.broadcast_from_rank0(evals_since_best >= early_stop_patience):
+            if master_process:
+                print(f"early stopping at iter {iter_num}: no new best val loss in {early_stop_patience} evals; "
+                      f"{ckpt_path} holds the best model (val loss {best_val_loss:.4f})")
+            break
     if iter_num >= max_iters or eval_only:
         break
 
@@ -367,10 +389,9 @@ while True:
     if not math.isfinite(lossf):
         raise UserError(f"loss is {lossf} at iter {iter_num}: training diverged (try a lower learning_rate); "
                         f"the last checkpoint in {out_dir}, if any, is untouched")
-    # clip the gradient
-    if grad_clip != 0.0:
-        scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    # clip the gradient; its norm before clipping is logged, so it is measured even without clipping
+    scaler.unscale_(optimizer)  # a no-op unless float16
+    grad_norm = runtime.clip_grad_norm(model.parameters(), grad_clip or math.inf)  # a tensor: no host sync here
     # step the optimizer and scaler if training in fp16 (it skips steps whose gradients overflowed)
     scaler.step(optimizer)
     scaler.update()
@@ -385,10 +406,13 @@ while True:
         if local_iter_num >= 5:  # let the training loop settle a bit
             mfu = raw_model.estimate_mfu(batch_size * accum_steps, dt, peak_flops)
             running_mfu = mfu if running_mfu == -1.0 else 0.9 * running_mfu + 0.1 * mfu
-        tokens_per_s = gradient_accumulation_steps * batch_size * block_size / dt
+        tokens_per_s = tokens_per_iter / dt
         print(f"iter {iter_num}: loss {lossf:.4f}, lr {lr:.3e}, time {dt * 1000:.2f}ms, "
               f"{tokens_per_s:,.0f} tok/s, mfu {running_mfu * 100:.2f}%")
-        log(dict(iter=iter_num, loss=lossf, lr=lr, ms=dt * 1000, tokens_per_s=tokens_per_s, mfu=running_mfu))
+        log(dict(iter=iter_num, loss=lossf, lr=lr, ms=dt * 1000, tokens_per_s=tokens_per_s, mfu=running_mfu,
+                 grad_norm=grad_norm.item(), tokens=iter_num * tokens_per_iter))
+        if wandb_log:
+            wandb.log({"iter": iter_num, "train/loss_step": lossf, "grad_norm": grad_norm.item(), "lr": lr})
     iter_num += 1
     local_iter_num += 1
 
