@@ -1,7 +1,8 @@
-"""Every command in the sh blocks of README.md and then docs/*.md runs, in their order, in a copy of the repository: on the real
-tiny-Shakespeare text, with a tiny model appended to each training command (the GPU recipes run on CPU
-processes), a tiny local GPT-2 in Hugging Face format standing in for OpenAI's weights, and a small local
-corpus standing in for OpenWebText. The install and test commands are what .ci/run itself runs."""
+"""Every command in the sh blocks of README.md and then docs/*.md runs, in their order, in a copy of the
+repository: on the real tiny-Shakespeare text, with a tiny model appended to each training command (the GPU
+recipes run on CPU processes), a tiny local GPT-2 in Hugging Face format standing in for OpenAI's weights,
+and a small local corpus standing in for OpenWebText. The install and test commands are what .ci/run
+itself runs."""
 import glob
 import os
 import re
@@ -41,13 +42,9 @@ def effective(argv):
     """What an adapted command does: its other arguments in order and the last value of each --key=value
     (later ones override earlier ones), so commands that differ only in what the tiny model overrides
     are the same."""
-    options = {}
-    for a in argv:
-        if a.startswith('--') and '=' in a:
-            key, value = a.split('=', 1)
-            options.pop(key, None)
-            options[key] = value
-    return tuple(a for a in argv if not (a.startswith('--') and '=' in a)), tuple(sorted(options.items()))
+    is_option = [a.startswith('--') and '=' in a for a in argv]
+    options = dict(a.split('=', 1) for a, o in zip(argv, is_option) if o)  # the last value of a key wins
+    return tuple(a for a, o in zip(argv, is_option) if not o), tuple(sorted(options.items()))
 
 
 def adapt(command, hf_dir, corpus):
