@@ -26,6 +26,7 @@ n_layer = 12
 n_head = 12
 n_embd = 768
 bias = False
+gelu = 'exact'  # 'exact' (nanoGPT's, what train.py trains from scratch) or 'tanh' (GPT-2's, for its imports)
 vocab_size = 0  # 0: the dataset's (from its meta.pkl) when real_data, else 50304 (GPT-2's, padded)
 real_data = True  # batches from data/<dataset>/train.bin (when prepared), else one fixed random batch
 dataset = 'openwebtext'
@@ -73,7 +74,7 @@ fixed_y = torch.randint(vocab_size, (batch_size, block_size), device=device)
 
 # model init
 gptconf = GPTConfig(block_size=block_size, n_layer=n_layer, n_head=n_head, n_embd=n_embd,
-                    dropout=0, bias=bias, vocab_size=vocab_size)
+                    dropout=0, bias=bias, vocab_size=vocab_size, gelu=gelu)
 model = GPT(gptconf)
 model.to(device)
 print(f"number of parameters: {model.get_num_params() / 1e6:.2f}M")

@@ -6,8 +6,9 @@ References:
 https://github.com/openai/gpt-2/blob/master/src/model.py
 2) huggingface/transformers PyTorch implementation:
 https://github.com/huggingface/transformers/blob/main/src/transformers/models/gpt2/modeling_gpt2.py
-One deliberate difference from nanoGPT: the MLP uses the tanh approximation of GELU, which is what
-GPT-2 was trained with, so imported and exported weights give Hugging Face's logits exactly.
+The GELU follows the weights' origin (GPTConfig.gelu): the exact one, nanoGPT's, for models trained
+from scratch and for nanoGPT's checkpoints; GPT-2's tanh approximation for OpenAI's weights and
+models finetuned from them, so each computes the function it was trained as (docs/checkpoints.md).
 """
 
 import functools
@@ -25,6 +26,7 @@ PRETRAINED = ('gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl')  # OpenAI's 124M, 
 # OpenAI's checkpoints use a "Conv1D" module, a Linear with its weight transposed: these are
 # transposed on import and export
 CONV1D_WEIGHTS = ('attn.c_attn.weight', 'attn.c_proj.weight', 'mlp.c_fc.weight', 'mlp.c_proj.weight')
+HF_GELU = {'gelu': 'exact', 'gelu_new': 'tanh', 'gelu_pytorch_tanh': 'tanh'}  # transformers' names
 PEAK_FLOPS = {'A100': 312e12, 'H100': 989e12, 'H200': 989e12}  # dense bfloat16 tensor-core peaks
 
 
@@ -115,7 +117,8 @@ class MLP(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
-        self.gelu = nn.GELU(approximate='tanh')  # GPT-2's GELU ('gelu_new' in transformers)
+        # exact: nanoGPT's nn.GELU(); tanh: GPT-2's approximation ('gelu_new' in transformers)
+        self.gelu = nn.GELU(approximate='tanh' if config.gelu == 'tanh' else 'none')
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
@@ -151,6 +154,9 @@ class GPTConfig:
     n_embd: int = 768
     dropout: float = 0.0
     bias: bool = True  # True: bias in Linears and LayerNorms, like GPT-2. False: a bit better and faster
+    # 'exact' (nanoGPT's) or 'tanh' (GPT-2's); saved beside model_args, not in them, so that
+    # nanoGPT's GPTConfig(**model_args) still reads our checkpoints (runtime.checkpoint_gelu)
+    gelu: str = 'exact'
 
 
 def check_hf_dir(path, allow_unsafe_pickle=False):
@@ -187,6 +193,8 @@ class GPT(nn.Module):
         super().__init__()
         if config.n_embd % config.n_head != 0:
             raise ValueError(f"n_embd ({config.n_embd}) must be divisible by n_head ({config.n_head})")
+        if config.gelu not in ('exact', 'tanh'):
+            raise ValueError(f"gelu must be 'exact' or 'tanh', got {config.gelu!r}")
         self.config = config
 
         self.transformer = nn.ModuleDict(dict(
@@ -307,9 +315,12 @@ class GPT(nn.Module):
             raise ValueError(f"{model_type}: its weights do not fit its config.json ({len(names)} tensors missing "
                              f"or of another shape, e.g. {names[0]})")
         hf = model_hf.config
+        if hf.activation_function not in HF_GELU:
+            raise ValueError(f"{model_type}: activation_function '{hf.activation_function}' is not a GELU "
+                             f"this model has ({', '.join(HF_GELU)})")
         config = GPTConfig(block_size=hf.n_positions, vocab_size=hf.vocab_size, n_layer=hf.n_layer,
                            n_head=hf.n_head, n_embd=hf.n_embd, bias=True,
-                           dropout=override_args.get('dropout', 0.0))
+                           dropout=override_args.get('dropout', 0.0), gelu=HF_GELU[hf.activation_function])
         model = GPT(config)
         sd = model.state_dict()
         sd_hf = model_hf.state_dict()
@@ -327,14 +338,16 @@ class GPT(nn.Module):
         A padded vocabulary (e.g. 50304 = 50257 rounded up to a multiple of 64) is exported whole
         by default, so the logits match row for row; pass vocab_size=50257 to keep only GPT-2's
         real tokens (the padding rows never occur in the data, so nothing is lost). A model
-        without biases is exported with zero biases, which computes exactly the same function. """
+        without biases is exported with zero biases, which computes exactly the same function,
+        and the GELU as transformers names it: 'gelu' (exact) or 'gelu_new' (tanh). """
         from transformers import GPT2Config, GPT2LMHeadModel
         c = self.config
         vocab_size = vocab_size or c.vocab_size
         if vocab_size > c.vocab_size:
             raise ValueError(f"vocab_size {vocab_size} is larger than the model's {c.vocab_size}")
         hf_config = GPT2Config(vocab_size=vocab_size, n_positions=c.block_size, n_embd=c.n_embd,
-                               n_layer=c.n_layer, n_head=c.n_head, activation_function='gelu_new',
+                               n_layer=c.n_layer, n_head=c.n_head,
+                               activation_function='gelu_new' if c.gelu == 'tanh' else 'gelu',
                                resid_pdrop=c.dropout, embd_pdrop=c.dropout, attn_pdrop=c.dropout,
                                layer_norm_epsilon=1e-5, tie_word_embeddings=True)
         model_hf = GPT2LMHeadModel(hf_config)

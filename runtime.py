@@ -303,6 +303,15 @@ def count_tokens(path):
     return size // 2
 
 
+def checkpoint_gelu(checkpoint):
+    """The GELU a checkpoint's weights were trained with (GPTConfig.gelu): its 'gelu' record. Without
+    one, nanoGPT's checkpoints (no 'sampler_state') used the exact GELU, and older ones of ours the
+    tanh GELU, which this code gave every model before the record existed."""
+    if 'gelu' in checkpoint:
+        return checkpoint['gelu']
+    return 'tanh' if 'sampler_state' in checkpoint else 'exact'
+
+
 def git_commit():
     """The repository's commit (short hash, '+dirty' with uncommitted changes), or None outside git."""
     def git(*args):

@@ -2,7 +2,9 @@
 Sample from a trained model: `python sample.py --out_dir=out-shakespeare-char`,
 or from OpenAI's GPT-2: `python sample.py --init_from=gpt2-xl --start="What is the answer?"`.
 """
+import contextlib
 import os
+import sys
 import time
 
 import torch
@@ -44,7 +46,7 @@ if init_from == 'resume':
     checkpoint = runtime.load_checkpoint(os.path.join(out_dir, 'ckpt.pt'))
     runtime.check_checkpoint(checkpoint, os.path.join(out_dir, 'ckpt.pt'))
     try:
-        model = GPT(GPTConfig(**checkpoint['model_args']))
+        model = GPT(GPTConfig(**checkpoint['model_args'], gelu=runtime.checkpoint_gelu(checkpoint)))
         model.load_state_dict(checkpoint['model'])
     except (TypeError, ValueError, RuntimeError) as e:
         reason = str(e).strip().splitlines()[0]
@@ -55,7 +57,8 @@ if init_from == 'resume':
     meta_path = os.path.join(data_dir, 'meta.pkl') if 'dataset' in train_config else None
 else:
     try:
-        model = GPT.from_pretrained(init_from, dict(dropout=0.0), allow_unsafe_pickle)
+        with contextlib.redirect_stdout(sys.stderr):  # stdout holds only the samples
+            model = GPT.from_pretrained(init_from, dict(dropout=0.0), allow_unsafe_pickle)
     except (ValueError, OSError) as e:
         raise UserError(str(e)) from None
     meta_path = None
@@ -70,10 +73,6 @@ if model.config.vocab_size < 50257 and not (meta_path and os.path.exists(meta_pa
     raise UserError(f"this model has a {model.config.vocab_size}-token vocabulary but its meta.pkl was not found "
                     f"(looked for {meta_path}); prepare that dataset again with its data/<name>/prepare.py")
 encode, decode = load_tokenizer(meta_path, model.config.vocab_size)
-if meta_path and os.path.exists(meta_path):
-    print(f"Loading meta from {meta_path}...")
-else:
-    print("No meta.pkl found, assuming GPT-2 encodings...")
 if start.startswith('FILE:'):
     try:
         with open(start[5:], 'r', encoding='utf-8') as f:
@@ -84,6 +83,11 @@ start_ids = encode(start)
 if not start_ids:
     raise UserError("the prompt is empty: give at least one character with --start=... (the default is a newline)")
 x = torch.tensor(start_ids, dtype=torch.long, device=device)[None, ...]  # (1, T)
+# what is not a sample goes to stderr, after any error about the prompt
+if meta_path and os.path.exists(meta_path):
+    print(f"Loading meta from {meta_path}...", file=sys.stderr)
+else:
+    print("No meta.pkl found, assuming GPT-2 encodings...", file=sys.stderr)
 
 
 def stream_sample(x):
@@ -115,4 +119,4 @@ with torch.no_grad(), ctx:
 runtime.synchronize(device)
 dt = time.perf_counter() - t0
 print(f"{num_samples} samples of {max_new_tokens} tokens in {dt:.2f}s "
-      f"({num_samples * max_new_tokens / dt:.1f} tokens/s)", flush=True)
+      f"({num_samples * max_new_tokens / dt:.1f} tokens/s)", file=sys.stderr, flush=True)

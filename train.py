@@ -183,7 +183,7 @@ try:
         runtime.check_checkpoint(checkpoint, ckpt_path)
         # the checkpoint fixes the model's shape; dropout comes from this run's config
         model_args.update({k: checkpoint['model_args'][k] for k in shape_keys})
-        model = GPT(GPTConfig(**model_args))
+        model = GPT(GPTConfig(**model_args, gelu=runtime.checkpoint_gelu(checkpoint)))
         try:
             model.load_state_dict(checkpoint['model'])  # nanoGPT's '_orig_mod.' prefixes are accepted
         except RuntimeError as e:
@@ -273,7 +273,8 @@ def get_lr(it):
 def save_checkpoint(rng_states):
     checkpoint = {'model': raw_model.state_dict(), 'optimizer': optimizer.state_dict(), 'model_args': model_args,
                   'iter_num': iter_num, 'best_val_loss': best_val_loss, 'config': config,
-                  # beyond nanoGPT's keys: what continuing exactly needs
+                  # beyond nanoGPT's keys: the model's GELU and what continuing exactly needs
+                  'gelu': raw_model.config.gelu,
                   'rng_states': rng_states, 'sampler_state': sampler_state, 'scaler': scaler.state_dict()}
     print(f"saving checkpoint to {out_dir}")
     runtime.save_checkpoint(checkpoint, ckpt_path)
@@ -407,8 +408,9 @@ while True:
             mfu = raw_model.estimate_mfu(batch_size * accum_steps, dt, peak_flops)
             running_mfu = mfu if running_mfu == -1.0 else 0.9 * running_mfu + 0.1 * mfu
         tokens_per_s = tokens_per_iter / dt
+        mfu_text = f"{running_mfu * 100:.2f}%" if running_mfu >= 0 else "n/a"  # measured from the 6th iteration
         print(f"iter {iter_num}: loss {lossf:.4f}, lr {lr:.3e}, time {dt * 1000:.2f}ms, "
-              f"{tokens_per_s:,.0f} tok/s, mfu {running_mfu * 100:.2f}%")
+              f"{tokens_per_s:,.0f} tok/s, mfu {mfu_text}")
         log(dict(iter=iter_num, loss=lossf, lr=lr, ms=dt * 1000, tokens_per_s=tokens_per_s, mfu=running_mfu,
                  grad_norm=grad_norm.item(), tokens=iter_num * tokens_per_iter))
         if wandb_log:

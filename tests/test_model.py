@@ -9,6 +9,7 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
+import runtime
 from model import GPT, GPTConfig, KVCache
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -44,7 +45,8 @@ def test_from_pretrained_local_dir_matches_transformers(hf_dir):
     with torch.no_grad():
         ref = hf(idx).logits
         ours = all_logits(model, idx)
-    assert (ours - ref).abs().max().item() <= 1e-4
+    assert model.config.gelu == 'tanh'  # GPT-2's 'gelu_new'
+    assert (ours - ref).abs().max().item() <= 1e-5
     # greedy generation agrees with transformers' own greedy decoding
     out = model.generate(idx[:1, :4], 8, temperature=0)
     ref_out = hf.generate(idx[:1, :4], max_new_tokens=8, do_sample=False, pad_token_id=0)
@@ -71,24 +73,34 @@ def test_from_pretrained_offline_error_names_model_and_local_dir(tmp_path):
     assert len(line) == 1 and "'gpt2-medium'" in line[0] and "init_from='/path/to/gpt2'" in line[0]
 
 
-@pytest.mark.parametrize("bias, vocab_size, export_vocab", [(True, 50, None), (False, 64, 50)])
-def test_export_roundtrip_through_transformers(tmp_path, bias, vocab_size, export_vocab):
-    model = tiny_gpt(bias=bias, vocab_size=vocab_size)
+@pytest.mark.parametrize("bias, vocab_size, export_vocab, gelu, hf_name", [
+    (True, 50, None, 'tanh', 'gelu_new'), (False, 64, 50, 'exact', 'gelu')])
+def test_export_roundtrip_through_transformers(tmp_path, bias, vocab_size, export_vocab, gelu, hf_name):
+    model = tiny_gpt(bias=bias, vocab_size=vocab_size, gelu=gelu)
     with torch.no_grad():  # move every parameter off its init value so all of them are checked
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.1)
     model.export_hf(tmp_path, vocab_size=export_vocab)
     assert (tmp_path / "config.json").exists() and (tmp_path / "model.safetensors").exists()
     hf = GPT2LMHeadModel.from_pretrained(tmp_path).eval()
+    assert hf.config.activation_function == hf_name
     idx = torch.randint(0, 50, (2, 16))
     with torch.no_grad():
         ref = hf(idx).logits
         ours = all_logits(model, idx)[..., :ref.size(-1)]
     assert ref.size(-1) == (export_vocab or vocab_size)
-    assert (ours - ref).abs().max().item() <= 1e-4
-    # and back again: our loader reads what we wrote
+    assert (ours - ref).abs().max().item() <= 1e-5
+    # and back again: our loader reads what we wrote, GELU included
     again = GPT.from_pretrained(str(tmp_path)).eval()
+    assert again.config.gelu == gelu
     assert torch.allclose(all_logits(again, idx), ref, atol=1e-5)
+
+
+def test_from_pretrained_refuses_an_activation_it_does_not_have(tmp_path):
+    GPT2LMHeadModel(GPT2Config(vocab_size=50, n_positions=16, n_embd=32, n_layer=1, n_head=2,
+                               activation_function='relu')).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="activation_function 'relu' is not a GELU"):
+        GPT.from_pretrained(str(tmp_path))
 
 
 def test_sdpa_and_explicit_attention_agree():
@@ -217,6 +229,70 @@ def test_nanogpt_checkpoint_with_orig_mod_prefix_loads(tmp_path):
         for part in ("ln_1", "attn.c_attn", "attn.c_proj", "ln_2", "mlp.c_fc", "mlp.c_proj"):
             expected |= {f"transformer.h.{i}.{part}.weight", f"transformer.h.{i}.{part}.bias"}
     assert names == expected
+
+
+def nanogpt_logits(sd, args, idx):
+    """ nanoGPT's GPT.forward with targets, written out in plain torch ops from a state dict: its
+    exact GELU (nn.GELU()), its explicit masked-softmax attention. idx (B, T) -> logits (B, T, V). """
+    sd = {k.removeprefix('_orig_mod.'): v for k, v in sd.items()}
+    B, T = idx.shape
+    C, nh = args['n_embd'], args['n_head']
+
+    def linear(x, name):
+        y = x @ sd[name + '.weight'].T
+        return y + sd[name + '.bias'] if args['bias'] else y
+
+    def layer_norm(x, name):
+        y = (x - x.mean(-1, keepdim=True)) / torch.sqrt(x.var(-1, unbiased=False, keepdim=True) + 1e-5)
+        y = y * sd[name + '.weight']
+        return y + sd[name + '.bias'] if args['bias'] else y
+
+    x = sd['transformer.wte.weight'][idx] + sd['transformer.wpe.weight'][:T]  # (B, T, C)
+    future = torch.ones(T, T, dtype=torch.bool).triu(1)
+    for i in range(args['n_layer']):
+        h = f'transformer.h.{i}.'
+        q, k, v = linear(layer_norm(x, h + 'ln_1'), h + 'attn.c_attn').split(C, dim=2)
+        q, k, v = (t.view(B, T, nh, C // nh).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
+        att = (q @ k.transpose(-2, -1) / math.sqrt(C // nh)).masked_fill(future, float('-inf')).softmax(-1)
+        x = x + linear((att @ v).transpose(1, 2).reshape(B, T, C), h + 'attn.c_proj')
+        m = linear(layer_norm(x, h + 'ln_2'), h + 'mlp.c_fc')  # (B, T, 4C)
+        m = 0.5 * m * (1 + torch.erf(m / math.sqrt(2)))  # the exact GELU
+        x = x + linear(m, h + 'mlp.c_proj')
+    return layer_norm(x, 'transformer.ln_f') @ sd['lm_head.weight'].T
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_nanogpt_checkpoint_computes_nanogpts_function(tmp_path, bias):
+    model_args = dict(n_layer=2, n_head=2, n_embd=32, block_size=16, bias=bias, vocab_size=50, dropout=0.0)
+    src = tiny_gpt(seed=4, bias=bias)
+    with torch.no_grad():  # weights large enough that the GELU's inputs are of order 1
+        for p in src.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    optimizer = src.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu", verbose=False)
+    torch.save({"model": {"_orig_mod." + k: v for k, v in src.state_dict().items()},  # exactly nanoGPT's keys
+                "optimizer": optimizer.state_dict(), "model_args": model_args, "iter_num": 5,
+                "best_val_loss": torch.tensor(2.5), "config": {"dataset": "x", "init_from": "scratch"}},
+               tmp_path / "ckpt.pt")
+    ckpt = runtime.load_checkpoint(str(tmp_path / "ckpt.pt"))
+    idx = torch.randint(0, 50, (3, 16), generator=torch.Generator().manual_seed(2))
+    # float64 on both sides, so only the function, not float32 rounding, can differ
+    ref = nanogpt_logits({k: v.double() for k, v in ckpt["model"].items()}, model_args, idx)
+    for gelu, close in ((runtime.checkpoint_gelu(ckpt), True), ("tanh", False)):
+        model = GPT(GPTConfig(**ckpt["model_args"], gelu=gelu))  # as sample.py and train.py build it
+        model.load_state_dict(ckpt["model"])
+        diff = (all_logits(model.double().eval(), idx) - ref).abs().max().item()
+        assert (diff <= 1e-6) if close else (diff > 1e-4), (gelu, diff)  # tanh: the test can tell them apart
+
+
+def test_checkpoint_gelu_record_and_checkpoints_without_one():
+    assert runtime.checkpoint_gelu({"model_args": {}, "gelu": "tanh"}) == "tanh"
+    assert runtime.checkpoint_gelu({"model_args": {}, "gelu": "exact", "sampler_state": None}) == "exact"
+    # nanoGPT's keys only: nanoGPT's nn.GELU(), even when finetuned from GPT-2
+    assert runtime.checkpoint_gelu({"model_args": {}, "config": {"init_from": "gpt2"}}) == "exact"
+    # ours from before the record: this code trained every model with the tanh GELU then
+    assert runtime.checkpoint_gelu({"model_args": {}, "sampler_state": None, "config": {"init_from": "scratch"}}) == "tanh"
+    with pytest.raises(ValueError, match="gelu must be 'exact' or 'tanh', got 'relu'"):
+        GPT(GPTConfig(**TINY, gelu="relu"))
 
 
 @pytest.mark.parametrize("name, shape, total", [

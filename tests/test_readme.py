@@ -1,7 +1,9 @@
-"""Every command in README.md's sh blocks runs, in README order, in a copy of the repository: on the real
-tiny-Shakespeare text, with a tiny model appended to each training command (the GPU recipes run on CPU
-processes), a tiny local GPT-2 in Hugging Face format standing in for OpenAI's weights, and a small local
-corpus standing in for OpenWebText. The install and test commands are what .ci/run itself runs."""
+"""Every command in the sh blocks of README.md and then docs/*.md runs, in their order, in a copy of the
+repository: on the real tiny-Shakespeare text, with a tiny model appended to each training command (the GPU
+recipes run on CPU processes), a tiny local GPT-2 in Hugging Face format standing in for OpenAI's weights,
+and a small local corpus standing in for OpenWebText. The install and test commands are what .ci/run
+itself runs."""
+import glob
 import os
 import re
 import shlex
@@ -22,15 +24,27 @@ TINY_TRAIN = [*TINY_MODEL, '--gradient_accumulation_steps=4', '--max_iters=4', '
 
 
 def readme_commands():
-    """Each command of the README's sh blocks (a line, split at '&&'), comments and CI's own removed."""
-    text = open(os.path.join(ROOT, 'README.md'), encoding='utf-8').read()
+    """Each command of the sh blocks (a line, split at '&&') of README.md, then of docs/*.md, comments
+    and CI's own removed."""
+    docs = sorted(glob.glob(os.path.join(ROOT, 'docs', '*.md')))
     commands = []
-    for block in re.findall(r'```sh\n(.*?)```', text, flags=re.S):
-        for line in block.splitlines():
-            line = re.sub(r'\s+#.*$', '', line).strip()
-            if line and not line.startswith(('#', *RUN_BY_CI)):
-                commands += [part.strip() for part in line.split('&&')]
+    for path in [os.path.join(ROOT, 'README.md'), *docs]:
+        text = open(path, encoding='utf-8').read()
+        for block in re.findall(r'```sh\n(.*?)```', text, flags=re.S):
+            for line in block.splitlines():
+                line = re.sub(r'\s+#.*$', '', line).strip()
+                if line and not line.startswith(('#', *RUN_BY_CI)):
+                    commands += [part.strip() for part in line.split('&&')]
     return commands
+
+
+def effective(argv):
+    """What an adapted command does: its other arguments in order and the last value of each --key=value
+    (later ones override earlier ones), so commands that differ only in what the tiny model overrides
+    are the same."""
+    is_option = [a.startswith('--') and '=' in a for a in argv]
+    options = dict(a.split('=', 1) for a, o in zip(argv, is_option) if o)  # the last value of a key wins
+    return tuple(a for a, o in zip(argv, is_option) if not o), tuple(sorted(options.items()))
 
 
 def adapt(command, hf_dir, corpus):
@@ -99,9 +113,10 @@ def test_every_readme_command_runs(sandbox):
     ran, seen, port, first_node = [], set(), free_port(), None
     for command in readme_commands():
         argv, node = adapt(command, hf_dir, corpus)
-        if tuple(sorted(argv)) in seen:
-            continue  # the same once adapted: a step shown twice, or GPT-2 sizes that all become the tiny one
-        seen.add(tuple(sorted(argv)))
+        if effective(argv) in seen:
+            continue  # the same once adapted: a step shown twice, GPT-2 sizes that all become the tiny one,
+            # or settings (max_iters, ...) that the tiny model overrides
+        seen.add(effective(argv))
         argv = [a.replace('29500', str(port)) for a in argv]
         if node == 0:  # the first node of a two-node launch waits for the second
             first_node = subprocess.Popen(argv, cwd=repo, env=env, stdout=subprocess.PIPE,

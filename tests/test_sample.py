@@ -20,10 +20,9 @@ def run(script, *args, cwd=None):
 
 
 def samples(stdout):
-    """The samples sample.py printed: after a line saying which tokenizer, each sample followed by a
-    separator line, then a line with the timing."""
-    body = stdout.split('\n', 1)[1]
-    return body.split(f'\n{SEP}\n')[:-1]
+    """The samples sample.py printed: all of stdout, each sample followed by a separator line."""
+    assert stdout.endswith(f'\n{SEP}\n'), stdout
+    return stdout.split(f'\n{SEP}\n')[:-1]
 
 
 def assert_one_line_error(result, *fragments):
@@ -49,6 +48,7 @@ def test_samples_have_requested_count_and_length_and_are_reproducible(trained):
     assert first.returncode == 0, first.stderr
     texts = samples(first.stdout)
     assert len(texts) == 3
+    assert 'Loading meta from' in first.stderr and '3 samples of 25 tokens in' in first.stderr  # not in stdout
     for text in texts:  # character vocabulary: one character per token
         assert text.startswith('ROMEO:') and len(text) == len('ROMEO:') + 25
     assert samples(run('sample.py', *args).stdout) == texts  # same seed, same text

@@ -55,10 +55,13 @@ def assert_same_run(a, b):
 def test_learns_real_shakespeare(train, tmp_path):
     # the shipped config file, found from another directory, shrunk to a 200-iteration run
     out = tmp_path / 'out'
-    train('config/train_shakespeare_char.py', '--n_layer=2', '--n_head=4', '--n_embd=64', '--block_size=64',
-          '--batch_size=16', '--max_iters=200', '--learning_rate=3e-3', '--min_lr=1e-3', '--warmup_iters=10',
-          '--lr_decay_iters=200', '--dropout=0', '--eval_interval=100', '--eval_iters=10', '--log_interval=50',
-          '--out_dir=out', cwd=tmp_path)
+    result = train('config/train_shakespeare_char.py', '--n_layer=2', '--n_head=4', '--n_embd=64', '--block_size=64',
+                   '--batch_size=16', '--max_iters=200', '--learning_rate=3e-3', '--min_lr=1e-3', '--warmup_iters=10',
+                   '--lr_decay_iters=200', '--dropout=0', '--eval_interval=100', '--eval_iters=10', '--log_interval=50',
+                   '--out_dir=out', cwd=tmp_path)
+    # MFU is measured from the 6th iteration of a process on; before that the column says so
+    assert re.search(r'^iter 0: .*, mfu n/a$', result.stdout, re.M)
+    assert re.search(r'^iter 50: .*, mfu \d+\.\d\d%$', result.stdout, re.M)
     _, evals = read_log(out)
     assert evals[0]['val_loss'] == pytest.approx(math.log(65), abs=0.1)  # an untrained model guesses uniformly
     assert evals[200]['val_loss'] < 2.7  # a char model that has learned the letter statistics
@@ -84,6 +87,7 @@ def test_checkpoint_is_nanogpt_format(straight):
     ckpt = load_checkpoint(os.path.join(straight, 'ckpt.pt'))  # torch.load(weights_only=True) inside
     assert NANOGPT_KEYS <= set(ckpt)
     assert set(ckpt['model_args']) == MODEL_ARGS
+    assert ckpt['gelu'] == 'exact'  # trained from scratch: nanoGPT's GELU, recorded beside model_args
     assert not [k for k in ckpt['model'] if k.startswith('_orig_mod.')]
     assert ckpt['iter_num'] == 40 and ckpt['config']['dataset'] == 'shakespeare_char'
     assert ckpt['config']['dtype'] == 'float32'  # the resolved choice, not 'auto'
@@ -234,6 +238,10 @@ def test_finetune_from_local_hugging_face_directory(train, tmp_path):
     _, evals = read_log(out)
     assert evals[0]['val_loss'] == pytest.approx(math.log(65), abs=0.05)  # random GPT-2 weights
     assert evals[4]['val_loss'] < evals[0]['val_loss'] - 0.01
+    # GPT-2's tanh GELU is recorded, and a resumed run keeps it (and records it again)
+    assert ckpt['gelu'] == 'tanh'
+    train('--init_from=resume', '--max_iters=5', '--eval_interval=5', '--eval_iters=2', f'--out_dir={out}')
+    assert weights(out)['iter_num'] == 5 and weights(out)['gelu'] == 'tanh'
 
 
 def test_eval_only(train, straight, tmp_path):
