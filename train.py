@@ -198,7 +198,7 @@ for split, n in n_tokens.items():
     if n <= block_size:
         raise UserError(f"{split}.bin has {n} tokens, too few for block_size {block_size}: use --block_size={n - 1} or less")
     data = tokens(split)  # a token id the model has no embedding for would crash mid-training
-    top = max(int(data[i:i + 2**26].max()) for i in range(0, n, 2**26))
+    top = runtime.on_rank0(lambda: max(int(data[i:i + 2**26].max()) for i in range(0, n, 2**26)))  # one scan
     if top >= model_args['vocab_size']:
         raise UserError(f"{split}.bin holds token id {top} but the model's vocab_size is {model_args['vocab_size']}: "
                         "the data was prepared for another vocabulary")
@@ -219,7 +219,7 @@ if checkpoint is not None:
         print("note: the checkpoint has no random state for this number of processes (from nanoGPT, or another "
               "world size): dropout masks will differ from an uninterrupted run")
     checkpoint = None  # free the memory
-peak_flops = device_peak_flops(device)  # measured once, before the loop, so it skews no iteration's timing
+peak_flops = device_peak_flops(device, dtype)  # measured once, before the loop, so it skews no iteration's timing
 if compile:
     if master_process:
         print("compiling the model... (takes a ~minute)")
@@ -353,16 +353,6 @@ while True:
         X, Y = next(batches)
         # backward pass, with gradient scaling if training in fp16
         scaler.scale(loss).backward()
-    # one host sync per iteration: the loss (averaged over ranks) for the log and the non-finite
-    # check, and whether any rank was asked to stop, so that all of them stop at the same iteration
-    stats = torch.stack([loss_sum, torch.tensor(float(stop_signal is not None), device=device)])
-    if ddp:
-        dist.all_reduce(stats)
-    lossf, stopping = stats.tolist()
-    lossf /= world_size
-    if not math.isfinite(lossf):
-        raise UserError(f"loss is {lossf} at iter {iter_num}: training diverged (try a lower learning_rate); "
-                        f"the last checkpoint in {out_dir}, if any, is untouched")
     # clip the gradient
     if grad_clip != 0.0:
         scaler.unscale_(optimizer)
@@ -372,6 +362,17 @@ while True:
     scaler.update()
     # flush the gradients as soon as we can, no need for this memory anymore
     optimizer.zero_grad(set_to_none=True)
+    # the iteration's one host sync, once its whole step is queued: the loss (averaged over ranks) for
+    # the log and the non-finite check, and whether any rank was asked to stop, so that all of them stop
+    # at the same iteration. full_like fills on the device (torch.tensor would be a blocking copy).
+    stats = torch.stack([loss_sum, torch.full_like(loss_sum, stop_signal is not None)])
+    if ddp:
+        dist.all_reduce(stats)
+    lossf, stopping = stats.tolist()
+    lossf /= world_size
+    if not math.isfinite(lossf):  # checked before anything can be saved: checkpoints are written below
+        raise UserError(f"loss is {lossf} at iter {iter_num}: training diverged (try a lower learning_rate); "
+                        f"the last checkpoint in {out_dir}, if any, is untouched")
 
     # timing and logging
     t1 = time.time()

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHAKESPEARE = os.path.join(ROOT, '..', 'shared', 'data', 'tinyshakespeare', 'input.txt')
@@ -14,6 +15,25 @@ TORCHRUN = os.path.join(os.path.dirname(sys.executable), 'torchrun')
 # small enough that an iteration takes milliseconds on a CPU
 TINY = ['--n_layer=2', '--n_head=2', '--n_embd=32', '--block_size=32', '--batch_size=4',
         '--gradient_accumulation_steps=1', '--bias=False', '--device=cpu', '--compile=False']
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked gpu need a CUDA GPU: without one they are skipped, the only tests that may skip."""
+    if not torch.cuda.is_available():
+        for item in items:
+            if 'gpu' in item.keywords:
+                item.add_marker(pytest.mark.skip(reason='needs a CUDA GPU (run with python -m pytest -q -m gpu on one)'))
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """In CI (CI=true, which .ci/run sets) a skip is a failure, unless the test is marked gpu: a missing
+    data file or package must not pass unnoticed."""
+    outcome = yield
+    report = outcome.get_result()
+    if os.environ.get('CI') == 'true' and report.skipped and 'gpu' not in item.keywords and not hasattr(report, 'wasxfail'):
+        report.outcome = 'failed'
+        report.longrepr = f"skipped in CI, where nothing may skip: {report.longrepr}"
 
 
 def hermetic_env(**extra):
