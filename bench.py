@@ -3,8 +3,9 @@ A much shorter version of train.py for benchmarking: `python bench.py` times tra
 GPT-2 124M; `--profile=True` writes a torch.profiler trace; `--mode=generate` times generation with
 and without the KV cache; `--mode=speed` times the faithful path (eager, float32) against the fast path
 (the --dtype and --compile given) on the same model and batches, in alternating blocks, and prints the
-ratio of the medians; on CUDA the faithful path runs with TF32 off, so it really is float32. Small shapes for a CPU: `python bench.py --n_layer=4 --n_head=4 --n_embd=128
---block_size=64 --batch_size=12 --dataset=shakespeare_char`.
+ratio of the medians; on CUDA the faithful path runs with TF32 off, so it really is float32. Small shapes
+for a CPU: `python bench.py --n_layer=4 --n_head=4 --n_embd=128 --block_size=64 --batch_size=12
+--dataset=shakespeare_char`.
 """
 import os
 import time
@@ -143,7 +144,8 @@ if mode == 'speed':
                                fast_model.configure_optimizers(**opt_args), ctx)}
     dt = time_blocks(paths)
     tokens = batch_size * block_size
-    print(f"faithful (eager, float32, no TF32): {dt['faithful'] * 1000:.2f}ms/iter, {tokens / dt['faithful']:,.0f} tokens/s")
+    print(f"faithful (eager, float32, no TF32): {dt['faithful'] * 1000:.2f}ms/iter, "
+          f"{tokens / dt['faithful']:,.0f} tokens/s")
     print(f"fast (compile={compile}, {dtype}, {torch.get_num_threads()} threads): {dt['fast'] * 1000:.2f}ms/iter, "
           f"{tokens / dt['fast']:,.0f} tokens/s")
     print(f"training speedup: {dt['faithful'] / dt['fast']:.2f}x (medians of {rounds} alternating blocks of "

@@ -216,8 +216,8 @@ def load_checkpoint(path, keys=('model', 'model_args')):
     """Load a checkpoint (ours or nanoGPT's) to CPU with torch.load(weights_only=True), so loading
     neither runs code from the file nor fills the GPU. The tensors are memory-mapped from the file
     (mmap=True): pages are read when used and shared through the page cache, so 8 ranks resuming a
-    large model do not each hold a private copy of the whole file in memory. Raises UserError if it is missing, truncated,
-    corrupt, unsafe to load, or lacks any of `keys`."""
+    large model do not each hold a private copy of the whole file in memory. Raises UserError if it
+    is missing, truncated, corrupt, unsafe to load, or lacks any of `keys`."""
     if not os.path.isfile(path):
         raise UserError(f"no checkpoint at {path}: train one first (init_from='scratch'), "
                         "or point --out_dir at the directory that holds ckpt.pt")

@@ -68,13 +68,15 @@ def test_trains_compiled_in_mixed_precision(train, dtype, tmp_path):
 
 # train.py under torch's sync debug mode, which warns at every operation that makes the host wait for the GPU
 SYNC_DEBUG = ("import runpy, sys, warnings, torch; warnings.simplefilter('always'); "
-              "torch.cuda.set_sync_debug_mode('warn'); sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')")
+              "torch.cuda.set_sync_debug_mode('warn'); sys.argv = sys.argv[1:]; "
+              "runpy.run_path(sys.argv[0], run_name='__main__')")
 
 
 @pytest.mark.gpu
 def test_one_host_sync_per_training_iteration(train_command, tmp_path):
     def syncs(iters):  # the same evaluations and checkpoint in both runs: only the iterations' syncs differ
-        cmd = train_command(*CUDA, f'--max_iters={iters}', f'--eval_interval={iters}', f'--out_dir={tmp_path / str(iters)}')
+        cmd = train_command(*CUDA, f'--max_iters={iters}', f'--eval_interval={iters}',
+                            f'--out_dir={tmp_path / str(iters)}')
         result = subprocess.run([sys.executable, '-c', SYNC_DEBUG, *cmd[1:]], cwd=ROOT, capture_output=True, text=True,
                                 env=hermetic_env(), timeout=600)
         assert result.returncode == 0, result.stderr
