@@ -27,13 +27,14 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
-    """In CI (CI=true, which .ci/run sets) a skip is a failure, unless the test is marked gpu: a missing
-    data file or package must not pass unnoticed."""
+    """A skip is a failure in CI (CI=true, which .ci/run sets), except for gpu tests on a machine without
+    CUDA, and so is a gpu test skipped on a machine with CUDA: a missing data file must not pass unnoticed."""
     outcome = yield
     report = outcome.get_result()
-    if os.environ.get('CI') == 'true' and report.skipped and 'gpu' not in item.keywords:
+    gpu = 'gpu' in item.keywords
+    if report.skipped and (gpu and torch.cuda.is_available() or not gpu and os.environ.get('CI') == 'true'):
         report.outcome = 'failed'
-        report.longrepr = f"skipped in CI, where nothing may skip: {report.longrepr}"
+        report.longrepr = f"skipped where nothing may skip: {report.longrepr}"
 
 
 def hermetic_env(**extra):
@@ -70,8 +71,14 @@ def error_line(result):
 
 @pytest.fixture(scope='session')
 def shakespeare_char(tmp_path_factory):
-    """data/shakespeare_char/prepare.py run on the real tiny-shakespeare text, into a temporary folder."""
+    """data/shakespeare_char/prepare.py run on the real tiny-shakespeare text, into a temporary folder.
+    Without the text (outside CI), the files it prepares in data/shakespeare_char, if they are there: a
+    GPU machine is given those, not the text (see ../shared/gpu-check.sh)."""
     if not os.path.isfile(SHAKESPEARE):
+        prepared = os.path.join(ROOT, 'data', 'shakespeare_char')
+        if os.environ.get('CI') != 'true' and all(
+                os.path.isfile(os.path.join(prepared, f)) for f in ('train.bin', 'val.bin', 'meta.pkl')):
+            return prepared
         if os.environ.get('CI') == 'true':
             pytest.fail(f"{SHAKESPEARE} is missing: CI needs ../shared/data beside the checkout")
         pytest.skip(f"{SHAKESPEARE} not found")
