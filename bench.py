@@ -3,8 +3,9 @@ A much shorter version of train.py for benchmarking: `python bench.py` times tra
 GPT-2 124M; `--profile=True` writes a torch.profiler trace; `--mode=generate` times generation with
 and without the KV cache; `--mode=speed` times the faithful path (eager, float32) against the fast path
 (the --dtype and --compile given) on the same model and batches, in alternating blocks, and prints the
-ratio of the medians. Small shapes for a CPU: `python bench.py --n_layer=4 --n_head=4 --n_embd=128
---block_size=64 --batch_size=12 --dataset=shakespeare_char`.
+ratio of the medians; on CUDA the faithful path runs with TF32 off, so it really is float32. Small shapes
+for a CPU: `python bench.py --n_layer=4 --n_head=4 --n_embd=128 --block_size=64 --batch_size=12
+--dataset=shakespeare_char`.
 """
 import os
 import time
@@ -14,12 +15,12 @@ import torch
 
 import runtime
 from configurator import ROOT, configure
-from model import GPT, GPTConfig
+from model import GPT, GPTConfig, device_peak_flops
 from tokenizer import load_meta
 
 # -----------------------------------------------------------------------------
 mode = 'train'  # 'train': time forward+backward+update; 'generate': tokens/s with and without the KV cache;
-# 'speed': the faithful path (eager, float32) against --dtype/--compile, alternating blocks of iters
+# 'speed': the faithful path (eager, float32, no TF32) against --dtype/--compile, alternating blocks of iters
 batch_size = 12
 block_size = 1024
 n_layer = 12
@@ -82,6 +83,8 @@ print(f"number of parameters: {model.get_num_params() / 1e6:.2f}M")
 if mode == 'generate':
     # one-token prompt, as sample.py's default; the same seed for both so they draw alike
     model.eval()
+    if compile:  # as sample.py does: the forward pass itself, which generate() calls
+        model.forward = torch.compile(model.forward)
     prompt = torch.zeros((1, 1), dtype=torch.long, device=device)
     rates = {}
     for use_cache in (True, False):
@@ -95,7 +98,7 @@ if mode == 'generate':
         rates[use_cache] = max_new_tokens / (time.perf_counter() - t0)
         print(f"{'with' if use_cache else 'without'} KV cache: {rates[use_cache]:.1f} tokens/s")
     print(f"KV cache speedup: {rates[True] / rates[False]:.1f}x ({max_new_tokens} new tokens, "
-          f"block_size {block_size}, {n_layer} layers, {n_embd} wide)")
+          f"block_size {block_size}, {n_layer} layers, {n_embd} wide, compile={compile})")
     raise SystemExit(0)
 
 
@@ -118,8 +121,9 @@ def time_blocks(paths):
     return {name: float(np.median(ts)) for name, ts in times.items()}
 
 
-def make_step(net, optimizer, context):
+def make_step(net, optimizer, context, tf32=True):
     def step():
+        runtime.allow_tf32(device, tf32)  # a global switch, set for each path's own steps (a no-op off CUDA)
         X, Y = get_batch()
         with context:
             _, loss = net(X, Y)
@@ -137,12 +141,13 @@ if mode == 'speed':
     fast_model.load_state_dict(model.state_dict())
     opt_args = dict(weight_decay=1e-2, learning_rate=1e-4, betas=(0.9, 0.95), device_type=kind, verbose=False)
     faithful_ctx = runtime.autocast_context(device, 'float32')  # a no-op
-    paths = {'faithful': make_step(model, model.configure_optimizers(**opt_args), faithful_ctx),
+    paths = {'faithful': make_step(model, model.configure_optimizers(**opt_args), faithful_ctx, tf32=False),
              'fast': make_step(torch.compile(fast_model) if compile else fast_model,
                                fast_model.configure_optimizers(**opt_args), ctx)}
     dt = time_blocks(paths)
     tokens = batch_size * block_size
-    print(f"faithful (eager, float32): {dt['faithful'] * 1000:.2f}ms/iter, {tokens / dt['faithful']:,.0f} tokens/s")
+    print(f"faithful (eager, float32, no TF32): {dt['faithful'] * 1000:.2f}ms/iter, "
+          f"{tokens / dt['faithful']:,.0f} tokens/s")
     print(f"fast (compile={compile}, {dtype}, {torch.get_num_threads()} threads): {dt['fast'] * 1000:.2f}ms/iter, "
           f"{tokens / dt['fast']:,.0f} tokens/s")
     print(f"training speedup: {dt['faithful'] / dt['fast']:.2f}x (medians of {rounds} alternating blocks of "
@@ -197,6 +202,6 @@ else:
         dt = time.perf_counter() - t0
         if stage == 1:
             tokens_per_s = num_steps * batch_size * block_size / dt
-            mfu = model.estimate_mfu(batch_size * 1 * num_steps, dt)
+            mfu = model.estimate_mfu(batch_size * 1 * num_steps, dt, device_peak_flops(device, dtype))
             print(f"time per iteration: {dt / num_steps * 1000:.2f}ms, {tokens_per_s:,.0f} tokens/s, "
                   f"MFU: {mfu * 100:.2f}%, loss {lossf:.4f}")

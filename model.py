@@ -15,6 +15,7 @@ import functools
 import json
 import math
 import os
+import re
 import time
 from dataclasses import dataclass
 
@@ -27,7 +28,17 @@ PRETRAINED = ('gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl')  # OpenAI's 124M, 
 # transposed on import and export
 CONV1D_WEIGHTS = ('attn.c_attn.weight', 'attn.c_proj.weight', 'mlp.c_fc.weight', 'mlp.c_proj.weight')
 HF_GELU = {'gelu': 'exact', 'gelu_new': 'tanh', 'gelu_pytorch_tanh': 'tanh'}  # transformers' names
-PEAK_FLOPS = {'A100': 312e12, 'H100': 989e12, 'H200': 989e12}  # dense bfloat16 tensor-core peaks
+# dense (no sparsity) bfloat16/float16 tensor-core peaks from NVIDIA's datasheets, per GPU, matched against
+# torch.cuda.get_device_name() in this order, first match wins ('NVIDIA H100 80GB HBM3' is the SXM card);
+# T4 and V100 have no bfloat16, so theirs is the float16 peak
+PEAK_FLOPS = (
+    (r'H100.*(PCIe|PCI-E)', 756e12), (r'H100.*NVL', 835e12), (r'H100', 989e12),
+    (r'H200.*NVL', 835e12), (r'H200', 989e12),
+    (r'A100', 312e12),  # 40 GB and 80 GB, SXM and PCIe alike
+    (r'L40S', 362e12), (r'\bL4\b', 121e12), (r'\bA10\b', 125e12),  # not the A10G, which is not an A10
+    (r'\bT4\b', 65e12),
+    (r'V100S', 130e12), (r'V100.*PCIE', 112e12), (r'V100', 125e12),  # V100 SXM2
+)
 
 
 class LayerNorm(nn.Module):
@@ -92,14 +103,17 @@ class CausalSelfAttention(nn.Module):
         if kv_cache is not None:
             past = kv_cache.pos
             k, v = kv_cache.append(k, v, self.block_size)  # (B, nh, past + T, hs)
-        # query i (at position past + i) may attend to keys 0 .. past + i
+        # query i (at position past + i) may attend to keys 0 .. past + i. T is tested first so that
+        # these stay plain bools: in compiled decoding (T == 1) past is a symbolic int, and a
+        # symbolic is_causal would make SDPA break the graph
+        prefix = T > 1 and past > 0  # several queries after cached keys: an explicit mask
         mask = None
-        if past > 0 and T > 1 or not self.flash:
+        if prefix or not self.flash:
             mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
         if self.flash:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
                                                dropout_p=self.dropout if self.training else 0,
-                                               is_causal=mask is None and past == 0 and T > 1)
+                                               is_causal=T > 1 and not prefix)
         else:
             att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))  # (B, nh, T, past + T)
             att = att.masked_fill(~mask, float('-inf'))
@@ -389,8 +403,7 @@ class GPT(nn.Module):
 
     def estimate_mfu(self, fwdbwd_per_iter, dt, peak_flops=None):
         """ model flops utilization (MFU): achieved flops over the device's peak flops.
-        The peak is the bfloat16 tensor-core peak for A100 (312e12) and H100/H200 (989e12);
-        on any other device (CPU included) it is measured once: float32 matmul throughput. """
+        peak_flops: see device_peak_flops, by default that of the weights' device in float32. """
         # first estimate the number of flops we do per iteration.
         # see PaLM paper Appendix B as ref: https://arxiv.org/abs/2204.02311
         N = self.get_num_params()
@@ -449,20 +462,29 @@ class GPT(nn.Module):
         return torch.cat([idx] + new, dim=1)
 
 
+def table_peak_flops(gpu_name):
+    """ The PEAK_FLOPS entry for a GPU's name, or None for a GPU that is not in the table. """
+    return next((flops for pattern, flops in PEAK_FLOPS if re.search(pattern, gpu_name, re.IGNORECASE)), None)
+
+
 @functools.cache
-def device_peak_flops(device):
-    """ Peak flops/s of a device ('cuda:0', 'cpu', ...): the table above for known GPUs, otherwise
-    measured as the float32 throughput of 1024x1024 matmuls (what this device really sustains).
+def device_peak_flops(device, dtype='float32'):
+    """ Peak flops/s of a device ('cuda:0', 'cpu', ...) for training in dtype: the table above for known
+    GPUs; on other GPUs the measured throughput of 4096x4096 matmuls in dtype (the training runs its
+    matmuls in it, and smaller ones leave a GPU's tensor cores half idle); on CPU and MPS that of
+    1024x1024 float32 matmuls (their bfloat16 is emulated or slower, and what they sustain is float32).
     The operands are constant, so measuring draws nothing from the random streams. """
     device = torch.device(device)
     if device.type == 'cuda':
-        name = torch.cuda.get_device_name(device)
-        for key, flops in PEAK_FLOPS.items():
-            if key in name:
-                return flops
+        return table_peak_flops(torch.cuda.get_device_name(device)) or matmul_flops(device, dtype, 4096)
+    return matmul_flops(device, 'float32', 1024)
+
+
+def matmul_flops(device, dtype, n):
+    """ Measured flops/s of (n, n) @ (n, n) matmuls in dtype on device, over at least 0.05 s. """
+    device = torch.device(device)
     sync = {'cuda': torch.cuda.synchronize, 'mps': lambda: torch.mps.synchronize()}.get(device.type, lambda: None)
-    n = 1024
-    a = torch.full((n, n), 0.5, device=device)
+    a = torch.full((n, n), 0.5, device=device, dtype=getattr(torch, dtype))
     a @ a  # warm up
     sync()
     k, t0 = 0, time.perf_counter()

@@ -40,12 +40,24 @@ def pick_device(device='auto'):
         raise UserError(f"device '{device}' requested but MPS is not available here; use --device=cpu (or auto)")
     if kind not in ('cuda', 'mps', 'cpu'):
         raise UserError(f"unknown device '{device}': use auto, cpu, cuda, cuda:N or mps")
+    if kind == 'cuda' and device != 'cuda':
+        # make cuda:N the current GPU, so that what uses the current one (the bfloat16 check, pinned
+        # memory, torch.compile's kernels) uses it too
+        try:
+            index = torch.device(device).index
+        except RuntimeError:
+            raise UserError(f"unknown device '{device}': use auto, cpu, cuda, cuda:N or mps") from None
+        if index >= torch.cuda.device_count():
+            raise UserError(f"device '{device}' requested but this machine has {torch.cuda.device_count()} "
+                            f"GPU(s), cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+        torch.cuda.set_device(index)
     return device
 
 
 def pick_dtype(dtype, device):
     """Resolve 'auto' to bfloat16 on GPUs that have it, float16 on older GPUs (use a GradScaler) and
-    float32 on CPU and MPS; refuse a dtype the device cannot train in."""
+    float32 on CPU and MPS; refuse a dtype the device cannot train in. float16 on a CPU works (autocast
+    and GradScaler('cpu')) but is slow: it is there to test the GPU's mixed-precision path."""
     kind = device_type(device)
     bf16_gpu = kind == 'cuda' and torch.cuda.is_bf16_supported(including_emulation=False)
     if dtype == 'auto':
@@ -55,8 +67,6 @@ def pick_dtype(dtype, device):
     if dtype == 'bfloat16' and kind == 'cuda' and not bf16_gpu:
         raise UserError(f"this GPU ({torch.cuda.get_device_name(device)}) has no bfloat16 support; "
                         "use --dtype=float16 (or auto)")
-    if dtype == 'float16' and kind == 'cpu':
-        raise UserError("dtype float16 is not supported on cpu; use --dtype=bfloat16 or float32 (or auto)")
     return dtype
 
 
@@ -74,11 +84,11 @@ def autocast_context(device, dtype):
     return torch.autocast(device_type=device_type(device), dtype=DTYPES[dtype])
 
 
-def allow_tf32(device):
-    """Let float32 matmuls and convolutions use TF32 tensor cores (CUDA only; a no-op elsewhere)."""
+def allow_tf32(device, allowed=True):
+    """Let float32 matmuls and convolutions use TF32 tensor cores, or not (CUDA only; a no-op elsewhere)."""
     if device_type(device) == 'cuda':
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cuda.matmul.allow_tf32 = allowed
+        torch.backends.cudnn.allow_tf32 = allowed
 
 
 def to_device(x, device):
@@ -141,13 +151,15 @@ def gather_to_rank0(obj):
     return objs
 
 
-def broadcast_from_rank0(obj):
-    """Rank 0's obj (picklable) on every process; obj itself without a process group. Every process must call it."""
+def on_rank0(compute):
+    """compute() run by rank 0 alone, its (picklable) result sent to every process; without a process
+    group, compute(). For work that every rank would otherwise repeat, such as scanning a large file.
+    Every process must call it."""
     if not (dist.is_available() and dist.is_initialized()):
-        return obj
-    objs = [obj]
-    dist.broadcast_object_list(objs, src=0)
-    return objs[0]
+        return compute()
+    result = [compute() if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(result, src=0)
+    return result[0]
 
 
 def clip_grad_norm(parameters, max_norm):
@@ -209,8 +221,10 @@ def save_checkpoint(checkpoint, path):
 
 def load_checkpoint(path, keys=('model', 'model_args')):
     """Load a checkpoint (ours or nanoGPT's) to CPU with torch.load(weights_only=True), so loading
-    neither runs code from the file nor fills the GPU. Raises UserError if it is missing, truncated,
-    corrupt, unsafe to load, or lacks any of `keys`."""
+    neither runs code from the file nor fills the GPU. The tensors are memory-mapped from the file
+    (mmap=True): pages are read when used and shared through the page cache, so 8 ranks resuming a
+    large model do not each hold a private copy of the whole file in memory. Raises UserError if it
+    is missing, truncated, corrupt, unsafe to load, or lacks any of `keys`."""
     if not os.path.isfile(path):
         raise UserError(f"no checkpoint at {path}: train one first (init_from='scratch'), "
                         "or point --out_dir at the directory that holds ckpt.pt")
@@ -218,7 +232,7 @@ def load_checkpoint(path, keys=('model', 'model_args')):
         raise UserError(f"checkpoint {path} is truncated or corrupt (not a complete PyTorch file); "
                         f"delete it, or restore it from a copy")
     try:
-        checkpoint = torch.load(path, map_location='cpu', weights_only=True)
+        checkpoint = torch.load(path, map_location='cpu', weights_only=True, mmap=True)
     except Exception as e:
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
         if 'Weights only load failed' in reason:

@@ -207,7 +207,7 @@ for split, n in n_tokens.items():
     if n <= block_size:
         raise UserError(f"{split}.bin has {n} tokens, too few for block_size {block_size}: use --block_size={n - 1} or less")
     data = tokens(split)  # a token id the model has no embedding for would crash mid-training
-    top = max(int(data[i:i + 2**26].max()) for i in range(0, n, 2**26))
+    top = runtime.on_rank0(lambda: max(int(data[i:i + 2**26].max()) for i in range(0, n, 2**26)))  # one scan
     if top >= model_args['vocab_size']:
         raise UserError(f"{split}.bin holds token id {top} but the model's vocab_size is {model_args['vocab_size']}: "
                         "the data was prepared for another vocabulary")
@@ -231,7 +231,7 @@ if checkpoint is not None:
         print("note: the checkpoint has no random state for this number of processes (from nanoGPT, or another "
               "world size): dropout masks will differ from an uninterrupted run")
     checkpoint = None  # free the memory
-peak_flops = device_peak_flops(device)  # measured once, before the loop, so it skews no iteration's timing
+peak_flops = device_peak_flops(device, dtype)  # measured once, before the loop, so it skews no iteration's timing
 if compile:
     if master_process:
         print("compiling the model... (takes a ~minute)")
@@ -358,7 +358,7 @@ while True:
             # with early stopping only a new best is saved, so the checkpoint left is the best one
             if iter_num > 0 and not eval_only and (improved or always_save_checkpoint and not early_stop_patience):
                 save_checkpoint(rng_states)
-        if early_stop_patience and runtime.broadcast_from_rank0(evals_since_best >= early_stop_patience):
+        if early_stop_patience and runtime.on_rank0(lambda: evals_since_best >= early_stop_patience):
             if master_process:
                 print(f"early stopping at iter {iter_num}: no new best val loss in {early_stop_patience} evals; "
                       f"{ckpt_path} holds the best model (val loss {best_val_loss:.4f})")
@@ -380,16 +380,6 @@ while True:
         X, Y = next(batches)
         # backward pass, with gradient scaling if training in fp16
         scaler.scale(loss).backward()
-    # one host sync per iteration: the loss (averaged over ranks) for the log and the non-finite
-    # check, and whether any rank was asked to stop, so that all of them stop at the same iteration
-    stats = torch.stack([loss_sum, torch.tensor(float(stop_signal is not None), device=device)])
-    if ddp:
-        dist.all_reduce(stats)
-    lossf, stopping = stats.tolist()
-    lossf /= world_size
-    if not math.isfinite(lossf):
-        raise UserError(f"loss is {lossf} at iter {iter_num}: training diverged (try a lower learning_rate); "
-                        f"the last checkpoint in {out_dir}, if any, is untouched")
     # clip the gradient; its norm before clipping is logged, so it is measured even without clipping
     scaler.unscale_(optimizer)  # a no-op unless float16
     grad_norm = runtime.clip_grad_norm(model.parameters(), grad_clip or math.inf)  # a tensor: no host sync here
@@ -398,6 +388,18 @@ while True:
     scaler.update()
     # flush the gradients as soon as we can, no need for this memory anymore
     optimizer.zero_grad(set_to_none=True)
+    # the iteration's one host sync, once its whole step is queued: the loss (averaged over ranks) for
+    # the log and the non-finite check, and whether any rank was asked to stop, so that all of them stop
+    # at the same iteration. full_like fills on the device (torch.tensor would be a blocking copy).
+    # grad_norm is the same on every rank (the gradients are already averaged), so the sum is world_size times it
+    stats = torch.stack([loss_sum, grad_norm.float(), torch.full_like(loss_sum, stop_signal is not None)])
+    if ddp:
+        dist.all_reduce(stats)
+    lossf, grad_normf, stopping = stats.tolist()
+    lossf, grad_normf = lossf / world_size, grad_normf / world_size
+    if not math.isfinite(lossf):  # checked before anything can be saved: checkpoints are written below
+        raise UserError(f"loss is {lossf} at iter {iter_num}: training diverged (try a lower learning_rate); "
+                        f"the last checkpoint in {out_dir}, if any, is untouched")
 
     # timing and logging
     t1 = time.time()
@@ -412,9 +414,9 @@ while True:
         print(f"iter {iter_num}: loss {lossf:.4f}, lr {lr:.3e}, time {dt * 1000:.2f}ms, "
               f"{tokens_per_s:,.0f} tok/s, mfu {mfu_text}")
         log(dict(iter=iter_num, loss=lossf, lr=lr, ms=dt * 1000, tokens_per_s=tokens_per_s, mfu=running_mfu,
-                 grad_norm=grad_norm.item(), tokens=iter_num * tokens_per_iter))
+                 grad_norm=grad_normf, tokens=iter_num * tokens_per_iter))
         if wandb_log:
-            wandb.log({"iter": iter_num, "train/loss_step": lossf, "grad_norm": grad_norm.item(), "lr": lr})
+            wandb.log({"iter": iter_num, "train/loss_step": lossf, "grad_norm": grad_normf, "lr": lr})
     iter_num += 1
     local_iter_num += 1
 

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHAKESPEARE = os.path.join(ROOT, '..', 'shared', 'data', 'tinyshakespeare', 'input.txt')
@@ -14,6 +15,26 @@ TORCHRUN = os.path.join(os.path.dirname(sys.executable), 'torchrun')
 # small enough that an iteration takes milliseconds on a CPU
 TINY = ['--n_layer=2', '--n_head=2', '--n_embd=32', '--block_size=32', '--batch_size=4',
         '--gradient_accumulation_steps=1', '--bias=False', '--device=cpu', '--compile=False']
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked gpu need a CUDA GPU: without one they are skipped, the only tests that may skip."""
+    if not torch.cuda.is_available():
+        for item in items:
+            if 'gpu' in item.keywords:
+                item.add_marker(pytest.mark.skip(reason='needs a CUDA GPU (on one: python -m pytest -q -m gpu)'))
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A skip is a failure in CI (CI=true, which .ci/run sets), except for gpu tests on a machine without
+    CUDA, and so is a gpu test skipped on a machine with CUDA: a missing data file must not pass unnoticed."""
+    outcome = yield
+    report = outcome.get_result()
+    gpu = 'gpu' in item.keywords
+    if report.skipped and (gpu and torch.cuda.is_available() or not gpu and os.environ.get('CI') == 'true'):
+        report.outcome = 'failed'
+        report.longrepr = f"skipped where nothing may skip: {report.longrepr}"
 
 
 def hermetic_env(**extra):
@@ -50,8 +71,14 @@ def error_line(result):
 
 @pytest.fixture(scope='session')
 def shakespeare_char(tmp_path_factory):
-    """data/shakespeare_char/prepare.py run on the real tiny-shakespeare text, into a temporary folder."""
+    """data/shakespeare_char/prepare.py run on the real tiny-shakespeare text, into a temporary folder.
+    Without the text (outside CI), the files it prepares in data/shakespeare_char, if they are there: a
+    GPU machine is given those, not the text (see ../shared/gpu-check.sh)."""
     if not os.path.isfile(SHAKESPEARE):
+        prepared = os.path.join(ROOT, 'data', 'shakespeare_char')
+        if os.environ.get('CI') != 'true' and all(
+                os.path.isfile(os.path.join(prepared, f)) for f in ('train.bin', 'val.bin', 'meta.pkl')):
+            return prepared
         if os.environ.get('CI') == 'true':
             pytest.fail(f"{SHAKESPEARE} is missing: CI needs ../shared/data beside the checkout")
         pytest.skip(f"{SHAKESPEARE} not found")

@@ -1,6 +1,8 @@
 """sample.py and bench.py as a user runs them: on a freshly trained tiny checkpoint, on a checkpoint in
 nanoGPT's own format, and on the mistakes a user makes."""
+import math
 import os
+import re
 import subprocess
 import sys
 
@@ -91,19 +93,34 @@ def test_nanogpt_format_checkpoint_with_gpt2_tokens(tmp_path):
     assert samples(result.stdout) == [expected, expected]
 
 
+def numbers(pattern, text):
+    """The numbers that pattern's groups capture in text (commas dropped), checked finite and positive."""
+    match = re.search(pattern, text)
+    assert match, f"{pattern!r} not in:\n{text}"
+    values = [float(g.replace(',', '')) for g in match.groups()]
+    assert all(math.isfinite(v) and v > 0 for v in values), (pattern, values)
+    return values
+
+
 def test_bench_train_profile_and_generate(shakespeare_char, tmp_path):
     tiny = ['--n_layer=2', '--n_head=2', '--n_embd=32', '--block_size=32', '--batch_size=4']
     result = run('bench.py', *tiny, '--burnin=2', '--iters=3', '--real_data=False', '--vocab_size=65')
     assert result.returncode == 0, result.stderr
-    assert 'time per iteration:' in result.stdout and 'tokens/s' in result.stdout and 'MFU:' in result.stdout
+    ms, tokens_per_s, mfu, loss = numbers(r'time per iteration: ([\d.]+)ms, ([\d,]+) tokens/s, MFU: ([\d.]+)%, '
+                                          r'loss ([\d.]+)', result.stdout)
+    assert tokens_per_s == pytest.approx(4 * 32 / (ms / 1000), rel=0.01) and mfu < 100 and loss < 2 * math.log(65)
     trace = tmp_path / 'trace'
     result = run('bench.py', *tiny, '--profile=True', f'--profile_dir={trace}', '--real_data=False', '--vocab_size=65')
     assert result.returncode == 0, result.stderr
     assert 'Self CPU' in result.stdout and any(trace.iterdir())
-    result = run('bench.py', *tiny, '--mode=generate', '--max_new_tokens=40', '--vocab_size=65')
+    # a context long enough for the cache to matter: without it every token reruns up to 300 positions
+    result = run('bench.py', '--n_layer=2', '--n_head=2', '--n_embd=64', '--block_size=512', '--mode=generate',
+                 '--max_new_tokens=300', '--vocab_size=65')
     assert result.returncode == 0, result.stderr
-    assert 'with KV cache:' in result.stdout and 'KV cache speedup:' in result.stdout
-
+    cached, = numbers(r'with KV cache: ([\d.]+) tokens/s', result.stdout)
+    uncached, = numbers(r'without KV cache: ([\d.]+) tokens/s', result.stdout)
+    speedup, = numbers(r'KV cache speedup: ([\d.]+)x', result.stdout)
+    assert speedup == pytest.approx(cached / uncached, abs=0.06) and speedup > 1
 
 
 def test_bench_speed_prints_both_paths_and_the_ratio():
@@ -111,8 +128,13 @@ def test_bench_speed_prints_both_paths_and_the_ratio():
     result = run('bench.py', *tiny, '--mode=speed', '--burnin=1', '--iters=2', '--rounds=2',
                  '--real_data=False', '--vocab_size=65', '--compile=False')
     assert result.returncode == 0, result.stderr
-    assert 'faithful (eager, float32):' in result.stdout and 'fast (compile=False' in result.stdout
-    assert result.stdout.count('tokens/s') >= 2 and 'training speedup:' in result.stdout
+    faithful = numbers(r'faithful \(eager, float32, no TF32\): ([\d.]+)ms/iter, ([\d,]+) tokens/s', result.stdout)
+    fast = numbers(r'fast \(compile=False, float32, \d+ threads\): ([\d.]+)ms/iter, ([\d,]+) tokens/s', result.stdout)
+    for ms, tokens_per_s in (faithful, fast):
+        assert tokens_per_s == pytest.approx(4 * 32 / (ms / 1000), rel=0.01)
+    speedup, = numbers(r'training speedup: ([\d.]+)x', result.stdout)
+    assert speedup == pytest.approx(faithful[0] / fast[0], abs=0.02)
+
 
 def test_sample_errors(trained, tmp_path):
     empty = tmp_path / 'empty'

@@ -9,12 +9,13 @@ import signal
 import subprocess
 import time
 
+import numpy as np
 import pytest
 import torch
 
 from conftest import error_line, hermetic_env, read_log
 from model import GPT, GPTConfig
-from runtime import load_checkpoint
+from runtime import get_batch, load_checkpoint
 
 # the reference run: 40 iterations with dropout (so resuming must restore the RNG too), warmup to iter 5,
 # cosine decay over iters 6..26, then min_lr; an eval and a checkpoint every 20 iterations
@@ -224,7 +225,7 @@ def test_wandb_offline_run(train, tmp_path):
     assert b'val/loss' in open(runs[0], 'rb').read()  # the logged metrics are in the run's file
 
 
-def test_finetune_from_local_hugging_face_directory(train, tmp_path):
+def test_finetune_from_local_hugging_face_directory(train, shakespeare_char, tmp_path):
     from transformers import GPT2Config, GPT2LMHeadModel
     torch.manual_seed(0)
     GPT2LMHeadModel(GPT2Config(vocab_size=65, n_positions=64, n_embd=32, n_layer=2, n_head=2)).save_pretrained(tmp_path / 'hf')
@@ -235,7 +236,16 @@ def test_finetune_from_local_hugging_face_directory(train, tmp_path):
     # GPT-2's shape from the directory, its 64 positions cropped to this run's block_size of 32
     assert ckpt['model_args'] == dict(n_layer=2, n_head=2, n_embd=32, block_size=32, bias=True, vocab_size=65, dropout=0.0)
     assert ckpt['model']['transformer.wpe.weight'].shape == (32, 32)
-    _, evals = read_log(out)
+    rows, evals = read_log(out)
+    # iteration 0's loss is the Hugging Face model's own on that iteration's batch: the sampler's first
+    # draw of batch_size 4 windows of block_size 32
+    data = np.memmap(os.path.join(shakespeare_char, 'train.bin'), dtype=np.uint16, mode='r')
+    ix = torch.randint(len(data) - 32, (1, 4), generator=torch.Generator().manual_seed(1337))[0]
+    x, y = get_batch(data, ix, 32, 'cpu')
+    with torch.no_grad():
+        logits = GPT2LMHeadModel.from_pretrained(tmp_path / 'hf').eval()(x).logits  # (4, 32, 65)
+    assert rows[0]['loss'] == pytest.approx(torch.nn.functional.cross_entropy(logits.view(-1, 65), y.view(-1)).item(),
+                                            abs=1e-5)
     assert evals[0]['val_loss'] == pytest.approx(math.log(65), abs=0.05)  # random GPT-2 weights
     assert evals[4]['val_loss'] < evals[0]['val_loss'] - 0.01
     # GPT-2's tanh GELU is recorded, and a resumed run keeps it (and records it again)

@@ -1,9 +1,11 @@
 """Distributed data parallel on CPU (gloo) through torchrun: the same global batch split over two
 processes, on one node or on two "nodes" over loopback, trains exactly like one process that
-accumulates gradients over the same micro-batches."""
+accumulates gradients over the same micro-batches: the same losses, weights and optimizer state."""
+import os
 import subprocess
 
 import pytest
+import torch
 
 from conftest import free_port, hermetic_env, read_log
 
@@ -16,23 +18,30 @@ RUN = ['--gradient_accumulation_steps=2', '--max_iters=6', '--eval_interval=3', 
 def single_process(train, tmp_path_factory):
     out = tmp_path_factory.mktemp('single')
     train(*RUN, f'--out_dir={out}')
-    return read_log(out)
+    return out
 
 
-def assert_same_losses(log, reference):
-    (rows, evals), (ref_rows, ref_evals) = log, reference
+def assert_same_run(out, reference):
+    (rows, evals), (ref_rows, ref_evals) = read_log(out), read_log(reference)
     assert sorted(rows) == sorted(ref_rows) == list(range(6))
     for it in rows:
         assert rows[it]['loss'] == pytest.approx(ref_rows[it]['loss'], abs=1e-5), it
     assert sorted(evals) == sorted(ref_evals) == [0, 3, 6]
     for it in evals:
         assert evals[it]['val_loss'] == pytest.approx(ref_evals[it]['val_loss'], abs=1e-5), it
+    # the weights and AdamW's moments too: Adam's update hardly changes when every gradient is scaled (a
+    # sum over ranks instead of the mean, say), but its moments scale with them. Bitwise: with two ranks
+    # the mean (g0 + g1) / 2 and the accumulated g0 / 2 + g1 / 2 round alike (halving is exact)
+    ckpt, ref = (torch.load(os.path.join(d, 'ckpt.pt'), weights_only=True) for d in (out, reference))
+    assert ckpt['iter_num'] == ref['iter_num'] == 6
+    torch.testing.assert_close(ckpt['model'], ref['model'], rtol=0, atol=0)
+    torch.testing.assert_close(ckpt['optimizer']['state'], ref['optimizer']['state'], rtol=0, atol=0)
 
 
 def test_two_processes_match_one(train, single_process, tmp_path):
     result = train(*RUN, f'--out_dir={tmp_path}', torchrun=['--standalone', '--nproc_per_node=2'])
     assert result.stdout.count('config: ') == 1  # only rank 0 prints
-    assert_same_losses(read_log(tmp_path), single_process)
+    assert_same_run(tmp_path, single_process)
 
 
 def test_two_nodes_over_loopback(train_command, single_process, tmp_path):
@@ -43,8 +52,7 @@ def test_two_nodes_over_loopback(train_command, single_process, tmp_path):
     for proc in procs:
         stdout, stderr = proc.communicate(timeout=240)
         assert proc.returncode == 0, stdout + stderr
-    assert (tmp_path / 'ckpt.pt').exists()
-    assert_same_losses(read_log(tmp_path), single_process)
+    assert_same_run(tmp_path, single_process)
 
 
 def test_accumulation_steps_must_divide_by_world_size(train, tmp_path):

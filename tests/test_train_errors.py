@@ -48,7 +48,6 @@ def write_dataset(folder, train_tokens, val_tokens, vocab_size=65):
     (['--batch_size=0'], 'error: batch_size must be at least 1, got 0'),
     (['--gradient_accumulation_steps=-1'], 'error: gradient_accumulation_steps must be at least 1, got -1'),
     (['--n_embd=30', '--n_head=4'], 'error: n_embd (30) must be divisible by n_head (4)'),
-    (['--dtype=float16'], 'error: dtype float16 is not supported on cpu; use --dtype=bfloat16 or float32 (or auto)'),
     (['--n_layr=2'], "error: unknown config key 'n_layr'; did you mean n_layer"),
     (['--batch_size=abc'], "error: --batch_size: expected int like 12, got 'abc'"),
     (['config/no_such_config.py'], 'error: config file not found: config/no_such_config.py'),
