@@ -10,7 +10,7 @@ import torch
 import runtime
 from configurator import ROOT, UserError, configure
 from model import GPT, GPTConfig
-from tokenizer import load_tokenizer
+from tokenizer import describe, load_tokenizer
 
 # -----------------------------------------------------------------------------
 init_from = 'resume'  # 'resume' (from out_dir/ckpt.pt), a gpt2 variant (e.g. 'gpt2-xl') or a local Hugging Face dir
@@ -51,12 +51,13 @@ if init_from == 'resume':
     train_config = checkpoint.get('config', {})
     data_dir = train_config.get('data_dir') or os.path.join(ROOT, 'data', str(train_config.get('dataset', '')))
     meta_path = os.path.join(data_dir, 'meta.pkl') if 'dataset' in train_config else None
+    record = checkpoint.get('tokenizer')  # what made the training data, when train.py recorded it
 else:
     try:
         model = GPT.from_pretrained(init_from, dict(dropout=0.0))
     except (ValueError, OSError) as e:
         raise UserError(str(e)) from None
-    meta_path = None
+    meta_path = record = None
 model.eval()
 model.to(device)
 if compile:
@@ -64,11 +65,13 @@ if compile:
     model.forward = torch.compile(model.forward)
 
 # encode the beginning of the prompt
-if model.config.vocab_size < 50257 and not (meta_path and os.path.exists(meta_path)):
+if model.config.vocab_size < 50257 and not record and not (meta_path and os.path.exists(meta_path)):
     raise UserError(f"this model has a {model.config.vocab_size}-token vocabulary but its meta.pkl was not found "
                     f"(looked for {meta_path}); prepare that dataset again with its data/<name>/prepare.py")
-encode, decode = load_tokenizer(meta_path)
-if meta_path and os.path.exists(meta_path):
+encode, decode = load_tokenizer(meta_path, record)
+if record:
+    print(f"decoding with the checkpoint's tokenizer: {describe(record)}")
+elif meta_path and os.path.exists(meta_path):
     print(f"Loading meta from {meta_path}...")
 else:
     print("No meta.pkl found, assuming GPT-2 encodings...")

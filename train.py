@@ -32,6 +32,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import runtime
+import tokenizer
 from configurator import UserError, configure
 from model import GPT, GPTConfig, device_peak_flops
 
@@ -55,6 +56,7 @@ data_dir = ''  # where train.bin, val.bin and meta.pkl are; '' means data/<datas
 gradient_accumulation_steps = 5 * 8  # global count over all processes, to simulate larger batch sizes
 batch_size = 12  # if gradient_accumulation_steps > 1, this is the micro-batch size
 block_size = 1024
+data_order = 'random'  # 'random': windows drawn with replacement (nanoGPT); 'epoch': each window once per epoch
 # model
 n_layer = 12
 n_head = 12
@@ -130,6 +132,7 @@ if os.path.exists(meta_path):
         meta_vocab_size = pickle.load(f)['vocab_size']  # all training needs; sample.py reads the rest
     if master_process:
         print(f"found vocab_size = {meta_vocab_size} (inside {meta_path})")
+data_tokenizer = tokenizer.data_tokenizer(data_dir)  # what made the .bin files; None for older data folders
 
 
 def tokens(split):
@@ -142,9 +145,9 @@ def get_batch(split, ix):
     return runtime.get_batch(tokens(split), ix, block_size, device)
 
 
-# Every rank draws the iteration's global batch from an identically seeded generator and takes its own
+# Every rank draws the iteration's global batch from an identically seeded sampler and takes its own
 # rows, so the data a run sees depends on the seed, not on how many processes share the work.
-sampler = torch.Generator().manual_seed(seed)
+sampler = runtime.WindowSampler(data_order, seed)
 sampler_state = sampler.get_state()
 
 
@@ -154,7 +157,7 @@ def train_batches():
     global sampler_state
     while True:
         sampler_state = sampler.get_state()
-        ix = torch.randint(n_tokens['train'] - block_size, (gradient_accumulation_steps, batch_size), generator=sampler)
+        ix = sampler.draw(n_tokens['train'] - block_size, (gradient_accumulation_steps, batch_size))
         for row in ix[rank * accum_steps:(rank + 1) * accum_steps]:
             yield get_batch('train', row)
 
@@ -190,6 +193,10 @@ try:
         model_args.update({k: getattr(model.config, k) for k in shape_keys})
 except (ValueError, OSError) as e:  # e.g. n_embd not divisible by n_head, unknown or unreachable GPT-2 weights
     raise UserError(str(e)) from None
+if init_from != 'scratch':  # resuming or finetuning: the data must be in the model's own tokens
+    trained_on = checkpoint.get('tokenizer') if checkpoint is not None else tokenizer.gpt2_record()
+    tokenizer.check_same(trained_on, data_tokenizer, ckpt_path if checkpoint is not None else init_from, data_dir)
+    data_tokenizer = data_tokenizer or trained_on
 if block_size < model.config.block_size:
     model.crop_block_size(block_size)  # model surgery, e.g. GPT-2's 1024 positions down to block_size
     model_args['block_size'] = block_size
@@ -262,7 +269,8 @@ def save_checkpoint(rng_states):
     checkpoint = {'model': raw_model.state_dict(), 'optimizer': optimizer.state_dict(), 'model_args': model_args,
                   'iter_num': iter_num, 'best_val_loss': best_val_loss, 'config': config,
                   # beyond nanoGPT's keys: what continuing exactly needs
-                  'rng_states': rng_states, 'sampler_state': sampler_state, 'scaler': scaler.state_dict()}
+                  'rng_states': rng_states, 'sampler_state': sampler_state, 'scaler': scaler.state_dict(),
+                  'tokenizer': data_tokenizer}
     print(f"saving checkpoint to {out_dir}")
     runtime.save_checkpoint(checkpoint, ckpt_path)
 
@@ -382,9 +390,11 @@ while True:
             mfu = raw_model.estimate_mfu(batch_size * accum_steps, dt, peak_flops)
             running_mfu = mfu if running_mfu == -1.0 else 0.9 * running_mfu + 0.1 * mfu
         tokens_per_s = gradient_accumulation_steps * batch_size * block_size / dt
+        epoch = sampler.epoch(sampler_state, n_tokens['train'] - block_size)  # None for data_order='random'
         print(f"iter {iter_num}: loss {lossf:.4f}, lr {lr:.3e}, time {dt * 1000:.2f}ms, "
-              f"{tokens_per_s:,.0f} tok/s, mfu {running_mfu * 100:.2f}%")
-        log(dict(iter=iter_num, loss=lossf, lr=lr, ms=dt * 1000, tokens_per_s=tokens_per_s, mfu=running_mfu))
+              f"{tokens_per_s:,.0f} tok/s, mfu {running_mfu * 100:.2f}%" + (f", epoch {epoch}" if epoch is not None else ""))
+        log(dict(iter=iter_num, loss=lossf, lr=lr, ms=dt * 1000, tokens_per_s=tokens_per_s, mfu=running_mfu,
+                 **({'epoch': epoch} if epoch is not None else {})))
     iter_num += 1
     local_iter_num += 1
 
