@@ -3,6 +3,8 @@ Real-run data: OpenWebText read from the hub repository's own archives (a replic
 here), FineWeb-Edu from parquet files in the hub's columns, the tokenizer record that every prepare script
 writes and train.py / sample.py check, and data_order='epoch'. Everything offline, on data the tests build.
 """
+import http.server
+import functools
 import importlib.util
 import io
 import json
@@ -11,6 +13,7 @@ import re
 import subprocess
 import sys
 import tarfile
+import threading
 
 import numpy as np
 import pytest
@@ -118,3 +121,252 @@ def test_openwebtext_from_archives_equals_the_plain_path(owt, tmp_path, where):
     record = json.loads((out / "tokenizer.json").read_text())
     assert record["tokenizer"] == "gpt2" and sum(record["tokens"].values()) == \
         len(read_bin(out / "train.bin")) + len(read_bin(out / "val.bin"))
+
+
+# ----------------------------------------------------------------------------- FineWeb-Edu
+
+FINEWEB_COLUMNS = ["text", "id", "dump", "url", "file_path", "language", "language_score", "token_count", "score",
+                   "int_score"]
+
+
+def write_fineweb_shard(path, texts):
+    """A parquet file with FineWeb-Edu's columns, in several row groups."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    n = len(texts)
+    table = pa.table({"text": texts, "id": [f"<urn:uuid:{i}>" for i in range(n)], "dump": ["CC-MAIN-2024-10"] * n,
+                      "url": [f"https://example.org/{i}" for i in range(n)], "file_path": ["s3://x.warc.gz"] * n,
+                      "language": ["en"] * n, "language_score": [0.9] * n, "token_count": [len(t) // 4 for t in texts],
+                      "score": [3.1] * n, "int_score": [3] * n})
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    pq.write_table(table, path, row_group_size=40)
+
+
+@pytest.fixture(scope="module")
+def fineweb(tmp_path_factory, documents):
+    """A copy of the hub repository's layout: sample/10BT/ with two shards (the documents, each made unique),
+    and another config's shard under data/ that sample-10BT must not read. Returns (folder, documents)."""
+    folder = tmp_path_factory.mktemp("fineweb") / "repo"
+    docs = [f"document {i}: {doc}" for i, doc in enumerate(documents)]
+    write_fineweb_shard(str(folder / "sample" / "10BT" / "000_00000.parquet"), docs[:200])
+    write_fineweb_shard(str(folder / "sample" / "10BT" / "001_00000.parquet"), docs[200:])
+    write_fineweb_shard(str(folder / "data" / "CC-MAIN-2024-10" / "000_00000.parquet"), ["not in sample-10BT"] * 50)
+    return folder, docs
+
+
+def split_documents(ids):
+    """Token ids -> the list of documents' ids, each ending at (and without) the end-of-text token."""
+    ends = np.flatnonzero(ids == 50256)
+    return [ids[a + 1:b].tolist() for a, b in zip(np.concatenate([[-1], ends[:-1]]), ends)]
+
+
+def test_fineweb_edu_from_local_parquet_and_max_tokens(fineweb, tmp_path):
+    folder, docs = fineweb
+    enc = tokenizer.gpt2_encoding()
+    expected = [enc.encode_ordinary(doc) for doc in docs]
+    outs = {}
+    for name, extra in [("all", []), ("part", ["--max_tokens=20000"])]:
+        outs[name] = out = tmp_path / name
+        result = run("data/fineweb_edu/prepare.py", f"--source={folder}", f"--out_dir={out}", "--test_size=0.05",
+                     "--batch_rows=64", *extra, cwd=str(tmp_path))
+        assert result.returncode == 0, result.stderr
+        assert sorted(os.listdir(out)) == ["tokenizer.json", "train.bin", "val.bin"]
+        assert re.search(r"done in .* tokens from .* documents of \d of 2 shards", result.stdout)
+    train, val = (split_documents(read_bin(outs["all"] / f"{s}.bin")) for s in ("train", "val"))
+    # every document once, whole; val spread through the stream, ~test_size of the tokens; train in corpus order
+    assert sorted(train + val) == sorted(expected) and len(train) + len(val) == len(docs)
+    assert [d for d in expected if d not in val] == train
+    n_val = sum(len(d) + 1 for d in val)
+    total = n_val + sum(len(d) + 1 for d in train)
+    assert 0.05 <= n_val / total < 0.05 + (max(map(len, val)) + 1) / total
+    assert val[0] == expected[0] and val[-1] != expected[0]
+    # --max_tokens: whole documents, the same prefix of each file, stopping before the limit would be crossed
+    part = {s: read_bin(outs["part"] / f"{s}.bin") for s in ("train", "val")}
+    full = {s: read_bin(outs["all"] / f"{s}.bin") for s in ("train", "val")}
+    total = sum(len(a) for a in part.values())
+    assert total <= 20000 and total + len(expected[len(split_documents(np.concatenate(list(part.values()))))]) + 1 > 20000
+    for s in part:
+        assert part[s].tolist() == full[s][:len(part[s])].tolist() and part[s][-1] == 50256
+    record = json.loads((outs["part"] / "tokenizer.json").read_text())
+    assert record["tokenizer"] == "gpt2" and record["tokens"] == {s: len(a) for s, a in part.items()}
+
+
+
+@pytest.fixture(scope="module")
+def empty_hub():
+    """A local stand-in for the hub that knows no repository: every request gets the hub's own answer for
+    a repository that does not exist (404 with X-Error-Code: RepoNotFound). Yields its address."""
+    class NotFound(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = b'{"error":"Repository not found"}'
+            self.send_response(404)
+            self.send_header("X-Error-Code", "RepoNotFound")
+            self.send_header("X-Error-Message", "Repository not found")
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        do_HEAD = do_GET
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), NotFound)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+def run_online(script, *args, cwd, endpoint):
+    """run(), but with the hub client pointed at `endpoint` instead of offline."""
+    env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
+    env.update(HF_HOME=os.path.join(cwd, "hf_home"), HF_DATASETS_CACHE=os.path.join(cwd, "hf_datasets"),
+               HF_ENDPOINT=endpoint, HF_HUB_OFFLINE="0", HF_DATASETS_OFFLINE="0", HF_HUB_ETAG_TIMEOUT="5",
+               HF_HUB_DOWNLOAD_TIMEOUT="5")
+    return subprocess.run([sys.executable, os.path.join(ROOT, script), *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("script", ["openwebtext", "fineweb_edu"])
+@pytest.mark.parametrize("case", ["no_such_hub_dataset", "offline", "no_disk_space", "unwritable_out_dir",
+                                  "no_text_column"])
+def test_bad_input_one_line_nothing_overwritten(fineweb, empty_hub, tmp_path, script, case):
+    folder, _ = fineweb
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "train.bin").write_bytes(b"\x07\x00" * 10)  # an earlier run's output, which must survive
+    args, runner = [f"--out_dir={out}"], run
+    if case == "no_such_hub_dataset":
+        args.append("--source=no-such-user/no-such-dataset")
+        expected = ["no-such-user/no-such-dataset", "n't exist" if script == "openwebtext" else "no dataset"]
+        runner = functools.partial(run_online, endpoint=empty_hub)
+    elif case == "offline":  # HF_HUB_OFFLINE=1, nothing in the hub cache
+        args.append("--source=HuggingFaceFW/fineweb-edu" if script == "fineweb_edu" else "--source=openwebtext")
+        expected = ["offline (HF_HUB_OFFLINE=1)"]
+    elif case == "no_disk_space":
+        args += [f"--source={folder}", "--reserve_gb=1e9"]
+        expected = ["not enough free disk space in", "GB free"]
+    elif case == "unwritable_out_dir":
+        (tmp_path / "a_file").write_text("")
+        args = [f"--source={folder}", f"--out_dir={tmp_path / 'a_file' / 'out'}"]
+        expected = ["cannot write to the output directory"]
+    elif case == "no_text_column":
+        args += [f"--source={folder}", "--text_column=body"]
+        expected = ["no 'body' column", "text, id, dump"]
+    result = runner(f"data/{script}/prepare.py", *args, cwd=str(tmp_path))
+    assert_user_error(result, *expected)
+    assert os.listdir(out) == ["train.bin"] and (out / "train.bin").read_bytes() == b"\x07\x00" * 10
+
+
+# ----------------------------------------------------------------------------- data_order='epoch'
+
+def test_epoch_order_visits_every_window_once_per_epoch():
+    n, sampler = 1000, runtime.WindowSampler('epoch', seed=1337)
+    drawn = torch.cat([sampler.draw(n, (3, 7)).flatten() for _ in range(150)])  # 3150 windows, batches straddle epochs
+    epochs = [drawn[e * n:(e + 1) * n] for e in range(3)]
+    for order in epochs:
+        assert sorted(order.tolist()) == list(range(n))
+    assert not torch.equal(epochs[0], epochs[1]) and not torch.equal(epochs[0], torch.arange(n))
+    assert sampler.epoch(sampler.get_state(), n) == 3  # the 3150th window is in the 4th epoch
+    again = runtime.WindowSampler('epoch', seed=1337)  # the order depends on the seed only
+    assert torch.equal(torch.cat([again.draw(n, (10,)) for _ in range(315)]), drawn)
+    resumed = runtime.WindowSampler('epoch', seed=1337)
+    resumed.set_state({'data_order': 'epoch', 'windows_drawn': 1500})
+    assert torch.equal(resumed.draw(n, (50,)), drawn[1500:1550])
+    assert (np.bincount(runtime.shuffled(np.arange(2_000_003), 2_000_003, (1, 0))) == 1).all()  # larger n, still a permutation
+
+
+@pytest.fixture(scope='module')
+def tiny_data(tmp_path_factory):
+    """A few hundred characters of tiny Shakespeare as char data (one epoch: 598 windows of 32) and as GPT-2
+    BPE data, both with their tokenizer.json, plus the char data in nanoGPT's format (no tokenizer.json)."""
+    import prepare_text
+    with open(SHAKESPEARE, encoding="utf-8") as f:
+        text = f.read()
+    root = tmp_path_factory.mktemp('tiny')
+    for name in ('char', 'bpe', 'nanogpt_char'):
+        os.makedirs(root / name)
+    prepare_text.prepare(text[:700], str(root / 'char'), 'char')
+    prepare_text.prepare(text[:20000], str(root / 'bpe'), 'gpt2')
+    for name in ('train.bin', 'val.bin', 'meta.pkl'):
+        (root / 'nanogpt_char' / name).write_bytes((root / 'char' / name).read_bytes())
+    return root
+
+
+# 16 windows a global batch, 2 micro-batches: epoch 0 ends during iteration 37; evals and checkpoints at 0, 24, 48
+EPOCH_RUN = ['--data_order=epoch', '--batch_size=8', '--gradient_accumulation_steps=2', '--eval_interval=24',
+             '--eval_iters=2', '--log_interval=1', '--dropout=0.1', '--learning_rate=1e-2', '--warmup_iters=4',
+             '--lr_decay_iters=48']
+
+
+@pytest.fixture(scope='module')
+def epoch_straight(train, tiny_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp('epoch_straight')
+    train(*EPOCH_RUN, f"--data_dir={tiny_data / 'char'}", '--max_iters=48', f'--out_dir={out}')
+    return out
+
+
+def test_epoch_order_logs_the_epoch_and_resumes_exactly(train, tiny_data, epoch_straight, tmp_path):
+    from test_train import assert_same_run
+    rows, _ = read_log(epoch_straight)
+    assert [rows[it]['epoch'] for it in range(48)] == [((it + 1) * 16 - 1) // 598 for it in range(48)]
+    assert [rows[it]['epoch'] for it in (36, 37)] == [0, 1]
+    train(*EPOCH_RUN, f"--data_dir={tiny_data / 'char'}", '--max_iters=24', f'--out_dir={tmp_path}')
+    result = train(*EPOCH_RUN, f"--data_dir={tiny_data / 'char'}", '--max_iters=48', '--init_from=resume',
+                   f'--out_dir={tmp_path}')
+    assert re.search(r'^iter 40: .*, epoch 1$', result.stdout, re.M)
+    assert_same_run(epoch_straight, tmp_path)
+    assert torch.load(tmp_path / 'ckpt.pt', weights_only=True)['sampler_state'] == \
+        {'data_order': 'epoch', 'windows_drawn': 48 * 16}
+    wrong = train(*EPOCH_RUN[1:], f"--data_dir={tiny_data / 'char'}", '--max_iters=50', '--init_from=resume',
+                  f'--out_dir={tmp_path}', check=False)
+    assert "trained with data_order='epoch'; resume it with --data_order=epoch" in error_line(wrong)
+
+
+def test_epoch_order_two_processes_match_one(train, tiny_data, epoch_straight, tmp_path):
+    train(*EPOCH_RUN, f"--data_dir={tiny_data / 'char'}", '--max_iters=48', '--dropout=0', f'--out_dir={tmp_path / "one"}')
+    train(*EPOCH_RUN, f"--data_dir={tiny_data / 'char'}", '--max_iters=48', '--dropout=0', f'--out_dir={tmp_path / "two"}',
+          torchrun=['--standalone', '--nproc_per_node=2'])
+    (one, one_evals), (two, two_evals) = read_log(tmp_path / 'one'), read_log(tmp_path / 'two')
+    assert sorted(one) == sorted(two) == list(range(48)) and sorted(one_evals) == sorted(two_evals) == [0, 24, 48]
+    for it in one:
+        assert two[it]['loss'] == pytest.approx(one[it]['loss'], abs=1e-5) and two[it]['epoch'] == one[it]['epoch']
+    for it in one_evals:
+        assert two_evals[it]['val_loss'] == pytest.approx(one_evals[it]['val_loss'], abs=1e-5)
+
+
+# ----------------------------------------------------------------------------- the tokenizer record
+
+def test_checkpoint_refuses_data_of_another_tokenizer(train, tiny_data, epoch_straight, tmp_path):
+    # a char-level checkpoint on GPT-2 BPE data
+    result = train(*EPOCH_RUN, f"--data_dir={tiny_data / 'bpe'}", '--max_iters=50', '--init_from=resume',
+                   f'--out_dir={epoch_straight}', check=False)
+    line = error_line(result)
+    assert re.search(r"ckpt\.pt uses the tokenizer char \(\d+ characters, sha256 [0-9a-f]{8}\) but the data in "
+                     r".*bpe was made by gpt2 \(50257 tokens\)", line), line
+    # and the reverse: a GPT-2 BPE checkpoint on char data, refused though its ids fit the larger vocabulary
+    train(f"--data_dir={tiny_data / 'bpe'}", '--max_iters=1', '--eval_interval=1', '--eval_iters=1', f'--out_dir={tmp_path}')
+    assert torch.load(tmp_path / 'ckpt.pt', weights_only=True)['tokenizer'] == tokenizer.gpt2_record()
+    result = train(f"--data_dir={tiny_data / 'char'}", '--max_iters=2', '--init_from=resume', f'--out_dir={tmp_path}',
+                   check=False)
+    assert re.search(r"ckpt\.pt uses the tokenizer gpt2 \(50257 tokens\) but the data in .*char was made by char",
+                     error_line(result))
+
+
+def test_nanogpt_data_folder_trains_and_sample_decodes_from_the_checkpoint(train, tiny_data, tmp_path):
+    data = tmp_path / 'data'
+    os.makedirs(data)
+    for name in ('train.bin', 'val.bin', 'meta.pkl'):  # nanoGPT's format: no tokenizer.json
+        (data / name).write_bytes((tiny_data / 'nanogpt_char' / name).read_bytes())
+    train(f'--data_dir={data}', '--max_iters=2', '--eval_interval=2', '--eval_iters=1', f'--out_dir={tmp_path}')
+    record = torch.load(tmp_path / 'ckpt.pt', weights_only=True)['tokenizer']
+    assert record == tokenizer.char_record(tokenizer.load_meta(data / 'meta.pkl'))
+    os.remove(data / 'meta.pkl')  # sample.py needs only the checkpoint now
+    result = subprocess.run([sys.executable, os.path.join(ROOT, 'sample.py'), f'--out_dir={tmp_path}', '--device=cpu',
+                             '--num_samples=1', '--max_new_tokens=20', '--start=First'], capture_output=True,
+                            text=True, env=hermetic_env(), timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "decoding with the checkpoint's tokenizer: char (" in result.stdout
+    sample = result.stdout.split('\n')[1]
+    assert sample.startswith('First') and len(sample) == len('First') + 20 and set(sample) <= set(record['chars'])
