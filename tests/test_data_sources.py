@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from conftest import ROOT, SHAKESPEARE, TINY, error_line, hermetic_env, read_log
-from test_data import assert_user_error, documents, read_bin, run  # noqa: F401 (documents: a fixture)
+from test_data import assert_user_error, documents, read_bin, run, split_like_nanogpt  # noqa: F401 (a fixture)
 
 sys.path.insert(0, os.path.join(ROOT, "data"))
 import runtime  # noqa: E402
@@ -79,15 +79,12 @@ def build_owt_replica(folder, documents):
 
 @pytest.fixture(scope="module")
 def owt(tmp_path_factory, documents):
-    """The replica, its expected documents, and prepare.py's output from those documents given as a .jsonl
-    file (the loading path that does not involve archives), to compare against."""
+    """The replica, its expected documents, and prepare.py's output from the replica as a local copy of the
+    repository (--source=<its folder>)."""
     folder = tmp_path_factory.mktemp("owt")
     expected = build_owt_replica(str(folder / "repo"), documents)
-    with open(folder / "docs.jsonl", "w", encoding="utf-8") as f:
-        for doc in expected:
-            f.write(json.dumps({"text": doc}) + "\n")
-    result = run("data/openwebtext/prepare.py", f"--source={folder / 'docs.jsonl'}", f"--out_dir={folder / 'reference'}",
-                 "--test_size=0.1", "--num_proc=1", cwd=str(folder))
+    result = run("data/openwebtext/prepare.py", f"--source={folder / 'repo'}", f"--out_dir={folder / 'out'}",
+                 "--test_size=0.1", "--num_proc=2", cwd=str(folder))
     assert result.returncode == 0, result.stderr
     return folder, expected
 
@@ -99,28 +96,33 @@ def test_openwebtext_archives_yield_the_loading_scripts_documents(owt):
     assert [d["text"] for d in prepare.openwebtext_documents(archives)] == expected
 
 
-@pytest.mark.parametrize("where", ["local_copy", "hub_cache"])
-def test_openwebtext_from_archives_equals_the_plain_path(owt, tmp_path, where):
+def test_openwebtext_from_a_local_copy_of_the_repository(owt):
+    # the same bins as the path without archives gives for the same documents (see test_data.py)
     folder, expected = owt
-    if where == "local_copy":  # --source= a folder holding the repository's files
-        source = [f"--source={folder / 'repo'}"]
-    else:  # the default source, offline, its repository already downloaded into the hub cache
-        snapshot = tmp_path / "hf_home" / "hub" / "datasets--Skylion007--openwebtext"
-        os.makedirs(snapshot / "refs")
-        (snapshot / "refs" / "main").write_text("0" * 40)
-        os.makedirs(snapshot / "snapshots")
-        os.symlink(folder / "repo", snapshot / "snapshots" / ("0" * 40))
-        source = []
-    out = tmp_path / "out"
-    result = run("data/openwebtext/prepare.py", *source, f"--out_dir={out}", "--test_size=0.1", "--num_proc=2",
+    enc = tokenizer.gpt2_encoding()
+    for split, docs in split_like_nanogpt(expected, 0.1).items():
+        assert read_bin(folder / "out" / f"{split}.bin").tolist() == \
+            [i for doc in docs for i in enc.encode_ordinary(doc) + [50256]]
+    assert sorted(os.listdir(folder / "out")) == ["tokenizer.json", "train.bin", "val.bin"]
+    record = json.loads((folder / "out" / "tokenizer.json").read_text())
+    assert record["tokenizer"] == "gpt2" and record["tokens"] == \
+        {s: len(read_bin(folder / "out" / f"{s}.bin")) for s in ("train", "val")}
+
+
+def test_openwebtext_default_source_offline_from_the_hub_cache(owt, tmp_path):
+    # python data/openwebtext/prepare.py, offline, with the repository already in the hub cache
+    folder, _ = owt
+    repo = tmp_path / "hf_home" / "hub" / "datasets--Skylion007--openwebtext"
+    os.makedirs(repo / "refs")
+    (repo / "refs" / "main").write_text("0" * 40)
+    os.makedirs(repo / "snapshots")
+    os.symlink(folder / "repo", repo / "snapshots" / ("0" * 40))
+    result = run("data/openwebtext/prepare.py", f"--out_dir={tmp_path / 'out'}", "--test_size=0.1", "--num_proc=1",
                  cwd=str(tmp_path))
     assert result.returncode == 0, result.stderr
+    assert "reading its 3 archives" in result.stdout
     for name in ("train.bin", "val.bin", "tokenizer.json"):
-        assert (out / name).read_bytes() == (folder / "reference" / name).read_bytes(), name
-    assert sorted(os.listdir(out)) == ["tokenizer.json", "train.bin", "val.bin"]
-    record = json.loads((out / "tokenizer.json").read_text())
-    assert record["tokenizer"] == "gpt2" and sum(record["tokens"].values()) == \
-        len(read_bin(out / "train.bin")) + len(read_bin(out / "val.bin"))
+        assert (tmp_path / "out" / name).read_bytes() == (folder / "out" / name).read_bytes(), name
 
 
 # ----------------------------------------------------------------------------- FineWeb-Edu
@@ -228,10 +230,11 @@ def run_online(script, *args, cwd, endpoint):
                           capture_output=True, text=True, timeout=300)
 
 
-@pytest.mark.parametrize("script", ["openwebtext", "fineweb_edu"])
-@pytest.mark.parametrize("case", ["no_such_hub_dataset", "offline", "no_disk_space", "unwritable_out_dir",
-                                  "no_text_column"])
+@pytest.mark.parametrize("script, case", [(script, case) for case in ("no_such_hub_dataset", "no_disk_space")
+                                          for script in ("openwebtext", "fineweb_edu")] +
+                         [("fineweb_edu", case) for case in ("offline", "unwritable_out_dir", "no_text_column")])
 def test_bad_input_one_line_nothing_overwritten(fineweb, empty_hub, tmp_path, script, case):
+    # (test_data.py has openwebtext's other cases)
     folder, _ = fineweb
     out = tmp_path / "out"
     out.mkdir()
@@ -241,8 +244,7 @@ def test_bad_input_one_line_nothing_overwritten(fineweb, empty_hub, tmp_path, sc
         args.append("--source=no-such-user/no-such-dataset")
         expected = ["no-such-user/no-such-dataset", "n't exist" if script == "openwebtext" else "no dataset"]
         runner = functools.partial(run_online, endpoint=empty_hub)
-    elif case == "offline":  # HF_HUB_OFFLINE=1, nothing in the hub cache
-        args.append("--source=HuggingFaceFW/fineweb-edu" if script == "fineweb_edu" else "--source=openwebtext")
+    elif case == "offline":  # HF_HUB_OFFLINE=1
         expected = ["offline (HF_HUB_OFFLINE=1)"]
     elif case == "no_disk_space":
         args += [f"--source={folder}", "--reserve_gb=1e9"]
@@ -279,7 +281,7 @@ def test_epoch_order_visits_every_window_once_per_epoch():
 
 @pytest.fixture(scope='module')
 def tiny_data(tmp_path_factory):
-    """A few hundred characters of tiny Shakespeare as char data (one epoch: 598 windows of 32) and as GPT-2
+    """A few hundred characters of tiny Shakespeare as char data (one epoch: 268 windows of 32) and as GPT-2
     BPE data, both with their tokenizer.json, plus the char data in nanoGPT's format (no tokenizer.json)."""
     import prepare_text
     with open(SHAKESPEARE, encoding="utf-8") as f:
@@ -287,49 +289,48 @@ def tiny_data(tmp_path_factory):
     root = tmp_path_factory.mktemp('tiny')
     for name in ('char', 'bpe', 'nanogpt_char'):
         os.makedirs(root / name)
-    prepare_text.prepare(text[:700], str(root / 'char'), 'char')
+    prepare_text.prepare(text[:400], str(root / 'char'), 'char', val_fraction=0.25)
     prepare_text.prepare(text[:20000], str(root / 'bpe'), 'gpt2')
     for name in ('train.bin', 'val.bin', 'meta.pkl'):
         (root / 'nanogpt_char' / name).write_bytes((root / 'char' / name).read_bytes())
     return root
 
 
-# 16 windows a global batch, 2 micro-batches: epoch 0 ends during iteration 37; evals and checkpoints at 0, 24, 48
-EPOCH_RUN = ['--data_order=epoch', '--batch_size=8', '--gradient_accumulation_steps=2', '--eval_interval=24',
-             '--eval_iters=2', '--log_interval=1', '--dropout=0.1', '--learning_rate=1e-2', '--warmup_iters=4',
-             '--lr_decay_iters=48']
+# 16 windows a global batch, 2 micro-batches: epoch 0 ends during iteration 16; evals and checkpoints at 0, 12, 24
+EPOCH_RUN = ['--data_order=epoch', '--batch_size=8', '--gradient_accumulation_steps=2', '--eval_interval=12',
+             '--eval_iters=2', '--log_interval=1', '--dropout=0', '--learning_rate=1e-2', '--warmup_iters=4',
+             '--lr_decay_iters=24']
 
 
 @pytest.fixture(scope='module')
 def epoch_straight(train, tiny_data, tmp_path_factory):
     out = tmp_path_factory.mktemp('epoch_straight')
-    train(*EPOCH_RUN, f"--data_dir={tiny_data / 'char'}", '--max_iters=48', f'--out_dir={out}')
+    train(*EPOCH_RUN, f"--data_dir={tiny_data / 'char'}", '--max_iters=24', f'--out_dir={out}')
     return out
 
 
 def test_epoch_order_logs_the_epoch_and_resumes_exactly(train, tiny_data, epoch_straight, tmp_path):
     from test_train import assert_same_run
     rows, _ = read_log(epoch_straight)
-    assert [rows[it]['epoch'] for it in range(48)] == [((it + 1) * 16 - 1) // 598 for it in range(48)]
-    assert [rows[it]['epoch'] for it in (36, 37)] == [0, 1]
-    train(*EPOCH_RUN, f"--data_dir={tiny_data / 'char'}", '--max_iters=24', f'--out_dir={tmp_path}')
-    result = train(*EPOCH_RUN, f"--data_dir={tiny_data / 'char'}", '--max_iters=48', '--init_from=resume',
+    assert [rows[it]['epoch'] for it in range(24)] == [((it + 1) * 16 - 1) // 268 for it in range(24)]
+    assert [rows[it]['epoch'] for it in (15, 16)] == [0, 1]
+    train(*EPOCH_RUN, f"--data_dir={tiny_data / 'char'}", '--max_iters=12', f'--out_dir={tmp_path}')
+    result = train(*EPOCH_RUN, f"--data_dir={tiny_data / 'char'}", '--max_iters=24', '--init_from=resume',
                    f'--out_dir={tmp_path}')
-    assert re.search(r'^iter 40: .*, epoch 1$', result.stdout, re.M)
+    assert re.search(r'^iter 20: .*, epoch 1$', result.stdout, re.M)
     assert_same_run(epoch_straight, tmp_path)
     assert torch.load(tmp_path / 'ckpt.pt', weights_only=True)['sampler_state'] == \
-        {'data_order': 'epoch', 'windows_drawn': 48 * 16}
-    wrong = train(*EPOCH_RUN[1:], f"--data_dir={tiny_data / 'char'}", '--max_iters=50', '--init_from=resume',
+        {'data_order': 'epoch', 'windows_drawn': 24 * 16}
+    wrong = train(*EPOCH_RUN[1:], f"--data_dir={tiny_data / 'char'}", '--max_iters=26', '--init_from=resume',
                   f'--out_dir={tmp_path}', check=False)
     assert "trained with data_order='epoch'; resume it with --data_order=epoch" in error_line(wrong)
 
 
 def test_epoch_order_two_processes_match_one(train, tiny_data, epoch_straight, tmp_path):
-    train(*EPOCH_RUN, f"--data_dir={tiny_data / 'char'}", '--max_iters=48', '--dropout=0', f'--out_dir={tmp_path / "one"}')
-    train(*EPOCH_RUN, f"--data_dir={tiny_data / 'char'}", '--max_iters=48', '--dropout=0', f'--out_dir={tmp_path / "two"}',
+    train(*EPOCH_RUN, f"--data_dir={tiny_data / 'char'}", '--max_iters=24', f'--out_dir={tmp_path}',
           torchrun=['--standalone', '--nproc_per_node=2'])
-    (one, one_evals), (two, two_evals) = read_log(tmp_path / 'one'), read_log(tmp_path / 'two')
-    assert sorted(one) == sorted(two) == list(range(48)) and sorted(one_evals) == sorted(two_evals) == [0, 24, 48]
+    (one, one_evals), (two, two_evals) = read_log(epoch_straight), read_log(tmp_path)
+    assert sorted(one) == sorted(two) == list(range(24)) and sorted(one_evals) == sorted(two_evals) == [0, 12, 24]
     for it in one:
         assert two[it]['loss'] == pytest.approx(one[it]['loss'], abs=1e-5) and two[it]['epoch'] == one[it]['epoch']
     for it in one_evals:
@@ -340,7 +341,7 @@ def test_epoch_order_two_processes_match_one(train, tiny_data, epoch_straight, t
 
 def test_checkpoint_refuses_data_of_another_tokenizer(train, tiny_data, epoch_straight, tmp_path):
     # a char-level checkpoint on GPT-2 BPE data
-    result = train(*EPOCH_RUN, f"--data_dir={tiny_data / 'bpe'}", '--max_iters=50', '--init_from=resume',
+    result = train(*EPOCH_RUN, f"--data_dir={tiny_data / 'bpe'}", '--max_iters=26', '--init_from=resume',
                    f'--out_dir={epoch_straight}', check=False)
     line = error_line(result)
     assert re.search(r"ckpt\.pt uses the tokenizer char \(\d+ characters, sha256 [0-9a-f]{8}\) but the data in "
@@ -368,5 +369,5 @@ def test_nanogpt_data_folder_trains_and_sample_decodes_from_the_checkpoint(train
                             text=True, env=hermetic_env(), timeout=120)
     assert result.returncode == 0, result.stderr
     assert "decoding with the checkpoint's tokenizer: char (" in result.stdout
-    sample = result.stdout.split('\n')[1]
+    sample = result.stdout.split('\n', 1)[1].split('\n---------------\n')[0]  # after the tokenizer's line
     assert sample.startswith('First') and len(sample) == len('First') + 20 and set(sample) <= set(record['chars'])

@@ -28,6 +28,7 @@ import os
 import re
 import sys
 import tarfile
+import time
 
 import datasets
 import numpy as np
@@ -108,7 +109,8 @@ def load_hub(name):
     archives = sorted(glob.glob(os.path.join(folder, ARCHIVES)))
     if not archives:
         raise refused
-    print(f"{name}: load_dataset refused its loading script; reading its {len(archives)} archives from {folder}")
+    why = 'offline' if constants.HF_HUB_OFFLINE else 'load_dataset refused its loading script'
+    print(f"{name}: {why}; reading its {len(archives)} archives from {folder}")
     return load_archives(archives)
 
 
@@ -143,6 +145,7 @@ if __name__ == '__main__':
     configure(globals())
     check_out_dir(out_dir)
     enc = gpt2_encoding()
+    t0 = time.time()
 
     try:
         dataset = load_source(source)
@@ -209,7 +212,9 @@ if __name__ == '__main__':
         write_record(tmps[-1], gpt2_record(), counts)
     if os.path.exists(os.path.join(out_dir, 'meta.pkl')):
         os.remove(os.path.join(out_dir, 'meta.pkl'))  # an earlier char-level run's vocabulary is not this data's
-    print(f"wrote {', '.join(os.path.basename(p) for p in paths)} to {out_dir}")
+    print(f"done in {time.time() - t0:,.1f} s: {sum(counts.values()):,} tokens from {len(dataset):,} documents; "
+          f"wrote {', '.join(os.path.basename(p) for p in paths)} "
+          f"({sum(os.path.getsize(p) for p in paths) / 1e9:,.2f} GB) to {out_dir}")
     print(train_hint(out_dir))
 
 # train.bin is ~17GB, val.bin ~8.5MB
