@@ -10,6 +10,7 @@ import io
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import tarfile
@@ -371,3 +372,21 @@ def test_nanogpt_data_folder_trains_and_sample_decodes_from_the_checkpoint(train
     assert "decoding with the checkpoint's tokenizer: char (" in result.stdout
     sample = result.stdout.split('\n', 1)[1].split('\n---------------\n')[0]  # after the tokenizer's line
     assert sample.startswith('First') and len(sample) == len('First') + 20 and set(sample) <= set(record['chars'])
+
+
+def test_fineweb_edu_ctrl_c_leaves_out_dir_as_it_was(tmp_path, documents):
+    source, out = tmp_path / "shards", tmp_path / "out"
+    for k in range(12):  # ~2 MB of text a shard: tokenizing all of them takes seconds
+        write_fineweb_shard(str(source / f"{k:03d}_00000.parquet"), [doc * 4 for doc in documents])
+    out.mkdir()
+    (out / "train.bin").write_bytes(b"\x07\x00" * 10)  # an earlier run's output
+    env = hermetic_env(HF_HOME=str(tmp_path / "hf_home"))
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "data", "fineweb_edu", "prepare.py"), f"--source={source}",
+                             f"--out_dir={out}"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    for line in proc.stdout:  # wait until it is tokenizing the second shard
+        if line.startswith("shard 2/12"):
+            break
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    assert_user_error(subprocess.CompletedProcess(proc.args, proc.returncode, "", stderr), "interrupted: nothing was written")
+    assert os.listdir(out) == ["train.bin"] and (out / "train.bin").read_bytes() == b"\x07\x00" * 10
