@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tarfile
 import threading
+import urllib.parse
 
 import numpy as np
 import pytest
@@ -163,8 +164,8 @@ def split_documents(ids):
     return [ids[a + 1:b].tolist() for a, b in zip(np.concatenate([[-1], ends[:-1]]), ends)]
 
 
-def test_fineweb_edu_from_local_parquet_and_max_tokens(fineweb, tmp_path):
-    folder, docs = fineweb
+def test_fineweb_edu_from_local_parquet_hub_and_max_tokens(fineweb, local_hub, tmp_path):
+    folder, docs, hub = *fineweb, local_hub
     enc = tokenizer.gpt2_encoding()
     expected = [enc.encode_ordinary(doc) for doc in docs]
     outs = {}
@@ -192,30 +193,57 @@ def test_fineweb_edu_from_local_parquet_and_max_tokens(fineweb, tmp_path):
         assert part[s].tolist() == full[s][:len(part[s])].tolist() and part[s][-1] == 50256
     record = json.loads((outs["part"] / "tokenizer.json").read_text())
     assert record["tokenizer"] == "gpt2" and record["tokens"] == {s: len(a) for s, a in part.items()}
+    # the same from the hub (a local stand-in): downloaded shard by shard into out_dir/.downloads, then deleted
+    result = run_online("data/fineweb_edu/prepare.py", f"--out_dir={tmp_path / 'hub'}", "--test_size=0.05",
+                        "--batch_rows=64", cwd=str(tmp_path), endpoint=hub)
+    assert result.returncode == 0, result.stderr
+    assert sorted(os.listdir(tmp_path / "hub")) == ["tokenizer.json", "train.bin", "val.bin"]
+    for name in ("train.bin", "val.bin", "tokenizer.json"):
+        assert (tmp_path / "hub" / name).read_bytes() == (outs["all"] / name).read_bytes(), name
 
 
 
 @pytest.fixture(scope="module")
-def empty_hub():
-    """A local stand-in for the hub that knows no repository: every request gets the hub's own answer for
-    a repository that does not exist (404 with X-Error-Code: RepoNotFound). Yields its address."""
-    class NotFound(http.server.BaseHTTPRequestHandler):
+def local_hub(fineweb):
+    """A local stand-in for the hub's HTTP API holding one dataset repository, HuggingFaceFW/fineweb-edu (the
+    fineweb fixture's folder): its tree listing and its files, with the headers huggingface_hub reads; any
+    other repository gets the hub's answer for one that does not exist (404, X-Error-Code: RepoNotFound)."""
+    folder, _ = fineweb
+    prefix = "/api/datasets/HuggingFaceFW/fineweb-edu/tree/main/", "/datasets/HuggingFaceFW/fineweb-edu/resolve/main/"
+
+    class Hub(http.server.BaseHTTPRequestHandler):
         def do_GET(self):
-            body = b'{"error":"Repository not found"}'
-            self.send_response(404)
-            self.send_header("X-Error-Code", "RepoNotFound")
-            self.send_header("X-Error-Message", "Repository not found")
-            self.send_header("Content-Type", "application/json")
+            path = urllib.parse.unquote(urllib.parse.urlsplit(self.path).path)
+            if path.startswith(prefix[0]):
+                top = folder / path[len(prefix[0]):]
+                files = sorted(p for p in top.rglob("*") if p.is_file())
+                body = json.dumps([{"type": "file", "path": str(p.relative_to(folder)), "size": p.stat().st_size,
+                                    "oid": f"{k:040x}"} for k, p in enumerate(files)]).encode()
+                self.reply(200, body, {"Content-Type": "application/json"})
+            elif path.startswith(prefix[1]) and (folder / path[len(prefix[1]):]).is_file():
+                body = (folder / path[len(prefix[1]):]).read_bytes()
+                self.reply(200, body, {"X-Repo-Commit": "0" * 40, "ETag": f'"{len(body):040x}"'})
+            else:
+                self.reply(404, b'{"error":"Repository not found"}',
+                           {"X-Error-Code": "RepoNotFound", "X-Error-Message": "Repository not found"})
+
+        def do_HEAD(self):
+            self.head_only = True
+            self.do_GET()
+
+        def reply(self, status, body, headers):
+            self.send_response(status)
+            for key, value in headers.items():
+                self.send_header(key, value)
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
-            self.wfile.write(body)
-
-        do_HEAD = do_GET
+            if not getattr(self, "head_only", False):
+                self.wfile.write(body)
 
         def log_message(self, *args):
             pass
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), NotFound)
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Hub)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     yield f"http://127.0.0.1:{server.server_address[1]}"
     server.shutdown()
@@ -234,7 +262,7 @@ def run_online(script, *args, cwd, endpoint):
 @pytest.mark.parametrize("script, case", [(script, case) for case in ("no_such_hub_dataset", "no_disk_space")
                                           for script in ("openwebtext", "fineweb_edu")] +
                          [("fineweb_edu", case) for case in ("offline", "unwritable_out_dir", "no_text_column")])
-def test_bad_input_one_line_nothing_overwritten(fineweb, empty_hub, tmp_path, script, case):
+def test_bad_input_one_line_nothing_overwritten(fineweb, local_hub, tmp_path, script, case):
     # (test_data.py has openwebtext's other cases)
     folder, _ = fineweb
     out = tmp_path / "out"
@@ -244,7 +272,7 @@ def test_bad_input_one_line_nothing_overwritten(fineweb, empty_hub, tmp_path, sc
     if case == "no_such_hub_dataset":
         args.append("--source=no-such-user/no-such-dataset")
         expected = ["no-such-user/no-such-dataset", "n't exist" if script == "openwebtext" else "no dataset"]
-        runner = functools.partial(run_online, endpoint=empty_hub)
+        runner = functools.partial(run_online, endpoint=local_hub)
     elif case == "offline":  # HF_HUB_OFFLINE=1
         expected = ["offline (HF_HUB_OFFLINE=1)"]
     elif case == "no_disk_space":
