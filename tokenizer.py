@@ -148,6 +148,11 @@ def gpt2_record():
     return {"tokenizer": "gpt2", "vocab_size": 50257, "eot_token": 50256}
 
 
+def pretrained_record(config):
+    """The tokenizer of a pretrained model: GPT-2's when it has GPT-2's vocabulary size, else unknown (None)."""
+    return gpt2_record() if config.vocab_size == 50257 else None
+
+
 def char_record(meta):
     """The tokenizer record of a character vocabulary (a meta.pkl dict): the characters themselves, in id
     order, so that a checkpoint holding the record can decode without the data folder."""

@@ -194,7 +194,7 @@ try:
 except (ValueError, OSError) as e:  # e.g. n_embd not divisible by n_head, unknown or unreachable GPT-2 weights
     raise UserError(str(e)) from None
 if init_from != 'scratch':  # resuming or finetuning: the data must be in the model's own tokens
-    trained_on = checkpoint.get('tokenizer') if checkpoint is not None else tokenizer.gpt2_record()
+    trained_on = checkpoint.get('tokenizer') if checkpoint is not None else tokenizer.pretrained_record(model.config)
     tokenizer.check_same(trained_on, data_tokenizer, ckpt_path if checkpoint is not None else init_from, data_dir)
     data_tokenizer = data_tokenizer or trained_on
 if block_size < model.config.block_size:

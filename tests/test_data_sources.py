@@ -5,6 +5,7 @@ writes and train.py / sample.py check, and data_order='epoch'. Everything offlin
 """
 import http.server
 import functools
+import hashlib
 import importlib.util
 import io
 import json
@@ -62,6 +63,8 @@ def build_owt_replica(folder, documents):
     os.makedirs(os.path.join(folder, "subsets"))
     with open(os.path.join(folder, "openwebtext.py"), "w") as f:
         f.write("# the loading script that datasets >= 4.0 refuses to run\n")
+    with open(os.path.join(folder, "README.md"), "w") as f:
+        f.write("---\npretty_name: OpenWebText\n---\n")
     expected, k = [], 0
     for subset in range(3):
         outer = [("openwebtext", None), ("openwebtext/README", b"not an .xz")]
@@ -125,6 +128,19 @@ def test_openwebtext_default_source_offline_from_the_hub_cache(owt, tmp_path):
     assert "reading its 3 archives" in result.stdout
     for name in ("train.bin", "val.bin", "tokenizer.json"):
         assert (tmp_path / "out" / name).read_bytes() == (folder / "out" / name).read_bytes(), name
+
+
+def test_openwebtext_default_source_from_the_hub_refusing_its_loading_script(owt, local_hub, tmp_path):
+    # python data/openwebtext/prepare.py as on a fresh machine: load_dataset finds openwebtext.py and refuses it
+    folder, _ = owt
+    result = run_online("data/openwebtext/prepare.py", f"--out_dir={tmp_path / 'out'}", "--test_size=0.1",
+                        "--num_proc=1", cwd=str(tmp_path), endpoint=local_hub)
+    assert result.returncode == 0, result.stderr
+    assert "openwebtext: load_dataset refused its loading script; reading its 3 archives" in result.stdout
+    for name in ("train.bin", "val.bin", "tokenizer.json"):
+        assert (tmp_path / "out" / name).read_bytes() == (folder / "out" / name).read_bytes(), name
+    snapshots = tmp_path / "hf_home" / "hub" / "datasets--Skylion007--openwebtext" / "snapshots"
+    assert len(list(snapshots.glob("*/subsets/urlsf_subset*.tar"))) == 3  # downloaded into the hub cache
 
 
 # ----------------------------------------------------------------------------- FineWeb-Edu
@@ -204,28 +220,36 @@ def test_fineweb_edu_from_local_parquet_hub_and_max_tokens(fineweb, local_hub, t
 
 
 @pytest.fixture(scope="module")
-def local_hub(fineweb):
-    """A local stand-in for the hub's HTTP API holding one dataset repository, HuggingFaceFW/fineweb-edu (the
-    fineweb fixture's folder): its tree listing and its files, with the headers huggingface_hub reads; any
-    other repository gets the hub's answer for one that does not exist (404, X-Error-Code: RepoNotFound)."""
-    folder, _ = fineweb
-    prefix = "/api/datasets/HuggingFaceFW/fineweb-edu/tree/main/", "/datasets/HuggingFaceFW/fineweb-edu/resolve/main/"
+def local_hub(owt, fineweb):
+    """A local stand-in for the hub's HTTP API holding two dataset repositories, the owt and fineweb
+    fixtures' folders, with the routes and headers that datasets and huggingface_hub use: a repository's
+    info, its tree, and its files. Any other repository gets the hub's answer for one that does not exist
+    (404 with X-Error-Code: RepoNotFound). Yields its address, for HF_ENDPOINT."""
+    repos = {"Skylion007/openwebtext": owt[0] / "repo", "HuggingFaceFW/fineweb-edu": fineweb[0]}
+    api = re.compile(r"/api/datasets/([^/]+/[^/]+)/(revision|tree)/[^/]+/?(.*)")
+    resolve = re.compile(r"/datasets/([^/]+/[^/]+)/resolve/[^/]+/(.*)")
 
     class Hub(http.server.BaseHTTPRequestHandler):
         def do_GET(self):
             path = urllib.parse.unquote(urllib.parse.urlsplit(self.path).path)
-            if path.startswith(prefix[0]):
-                top = folder / path[len(prefix[0]):]
-                files = sorted(p for p in top.rglob("*") if p.is_file())
-                body = json.dumps([{"type": "file", "path": str(p.relative_to(folder)), "size": p.stat().st_size,
-                                    "oid": f"{k:040x}"} for k, p in enumerate(files)]).encode()
-                self.reply(200, body, {"Content-Type": "application/json"})
-            elif path.startswith(prefix[1]) and (folder / path[len(prefix[1]):]).is_file():
-                body = (folder / path[len(prefix[1]):]).read_bytes()
-                self.reply(200, body, {"X-Repo-Commit": "0" * 40, "ETag": f'"{len(body):040x}"'})
-            else:
-                self.reply(404, b'{"error":"Repository not found"}',
-                           {"X-Error-Code": "RepoNotFound", "X-Error-Message": "Repository not found"})
+            match = api.fullmatch(path) or resolve.fullmatch(path)
+            folder = repos.get(match.group(1)) if match else None
+            if folder is None:
+                return self.reply(404, b'{"error":"Repository not found"}',
+                                  {"X-Error-Code": "RepoNotFound", "X-Error-Message": "Repository not found"})
+            if match.re is resolve:
+                file = folder / match.group(2)
+                if not file.is_file():
+                    return self.reply(404, b'{"error":"Entry not found"}', {"X-Error-Code": "EntryNotFound"})
+                body = file.read_bytes()
+                return self.reply(200, body, {"X-Repo-Commit": "0" * 40, "ETag": f'"{hashlib.sha256(body).hexdigest()}"'})
+            files = sorted(p for p in (folder / match.group(3)).rglob("*") if p.is_file())
+            entries = [{"type": "file", "path": str(p.relative_to(folder)), "size": p.stat().st_size,
+                        "oid": f"{k:040x}"} for k, p in enumerate(files)]
+            info = {"id": match.group(1), "sha": "0" * 40, "private": False,
+                    "siblings": [{"rfilename": e["path"], "size": e["size"]} for e in entries]}
+            self.reply(200, json.dumps(entries if match.group(2) == "tree" else info).encode(),
+                       {"Content-Type": "application/json"})
 
         def do_HEAD(self):
             self.head_only = True

@@ -94,13 +94,22 @@ def load_archives(archives):
 def load_hub(name):
     """A hub dataset through load_dataset; where that refuses a loading script (datasets >= 4.0), or is
     offline, the OpenWebText archives of the hub repository (downloaded, or from the hub cache)."""
+    repo = HUB_REPOS.get(name, name)
     try:
-        return load_dataset(name, split='train', num_proc=num_proc)
+        return load_dataset(repo, split='train', num_proc=num_proc)
     except (RuntimeError, ConnectionError) as e:
         if 'Dataset scripts are no longer supported' not in str(e) and not constants.HF_HUB_OFFLINE:
             raise
         refused = e
-    repo = HUB_REPOS.get(name, name)
+    if not constants.HF_HUB_OFFLINE:  # room for what is left to download, and for the text (~3x the archives)
+        plan = snapshot_download(repo, repo_type='dataset', allow_patterns=[ARCHIVES], dry_run=True)
+        reserve = int(reserve_gb * 1e9)
+        for folder, needed, what in [(constants.HF_HUB_CACHE, sum(f.file_size or 0 for f in plan if f.will_download),
+                                      f"the archives of {repo}"),
+                                     (datasets.config.HF_DATASETS_CACHE, 3 * sum(f.file_size or 0 for f in plan),
+                                      "the documents in the datasets cache")]:
+            os.makedirs(folder, exist_ok=True)
+            check_free_space(folder, needed + reserve, what)
     try:  # resumes partial downloads, skips finished ones, shows a progress bar per file
         folder = snapshot_download(repo, repo_type='dataset', allow_patterns=[ARCHIVES])
     except LocalEntryNotFoundError:
