@@ -179,7 +179,8 @@ def prepare(text, out_dir, tokenizer="char", val_fraction=0.1):
             raise UserError(f"the text is too short: its {name} split is empty")
         print(f"{name} has {len(ids):,} tokens")
     write_outputs(out_dir, splits, meta)
-    print(f"wrote {', '.join([f'{name}.bin' for name in splits] + [RECORD] + (['meta.pkl'] if meta else []))} to {out_dir}")
+    written = [f"{name}.bin" for name in splits] + [RECORD] + (["meta.pkl"] if meta else [])
+    print(f"wrote {', '.join(written)} to {out_dir}")
     return {name: len(ids) for name, ids in splits.items()}
 
 

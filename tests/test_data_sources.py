@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, SHAKESPEARE, TINY, error_line, hermetic_env, read_log
+from conftest import ROOT, SHAKESPEARE, error_line, hermetic_env, read_log
 from test_data import assert_user_error, documents, read_bin, run, split_like_nanogpt  # noqa: F401 (a fixture)
 
 sys.path.insert(0, os.path.join(ROOT, "data"))
@@ -204,7 +204,8 @@ def test_fineweb_edu_from_local_parquet_hub_and_max_tokens(fineweb, local_hub, t
     part = {s: read_bin(outs["part"] / f"{s}.bin") for s in ("train", "val")}
     full = {s: read_bin(outs["all"] / f"{s}.bin") for s in ("train", "val")}
     total = sum(len(a) for a in part.values())
-    assert total <= 20000 and total + len(expected[len(split_documents(np.concatenate(list(part.values()))))]) + 1 > 20000
+    next_doc = expected[len(split_documents(np.concatenate(list(part.values()))))]
+    assert total <= 20000 and total + len(next_doc) + 1 > 20000
     for s in part:
         assert part[s].tolist() == full[s][:len(part[s])].tolist() and part[s][-1] == 50256
     record = json.loads((outs["part"] / "tokenizer.json").read_text())
@@ -242,7 +243,8 @@ def local_hub(owt, fineweb):
                 if not file.is_file():
                     return self.reply(404, b'{"error":"Entry not found"}', {"X-Error-Code": "EntryNotFound"})
                 body = file.read_bytes()
-                return self.reply(200, body, {"X-Repo-Commit": "0" * 40, "ETag": f'"{hashlib.sha256(body).hexdigest()}"'})
+                etag = f'"{hashlib.sha256(body).hexdigest()}"'  # the hub's etag of a large file: its sha256
+                return self.reply(200, body, {"X-Repo-Commit": "0" * 40, "ETag": etag})
             files = sorted(p for p in (folder / match.group(3)).rglob("*") if p.is_file())
             entries = [{"type": "file", "path": str(p.relative_to(folder)), "size": p.stat().st_size,
                         "oid": f"{k:040x}"} for k, p in enumerate(files)]
@@ -329,7 +331,7 @@ def test_epoch_order_visits_every_window_once_per_epoch():
     resumed = runtime.WindowSampler('epoch', seed=1337)
     resumed.set_state({'data_order': 'epoch', 'windows_drawn': 1500})
     assert torch.equal(resumed.draw(n, (50,)), drawn[1500:1550])
-    assert (np.bincount(runtime.shuffled(np.arange(2_000_003), 2_000_003, (1, 0))) == 1).all()  # larger n, still a permutation
+    assert (np.bincount(runtime.shuffled(np.arange(2_000_003), 2_000_003, (1, 0))) == 1).all()  # a larger n
 
 
 @pytest.fixture(scope='module')
@@ -400,7 +402,8 @@ def test_checkpoint_refuses_data_of_another_tokenizer(train, tiny_data, epoch_st
     assert re.search(r"ckpt\.pt uses the tokenizer char \(\d+ characters, sha256 [0-9a-f]{8}\) but the data in "
                      r".*bpe was made by gpt2 \(50257 tokens\)", line), line
     # and the reverse: a GPT-2 BPE checkpoint on char data, refused though its ids fit the larger vocabulary
-    train(f"--data_dir={tiny_data / 'bpe'}", '--max_iters=1', '--eval_interval=1', '--eval_iters=1', f'--out_dir={tmp_path}')
+    train(f"--data_dir={tiny_data / 'bpe'}", '--max_iters=1', '--eval_interval=1', '--eval_iters=1',
+          f'--out_dir={tmp_path}')
     assert torch.load(tmp_path / 'ckpt.pt', weights_only=True)['tokenizer'] == tokenizer.gpt2_record()
     result = train(f"--data_dir={tiny_data / 'char'}", '--max_iters=2', '--init_from=resume', f'--out_dir={tmp_path}',
                    check=False)
@@ -433,12 +436,14 @@ def test_fineweb_edu_ctrl_c_leaves_out_dir_as_it_was(tmp_path, documents):
     out.mkdir()
     (out / "train.bin").write_bytes(b"\x07\x00" * 10)  # an earlier run's output
     env = hermetic_env(HF_HOME=str(tmp_path / "hf_home"))
-    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "data", "fineweb_edu", "prepare.py"), f"--source={source}",
-                             f"--out_dir={out}"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "data", "fineweb_edu", "prepare.py"),
+                             f"--source={source}", f"--out_dir={out}"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     for line in proc.stdout:  # wait until it is tokenizing the second shard
         if line.startswith("shard 2/12"):
             break
     proc.send_signal(signal.SIGINT)
     _, stderr = proc.communicate(timeout=60)
-    assert_user_error(subprocess.CompletedProcess(proc.args, proc.returncode, "", stderr), "interrupted: nothing was written")
+    result = subprocess.CompletedProcess(proc.args, proc.returncode, "", stderr)
+    assert_user_error(result, "interrupted: nothing was written")
     assert os.listdir(out) == ["train.bin"] and (out / "train.bin").read_bytes() == b"\x07\x00" * 10

@@ -23,7 +23,7 @@ import time
 
 import numpy as np
 import pyarrow.parquet as pq
-from huggingface_hub import HfApi, constants, hf_hub_download
+from huggingface_hub import HfApi, hf_hub_download
 from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled, RepositoryNotFoundError
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))  # repo root
@@ -33,11 +33,11 @@ from prepare_text import atomic_outputs, check_free_space, check_out_dir, train_
 from tokenizer import RECORD, gpt2_encoding, gpt2_record, write_record
 
 # -----------------------------------------------------------------------------
-source = 'HuggingFaceFW/fineweb-edu'  # hub dataset, or a local folder (searched recursively) or file of its parquet files
-config = 'sample-10BT'  # the hub's subset: 'sample-10BT', 'sample-100BT', 'sample-350BT', 'default' or a dump 'CC-MAIN-2024-10'
+source = 'HuggingFaceFW/fineweb-edu'  # hub dataset, or a local folder (searched recursively) or file of parquet
+config = 'sample-10BT'  # 'sample-10BT', 'sample-100BT', 'sample-350BT', 'default' or a dump, 'CC-MAIN-2024-10'
 text_column = 'text'    # the column holding each document's text
 out_dir = os.path.dirname(os.path.abspath(__file__))  # where train.bin, val.bin and tokenizer.json go
-max_tokens = 0.0        # stop before the document that would take train + val past this many tokens (1e9 is fine); 0: all
+max_tokens = 0.0        # stop before the document that takes train + val past this many tokens (e.g. 1e9); 0: all
 test_size = 0.0005      # the fraction of tokens held out as val (~5M of sample-10BT's 10B)
 batch_rows = 1024       # documents read and tokenized at a time
 num_threads = os.cpu_count() or 1  # tiktoken's encoding threads
@@ -102,7 +102,8 @@ def text_bytes_of(path):
     meta = pq.ParquetFile(path).metadata
     names = [meta.schema.column(i).name for i in range(meta.num_columns)]
     if text_column not in names:
-        raise UserError(f"{path} has no '{text_column}' column (it has {', '.join(names)}); pick one with --text_column=")
+        raise UserError(f"{path} has no '{text_column}' column (it has {', '.join(names)}); "
+                        f"pick one with --text_column=")
     i = names.index(text_column)
     return sum(meta.row_group(g).column(i).total_uncompressed_size for g in range(meta.num_row_groups))
 
@@ -145,8 +146,9 @@ if __name__ == '__main__':
                 print(f"shard {k + 1}/{len(shards)}: {shard} ({size / 1e6:,.0f} MB)", flush=True)
                 path = shard if local else hf_hub_download(source, shard, repo_type='dataset', local_dir=download_dir)
                 parquet = pq.ParquetFile(path)
-                if text_column not in parquet.schema_arrow.names:
-                    raise UserError(f"{shard} has no '{text_column}' column (it has {', '.join(parquet.schema_arrow.names)}); "
+                columns = parquet.schema_arrow.names
+                if text_column not in columns:
+                    raise UserError(f"{shard} has no '{text_column}' column (it has {', '.join(columns)}); "
                                     f"pick one with --text_column=")
                 for batch in parquet.iter_batches(batch_size=batch_rows, columns=[text_column]):
                     docs = enc.encode_ordinary_batch(batch.column(0).to_pylist(), num_threads=num_threads)
@@ -155,7 +157,8 @@ if __name__ == '__main__':
                         if max_tokens and counts['train'] + counts['val'] + len(ids) > max_tokens:
                             full = True
                             break
-                        split = 'val' if counts['val'] < test_size * (counts['train'] + counts['val'] + len(ids)) else 'train'
+                        total = counts['train'] + counts['val'] + len(ids)
+                        split = 'val' if counts['val'] < test_size * total else 'train'
                         files[split].write(np.array(ids, dtype=np.uint16).tobytes())
                         counts[split] += len(ids)
                         n_docs[split] += 1
@@ -167,7 +170,8 @@ if __name__ == '__main__':
                 if full:
                     break
         if counts['val'] == 0 or counts['train'] == 0:
-            raise UserError(f"only {sum(counts.values())} tokens: too few for a train and a val split; raise --max_tokens")
+            raise UserError(f"only {sum(counts.values())} tokens: too few for a train and a val split; "
+                            f"raise --max_tokens")
         write_record(tmps[2], gpt2_record(), counts)
     if not keep_downloads:
         shutil.rmtree(download_dir, ignore_errors=True)
