@@ -392,9 +392,10 @@ while True:
         tokens_per_s = gradient_accumulation_steps * batch_size * block_size / dt
         epoch = sampler.epoch(sampler_state, n_tokens['train'] - block_size)  # None for data_order='random'
         print(f"iter {iter_num}: loss {lossf:.4f}, lr {lr:.3e}, time {dt * 1000:.2f}ms, "
-              f"{tokens_per_s:,.0f} tok/s, mfu {running_mfu * 100:.2f}%" + ("" if epoch is None else f", epoch {epoch}"))
+              f"{tokens_per_s:,.0f} tok/s, mfu {running_mfu * 100:.2f}%"
+              + ("" if epoch is None else f", epoch {epoch}"))
         log(dict(iter=iter_num, loss=lossf, lr=lr, ms=dt * 1000, tokens_per_s=tokens_per_s, mfu=running_mfu,
-                 **({'epoch': epoch} if epoch is not None else {})))
+                 **({} if epoch is None else {'epoch': epoch})))
     iter_num += 1
     local_iter_num += 1
 

@@ -103,18 +103,17 @@ def load_hub(name):
         refused = e
     if not constants.HF_HUB_OFFLINE:  # room for what is left to download, and for the text (~3x the archives)
         plan = snapshot_download(repo, repo_type='dataset', allow_patterns=[ARCHIVES], dry_run=True)
-        reserve = int(reserve_gb * 1e9)
-        for folder, needed, what in [(constants.HF_HUB_CACHE, sum(f.file_size or 0 for f in plan if f.will_download),
-                                      f"the archives of {repo}"),
-                                     (datasets.config.HF_DATASETS_CACHE, 3 * sum(f.file_size or 0 for f in plan),
-                                      "the documents in the datasets cache")]:
+        to_download = sum(f.file_size or 0 for f in plan if f.will_download)
+        unpacked = 3 * sum(f.file_size or 0 for f in plan)
+        for folder, needed, what in [(constants.HF_HUB_CACHE, to_download, f"the archives of {repo}"),
+                                     (datasets.config.HF_DATASETS_CACHE, unpacked, "the documents in the datasets cache")]:
             os.makedirs(folder, exist_ok=True)
-            check_free_space(folder, needed + reserve, what)
+            check_free_space(folder, needed + int(reserve_gb * 1e9), what)
     try:  # resumes partial downloads, skips finished ones, shows a progress bar per file
         folder = snapshot_download(repo, repo_type='dataset', allow_patterns=[ARCHIVES])
     except LocalEntryNotFoundError:
-        raise UserError(f"cannot load --source={name}: offline (HF_HUB_OFFLINE=1) and the archives of {repo} "
-                        f"are not in the hub cache {constants.HF_HUB_CACHE}") from None
+        raise UserError(f"cannot load --source={name}: offline (HF_HUB_OFFLINE=1) and {repo} is not in the hub "
+                        f"cache {constants.HF_HUB_CACHE}") from None
     archives = sorted(glob.glob(os.path.join(folder, ARCHIVES)))
     if not archives:
         raise refused
