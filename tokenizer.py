@@ -170,7 +170,8 @@ def write_record(path, record, counts):
 
 def data_tokenizer(data_dir):
     """What made data_dir's .bin files: its tokenizer.json, else (older folders, nanoGPT's) the character
-    vocabulary in its meta.pkl, else None: nothing recorded, which nanoGPT takes to mean GPT-2."""
+    vocabulary in its meta.pkl, else None: nothing recorded (nanoGPT takes that to mean GPT-2), or a meta.pkl
+    with only the vocab_size, which is all that training needs."""
     path = os.path.join(data_dir, RECORD)
     if os.path.exists(path):
         try:
@@ -182,9 +183,12 @@ def data_tokenizer(data_dir):
         if not known:
             raise UserError(f"{path} names tokenizer {record['tokenizer']!r}, which this code does not know")
         return {k: record[k] for k in ("tokenizer", "vocab_size", "eot_token", "chars") if k in record}
-    if os.path.exists(os.path.join(data_dir, "meta.pkl")):
+    if not os.path.exists(os.path.join(data_dir, "meta.pkl")):
+        return None
+    try:
         return char_record(load_meta(os.path.join(data_dir, "meta.pkl")))
-    return None
+    except UserError:  # no itos/stoi, or unreadable: train.py reads (and reports on) its vocab_size itself
+        return None
 
 
 def describe(record):
