@@ -8,6 +8,7 @@ and RNG state, and checkpoint files (atomic writes, safe and clearly-failing rea
     ctx = autocast_context(device, dtype)     # `with ctx:` around forward passes
 """
 import atexit
+import math
 import os
 import random
 import subprocess
@@ -272,6 +273,11 @@ def check_checkpoint(checkpoint, path):
     config = checkpoint.get('config', {})
     if not isinstance(config, dict) or not all(isinstance(config.get(k, ''), str) for k in ('dataset', 'data_dir')):
         raise bad("config is not a dict with dataset and data_dir as strings")
+    record = checkpoint.get('tokenizer')  # tokenizer.data_tokenizer's dict, or None
+    if record is not None and not (isinstance(record, dict) and type(record.get('vocab_size')) is int and (
+            record.get('tokenizer') == 'gpt2' or record.get('tokenizer') == 'char' and
+            isinstance(record.get('chars'), str) and len(record['chars']) == record['vocab_size'])):
+        raise bad("its tokenizer record is not a gpt2 or char record")
     # the loop state is checked by restoring it (into a throwaway generator; the global RNGs are put back)
     try:
         if checkpoint.get('sampler_state') is not None:
@@ -344,3 +350,79 @@ def print_environment(device, dtype):
     name = torch.cuda.get_device_name(device) if device_type(device) == 'cuda' else device
     print(f"python {sys.version.split()[0]}, torch {torch.__version__}, device {name}, dtype {dtype}, "
           f"threads {torch.get_num_threads()}, commit {git_commit() or 'unknown'}")
+
+
+class WindowSampler:
+    """The window starts of each iteration's global batch, drawn the same way by every rank (each takes
+    its own rows), so the data depends on the seed and not on the number of processes.
+    'random': nanoGPT's uniform draws with replacement from a seeded torch generator.
+    'epoch': every start 0..n_windows-1 once per epoch, in an order shuffled afresh each epoch from
+    (seed, epoch). That order is a keyed permutation computed on the fly (a Feistel network, see
+    shuffled), so nothing of size n_windows (~9e9 for OpenWebText) is ever held in memory, and the
+    state is one number: how many windows have been drawn."""
+
+    def __init__(self, order, seed):
+        if order not in ('random', 'epoch'):
+            raise UserError(f"data_order must be 'random' or 'epoch', not '{order}'")
+        self.order, self.seed = order, seed
+        self.generator = torch.Generator().manual_seed(seed)
+        self.drawn = 0  # windows drawn so far ('epoch'), over all epochs
+
+    def draw(self, n_windows, shape):
+        """Window starts in [0, n_windows) as a LongTensor of `shape` (the global batch's rows, batch_size)."""
+        if self.order == 'random':
+            return torch.randint(n_windows, shape, generator=self.generator)
+        position = self.drawn + np.arange(math.prod(shape), dtype=np.int64)  # (rows * batch_size,)
+        self.drawn += math.prod(shape)
+        epoch, index = position // n_windows, position % n_windows
+        starts = np.empty_like(position)
+        for e in np.unique(epoch):  # a batch may straddle two epochs
+            starts[epoch == e] = shuffled(index[epoch == e], n_windows, (self.seed, int(e)))
+        return torch.from_numpy(starts).view(shape)
+
+    def epoch(self, state, n_windows):
+        """The epoch (0-based) of the last window drawn before `state` was taken; None for 'random'."""
+        return None if self.order == 'random' else max(state['windows_drawn'] - 1, 0) // n_windows
+
+    def get_state(self):
+        """For the checkpoint: the generator's state ('random', as before), or the count of windows drawn."""
+        if self.order == 'random':
+            return self.generator.get_state()
+        return {'data_order': 'epoch', 'windows_drawn': self.drawn}
+
+    def set_state(self, state):
+        saved = 'epoch' if isinstance(state, dict) else 'random'
+        if saved != self.order:
+            raise UserError(f"the checkpoint was trained with data_order='{saved}'; resume it with "
+                            f"--data_order={saved} (or start a new run in another out_dir)")
+        if self.order == 'random':
+            self.generator.set_state(state)
+        else:
+            self.drawn = int(state['windows_drawn'])
+
+
+def shuffled(index, n, key, rounds=4):
+    """The keyed permutation of range(n) at positions `index` (int64 array): a Feistel network on the
+    smallest even number of bits that covers n, a bijection on [0, 2**bits); values that land at n or
+    above are pushed through it again ("cycle walking") until they fall below n, which keeps it a
+    bijection on [0, n). The round keys come from `key` (seed, epoch) through numpy's SeedSequence."""
+    half = max(1, (int(n - 1).bit_length() + 1) // 2)
+    mask = np.uint64((1 << half) - 1)
+    keys = np.random.SeedSequence(list(key)).generate_state(rounds, dtype=np.uint64)
+
+    def permute(x):
+        left, right = x >> np.uint64(half), x & mask
+        for k in keys:
+            z = right ^ k  # splitmix64's finalizer as the round function
+            z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+            z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+            left, right = right, left ^ ((z ^ (z >> np.uint64(31))) & mask)
+        return (left << np.uint64(half)) | right
+
+    with np.errstate(over='ignore'):  # the multiplications wrap modulo 2**64 on purpose
+        out = permute(index.astype(np.uint64))
+        walk = out >= n
+        while walk.any():
+            out[walk] = permute(out[walk])
+            walk = out >= n
+    return out.astype(np.int64)

@@ -12,7 +12,7 @@ import torch
 import runtime
 from configurator import ROOT, UserError, configure
 from model import GPT, GPTConfig
-from tokenizer import load_tokenizer
+from tokenizer import describe, load_tokenizer
 
 # -----------------------------------------------------------------------------
 init_from = 'resume'  # 'resume' (from out_dir/ckpt.pt), a gpt2 variant (e.g. 'gpt2-xl') or a local Hugging Face dir
@@ -55,13 +55,14 @@ if init_from == 'resume':
     train_config = checkpoint.get('config', {})
     data_dir = train_config.get('data_dir') or os.path.join(ROOT, 'data', str(train_config.get('dataset', '')))
     meta_path = os.path.join(data_dir, 'meta.pkl') if 'dataset' in train_config else None
+    record = checkpoint.get('tokenizer')  # what made the training data, when train.py recorded it
 else:
     try:
         with contextlib.redirect_stdout(sys.stderr):  # stdout holds only the samples
             model = GPT.from_pretrained(init_from, dict(dropout=0.0), allow_unsafe_pickle)
     except (ValueError, OSError) as e:
         raise UserError(str(e)) from None
-    meta_path = None
+    meta_path = record = None
 model.eval()
 model.to(device)
 if compile:
@@ -69,10 +70,10 @@ if compile:
     model.forward = torch.compile(model.forward)
 
 # encode the beginning of the prompt
-if model.config.vocab_size < 50257 and not (meta_path and os.path.exists(meta_path)):
+if model.config.vocab_size < 50257 and not record and not (meta_path and os.path.exists(meta_path)):
     raise UserError(f"this model has a {model.config.vocab_size}-token vocabulary but its meta.pkl was not found "
                     f"(looked for {meta_path}); prepare that dataset again with its data/<name>/prepare.py")
-encode, decode = load_tokenizer(meta_path, model.config.vocab_size)
+encode, decode = load_tokenizer(meta_path, record, model.config.vocab_size)
 if start.startswith('FILE:'):
     try:
         with open(start[5:], 'r', encoding='utf-8') as f:
@@ -84,7 +85,9 @@ if not start_ids:
     raise UserError("the prompt is empty: give at least one character with --start=... (the default is a newline)")
 x = torch.tensor(start_ids, dtype=torch.long, device=device)[None, ...]  # (1, T)
 # what is not a sample goes to stderr, after any error about the prompt
-if meta_path and os.path.exists(meta_path):
+if record:
+    print(f"decoding with the checkpoint's tokenizer: {describe(record)}", file=sys.stderr)
+elif meta_path and os.path.exists(meta_path):
     print(f"Loading meta from {meta_path}...", file=sys.stderr)
 else:
     print("No meta.pkl found, assuming GPT-2 encodings...", file=sys.stderr)

@@ -7,10 +7,12 @@ stored in nanoGPT's meta.pkl format. Used by the data/*/prepare.py scripts, samp
     encode, decode = char_codec(meta)        # str -> list[int] -> str
     meta = load_meta(path)                   # a meta.pkl read as plain data only (no code runs) and checked
     encode, decode = load_tokenizer(path)    # char vocabulary from meta.pkl if that file exists, else GPT-2
+    record = data_tokenizer(data_dir)        # what made a data folder's .bin files (its tokenizer.json)
 """
 import functools
 import hashlib
 import importlib.util
+import json
 import os
 import pickle
 import tempfile
@@ -30,6 +32,7 @@ GPT2_FILES = {  # name -> (tiktoken's download URL, sha256)
                      "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"),
 }
 MAX_CHAR_VOCAB = 2**16  # token ids are stored as uint16
+RECORD = "tokenizer.json"  # written by every prepare script beside train.bin and val.bin
 
 
 def tiktoken_has_gpt2_files():
@@ -167,15 +170,86 @@ def load_meta(path):
     return meta
 
 
-def load_tokenizer(meta_path=None, vocab_size=None):
-    """(encode, decode) as nanoGPT's sample.py chooses them: the character vocabulary in meta_path when that
-    file exists, else GPT-2 BPE (where '<|endoftext|>' in a prompt becomes token 50256). With vocab_size (the
-    model's), a character vocabulary of another size is refused: its ids would mean other characters."""
-    if meta_path and os.path.exists(meta_path):
+def load_tokenizer(meta_path=None, record=None, vocab_size=None):
+    """(encode, decode) for a tokenizer record (as a checkpoint stores it) when given; otherwise as nanoGPT's
+    sample.py chooses them: the character vocabulary in meta_path when that file exists, else GPT-2 BPE
+    (where '<|endoftext|>' in a prompt becomes token 50256). With vocab_size (the model's), a character
+    vocabulary of another size is refused: its ids would mean other characters."""
+    meta = None
+    if record and record["tokenizer"] == "char":
+        chars = record["chars"]
+        meta = {"vocab_size": len(chars), "itos": dict(enumerate(chars)), "stoi": {c: i for i, c in enumerate(chars)}}
+    elif not record and meta_path and os.path.exists(meta_path):
         meta = load_meta(meta_path)
+    if meta is not None:
         if vocab_size is not None and meta["vocab_size"] != vocab_size:
-            raise UserError(f"the model has a {vocab_size}-token vocabulary but {meta_path} holds "
+            raise UserError(f"the model has a {vocab_size}-token vocabulary but its character vocabulary "
+                            f"({meta_path if not record else 'recorded in the checkpoint'}) holds "
                             f"{meta['vocab_size']} characters: they belong to different datasets")
         return char_codec(meta)
     enc = gpt2_encoding()
     return (lambda s: enc.encode(s, allowed_special={ENDOFTEXT})), enc.decode
+
+
+def gpt2_record():
+    """The tokenizer record of GPT-2 BPE data (and of OpenAI's GPT-2 models)."""
+    return {"tokenizer": "gpt2", "vocab_size": 50257, "eot_token": 50256}
+
+
+def pretrained_record(config):
+    """The tokenizer of a pretrained model: GPT-2's when it has GPT-2's vocabulary size, else unknown (None)."""
+    return gpt2_record() if config.vocab_size == 50257 else None
+
+
+def char_record(meta):
+    """The tokenizer record of a character vocabulary (a meta.pkl dict): the characters themselves, in id
+    order, so that a checkpoint holding the record can decode without the data folder."""
+    return {"tokenizer": "char", "vocab_size": meta["vocab_size"],
+            "chars": "".join(meta["itos"][i] for i in range(meta["vocab_size"]))}
+
+
+def write_record(path, record, counts):
+    """Write the record plus the token counts ({'train': n, 'val': n}) and the largest id of a prepared
+    data folder, as the small JSON file that train.py reads (path is where prepare.py writes it)."""
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(dict(record, tokens=counts), f, indent=1)
+        f.write("\n")
+
+
+def data_tokenizer(data_dir):
+    """What made data_dir's .bin files: its tokenizer.json, else (older folders, nanoGPT's) the character
+    vocabulary in its meta.pkl, else None: nothing recorded (nanoGPT takes that to mean GPT-2), or a meta.pkl
+    with only the vocab_size, which is all that training needs."""
+    path = os.path.join(data_dir, RECORD)
+    if os.path.exists(path):
+        try:
+            with open(path, encoding="utf-8") as f:
+                record = json.load(f)
+            known = record["tokenizer"] == "gpt2" or isinstance(record.get("chars"), str)
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise UserError(f"{path} is not a tokenizer record ({type(e).__name__}); prepare the data again") from None
+        if not known:
+            raise UserError(f"{path} names tokenizer {record['tokenizer']!r}, which this code does not know")
+        return {k: record[k] for k in ("tokenizer", "vocab_size", "eot_token", "chars") if k in record}
+    if not os.path.exists(os.path.join(data_dir, "meta.pkl")):
+        return None
+    try:
+        return char_record(load_meta(os.path.join(data_dir, "meta.pkl")))
+    except UserError:  # no itos/stoi, or unreadable: train.py reads (and reports on) its vocab_size itself
+        return None
+
+
+def describe(record):
+    """'gpt2 (50257 tokens)' or 'char (65 characters, sha256 1a2b3c4d)': enough to tell two apart."""
+    if record["tokenizer"] == "char":
+        digest = hashlib.sha256(record["chars"].encode("utf-8", "surrogatepass")).hexdigest()[:8]
+        return f"char ({record['vocab_size']} characters, sha256 {digest})"
+    return f"{record['tokenizer']} ({record['vocab_size']} tokens)"
+
+
+def check_same(model_record, data_record, model_source, data_dir):
+    """Refuse (one line naming both) to train a model on data made by another tokenizer. Either record
+    may be None (a nanoGPT checkpoint or data folder from before records): then nothing is checked."""
+    if model_record and data_record and describe(model_record) != describe(data_record):
+        raise UserError(f"{model_source} uses the tokenizer {describe(model_record)} but the data in {data_dir} "
+                        f"was made by {describe(data_record)}: prepare the data with the model's tokenizer")

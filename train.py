@@ -31,6 +31,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import runtime
+import tokenizer
 from configurator import UserError, configure
 from eval import check_gpt2_tokenizer, hellaswag_score, load_hellaswag
 from model import GPT, GPTConfig, device_peak_flops
@@ -60,6 +61,7 @@ data_dir = ''  # where train.bin, val.bin and meta.pkl are; '' means data/<datas
 gradient_accumulation_steps = 5 * 8  # global count over all processes, to simulate larger batch sizes
 batch_size = 12  # if gradient_accumulation_steps > 1, this is the micro-batch size
 block_size = 1024
+data_order = 'random'  # 'random': windows drawn with replacement (nanoGPT); 'epoch': each window once per epoch
 # model
 n_layer = 12
 n_head = 12
@@ -134,6 +136,7 @@ if os.path.exists(meta_path):
     meta_vocab_size = load_meta(meta_path)['vocab_size']  # all training needs; sample.py reads the rest
     if master_process:
         print(f"found vocab_size = {meta_vocab_size} (inside {meta_path})")
+data_tokenizer = tokenizer.data_tokenizer(data_dir)  # what made the .bin files; None for older data folders
 
 
 def tokens(split):
@@ -146,9 +149,9 @@ def get_batch(split, ix):
     return runtime.get_batch(tokens(split), ix, block_size, device)
 
 
-# Every rank draws the iteration's global batch from an identically seeded generator and takes its own
+# Every rank draws the iteration's global batch from an identically seeded sampler and takes its own
 # rows, so the data a run sees depends on the seed, not on how many processes share the work.
-sampler = torch.Generator().manual_seed(seed)
+sampler = runtime.WindowSampler(data_order, seed)
 sampler_state = sampler.get_state()
 
 
@@ -158,7 +161,7 @@ def train_batches():
     global sampler_state
     while True:
         sampler_state = sampler.get_state()
-        ix = torch.randint(n_tokens['train'] - block_size, (gradient_accumulation_steps, batch_size), generator=sampler)
+        ix = sampler.draw(n_tokens['train'] - block_size, (gradient_accumulation_steps, batch_size))
         for row in ix[rank * accum_steps:(rank + 1) * accum_steps]:
             yield get_batch('train', row)
 
@@ -195,6 +198,10 @@ try:
         model_args.update({k: getattr(model.config, k) for k in shape_keys})
 except (ValueError, OSError) as e:  # e.g. n_embd not divisible by n_head, unknown or unreachable GPT-2 weights
     raise UserError(str(e)) from None
+if init_from != 'scratch':  # resuming or finetuning: the data must be in the model's own tokens
+    trained_on = checkpoint.get('tokenizer') if checkpoint is not None else tokenizer.pretrained_record(model.config)
+    tokenizer.check_same(trained_on, data_tokenizer, ckpt_path if checkpoint is not None else init_from, data_dir)
+    data_tokenizer = data_tokenizer or trained_on
 if block_size < model.config.block_size:
     model.crop_block_size(block_size)  # model surgery, e.g. GPT-2's 1024 positions down to block_size
     model_args['block_size'] = block_size
@@ -273,8 +280,8 @@ def get_lr(it):
 def save_checkpoint(rng_states):
     checkpoint = {'model': raw_model.state_dict(), 'optimizer': optimizer.state_dict(), 'model_args': model_args,
                   'iter_num': iter_num, 'best_val_loss': best_val_loss, 'config': config,
-                  # beyond nanoGPT's keys: the model's GELU and what continuing exactly needs
-                  'gelu': raw_model.config.gelu,
+                  # beyond nanoGPT's keys: the model's GELU and tokenizer, and what continuing exactly needs
+                  'gelu': raw_model.config.gelu, 'tokenizer': data_tokenizer,
                   'rng_states': rng_states, 'sampler_state': sampler_state, 'scaler': scaler.state_dict()}
     print(f"saving checkpoint to {out_dir}")
     runtime.save_checkpoint(checkpoint, ckpt_path)
@@ -411,10 +418,11 @@ while True:
             running_mfu = mfu if running_mfu == -1.0 else 0.9 * running_mfu + 0.1 * mfu
         tokens_per_s = tokens_per_iter / dt
         mfu_text = f"{running_mfu * 100:.2f}%" if running_mfu >= 0 else "n/a"  # measured from the 6th iteration
+        epoch = sampler.epoch(sampler_state, n_tokens['train'] - block_size)  # None for data_order='random'
         print(f"iter {iter_num}: loss {lossf:.4f}, lr {lr:.3e}, time {dt * 1000:.2f}ms, "
-              f"{tokens_per_s:,.0f} tok/s, mfu {mfu_text}")
+              f"{tokens_per_s:,.0f} tok/s, mfu {mfu_text}" + ("" if epoch is None else f", epoch {epoch}"))
         log(dict(iter=iter_num, loss=lossf, lr=lr, ms=dt * 1000, tokens_per_s=tokens_per_s, mfu=running_mfu,
-                 grad_norm=grad_normf, tokens=iter_num * tokens_per_iter))
+                 grad_norm=grad_normf, tokens=iter_num * tokens_per_iter, **({} if epoch is None else {'epoch': epoch})))
         if wandb_log:
             wandb.log({"iter": iter_num, "train/loss_step": lossf, "grad_norm": grad_normf, "lr": lr})
     iter_num += 1

@@ -15,6 +15,7 @@ import contextlib
 import glob
 import os
 import pickle
+import shutil
 import sys
 import urllib.request
 
@@ -22,7 +23,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # repo root
 from configurator import UserError, configure
-from tokenizer import char_codec, char_meta, gpt2_encoding
+from tokenizer import RECORD, char_codec, char_meta, char_record, gpt2_encoding, gpt2_record, write_record
 
 # -----------------------------------------------------------------------------
 input = ''            # a .txt file, or a folder of .txt files
@@ -94,6 +95,14 @@ def check_out_dir(out_dir):
         raise UserError(f"cannot write to the output directory {out_dir}: {e.strerror}") from None
 
 
+def check_free_space(folder, needed, what):
+    """Fail up front, with the numbers, when folder's disk has less than `needed` bytes free."""
+    free = shutil.disk_usage(folder).free
+    if free < needed:
+        raise UserError(f"not enough free disk space in {folder} for {what}: needs ~{needed / 1e9:,.1f} GB "
+                        f"(estimate plus --reserve_gb), {free / 1e9:,.1f} GB free")
+
+
 @contextlib.contextmanager
 def atomic_outputs(paths):
     """Yield a temporary path (same directory, '.tmp' added) for each final path. Only when the block
@@ -122,12 +131,15 @@ def atomic_outputs(paths):
 
 
 def write_outputs(out_dir, splits, meta=None):
-    """Write each split (name -> token ids) as <name>.bin of uint16, and meta.pkl when given."""
-    names = [f"{name}.bin" for name in splits] + (["meta.pkl"] if meta is not None else [])
+    """Write each split (name -> token ids) as <name>.bin of uint16, the tokenizer record (GPT-2, or the
+    char vocabulary when meta is given) and meta.pkl when given."""
+    names = [f"{name}.bin" for name in splits] + [RECORD] + (["meta.pkl"] if meta is not None else [])
     with atomic_outputs([os.path.join(out_dir, name) for name in names]) as tmps:
         for tmp, ids in zip(tmps, splits.values()):
             with open(tmp, "wb") as f:
                 f.write(np.asarray(ids, dtype=np.uint16).tobytes())  # (ndarray.tofile loses the OS error)
+        write_record(tmps[len(splits)], char_record(meta) if meta is not None else gpt2_record(),
+                     {name: len(ids) for name, ids in splits.items()})
         if meta is not None:
             with open(tmps[-1], "wb") as f:
                 pickle.dump(meta, f)
@@ -167,7 +179,8 @@ def prepare(text, out_dir, tokenizer="char", val_fraction=0.1):
             raise UserError(f"the text is too short: its {name} split is empty")
         print(f"{name} has {len(ids):,} tokens")
     write_outputs(out_dir, splits, meta)
-    print(f"wrote {' and '.join(f'{name}.bin' for name in splits)}{' and meta.pkl' if meta else ''} to {out_dir}")
+    written = [f"{name}.bin" for name in splits] + [RECORD] + (["meta.pkl"] if meta else [])
+    print(f"wrote {', '.join(written)} to {out_dir}")
     return {name: len(ids) for name, ids in splits.items()}
 
 

@@ -214,7 +214,10 @@ def test_shakespeare_char_on_real_file(tmp_path, shakespeare):
     chars = sorted(set(shakespeare))  # nanoGPT's recipe, to check ids byte for byte
     assert meta["itos"] == dict(enumerate(chars)) and meta["stoi"] == {c: i for i, c in enumerate(chars)}
     assert np.array_equal(np.concatenate([train, val]), np.array([meta["stoi"][c] for c in shakespeare], dtype=np.uint16))
-    assert sorted(os.listdir(tmp_path / "out")) == ["meta.pkl", "train.bin", "val.bin"]  # no temporary files left
+    assert sorted(os.listdir(tmp_path / "out")) == ["meta.pkl", "tokenizer.json", "train.bin", "val.bin"]  # no temporaries
+    with open(tmp_path / "out" / "tokenizer.json") as f:  # the record: the vocabulary and the token counts
+        assert json.load(f) == {"tokenizer": "char", "vocab_size": 65, "chars": "".join(chars),
+                                "tokens": {"train": 1_003_854, "val": 111_540}}
 
 
 def test_shakespeare_gpt2_on_real_file(tmp_path, shakespeare):
@@ -227,6 +230,8 @@ def test_shakespeare_gpt2_on_real_file(tmp_path, shakespeare):
     assert enc.decode(train.tolist()) == shakespeare[:int(n * 0.9)]
     assert enc.decode(val.tolist()) == shakespeare[int(n * 0.9):]
     assert not os.path.exists(tmp_path / "meta.pkl")
+    with open(tmp_path / "tokenizer.json") as f:
+        assert json.load(f) == dict(tokenizer.gpt2_record(), tokens={"train": 301_966, "val": 36_059})
 
 
 class QuietHandler(http.server.SimpleHTTPRequestHandler):
@@ -253,7 +258,7 @@ def test_shakespeare_input_downloaded_only_when_missing(tmp_path, http_dir):
     result = run("data/shakespeare_char/prepare.py", f"--out_dir={out}", f"--url={url}/input.txt", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "downloading" in result.stdout and (out / "input.txt").read_text() == (folder / "input.txt").read_text()
-    assert sorted(os.listdir(out)) == ["input.txt", "meta.pkl", "train.bin", "val.bin"]
+    assert sorted(os.listdir(out)) == ["input.txt", "meta.pkl", "tokenizer.json", "train.bin", "val.bin"]
     # second run: input.txt is there, so the (now broken) URL is never tried
     (out / "input.txt").write_text("something else entirely, long enough to split")
     result = run("data/shakespeare/prepare.py", f"--out_dir={out}", f"--url={url}/gone.txt", cwd=tmp_path)
@@ -407,7 +412,7 @@ def test_openwebtext_on_local_dataset(tmp_path, documents, test_size):
     for split, docs in expected.items():
         assert bins[split].tolist() == [i for doc in docs for i in enc.encode_ordinary(doc) + [50256]]
         assert f"{split}.bin: {len(bins[split]):,} tokens from {len(docs):,} documents" in result.stdout
-    assert sorted(os.listdir(out)) == ["train.bin", "val.bin"]
+    assert sorted(os.listdir(out)) == ["tokenizer.json", "train.bin", "val.bin"]
 
 
 def test_openwebtext_on_text_and_json_files(tmp_path, documents):

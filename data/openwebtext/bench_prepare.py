@@ -4,20 +4,25 @@ a few sizes, to show that memory stays flat as the corpus grows. Not a test; run
 
     python data/openwebtext/bench_prepare.py                      # 100 MB and 250 MB corpora
     python data/openwebtext/bench_prepare.py --sizes_mb=1000 --num_proc=8
+    python data/openwebtext/bench_prepare.py --corpus_format=archives     # the hub repository's layout
 
 Each corpus is a folder of .jsonl files of documents (0.5-9 KB, like OpenWebText's) cut at random from
-a real English text (tiny Shakespeare when found, else synthetic words). prepare.py runs in a fresh
+a real English text (tiny Shakespeare when found, else synthetic words), or with --corpus_format=archives
+the same documents as .txt files in the hub repository's layout (subsets/*.tar of .xz tars, 1,000 a .xz). prepare.py runs in a fresh
 process with an empty datasets cache, offline. Peak memory is reported three ways: the largest single
 process's RSS (wait4's rusage, children included, as /usr/bin/time -v shows it); the peak sum of PSS over
 the whole process tree (main + datasets' worker processes), sampled every 0.1 s; and the anonymous part
 of that sum, i.e. without pages of memory-mapped files, which the kernel can drop at any time.
 """
+import io
 import json
+import lzma
 import os
 import random
 import shutil
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 
@@ -31,6 +36,7 @@ num_proc = os.cpu_count() or 1  # passed on to prepare.py
 base_text = os.path.join(ROOT, '..', 'shared', 'data', 'tinyshakespeare', 'input.txt')  # cut into documents
 work_dir = os.path.join(tempfile.gettempdir(), 'bench_prepare')  # corpora, datasets cache and outputs (deleted)
 seed = 1337
+corpus_format = 'jsonl'  # 'jsonl', or 'archives': OpenWebText's hub layout, read as the loading script reads it
 # -----------------------------------------------------------------------------
 configure(globals())
 
@@ -64,7 +70,32 @@ def make_corpus(folder, size_mb, text):
         written += length
         n_docs += 1
     f.close()
+    if corpus_format == 'archives':
+        to_archives(folder)
     return n_docs, written
+
+
+def tar_add(tar, name, data):
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
+
+
+def to_archives(folder):
+    """Turn the .jsonl parts into subsets/urlsf_subsetNN.tar files (10 .xz a tar), each .xz a tar of one
+    part's documents as .txt files, and delete the parts."""
+    parts = sorted(p for p in os.listdir(folder) if p.endswith('.jsonl'))
+    os.makedirs(os.path.join(folder, 'subsets'))
+    for t in range(0, len(parts), 10):
+        with tarfile.open(os.path.join(folder, 'subsets', f'urlsf_subset{t // 10:02d}.tar'), 'w') as outer:
+            for part in parts[t:t + 10]:
+                inner = io.BytesIO()
+                with tarfile.open(fileobj=inner, mode='w') as tar, open(os.path.join(folder, part)) as f:
+                    for i, line in enumerate(f):
+                        tar_add(tar, f'{i:07d}.txt', json.loads(line)['text'].encode())
+                tar_add(outer, f'openwebtext/{part[:-6]}_data.xz', lzma.compress(inner.getvalue(), preset=1))
+        for part in parts[t:t + 10]:
+            os.remove(os.path.join(folder, part))
 
 
 def tree_pss(pid):
