@@ -280,8 +280,12 @@ def check_checkpoint(checkpoint, path):
         raise bad("its tokenizer record is not a gpt2 or char record")
     # the loop state is checked by restoring it (into a throwaway generator; the global RNGs are put back)
     try:
-        if checkpoint.get('sampler_state') is not None:
-            torch.Generator().set_state(checkpoint['sampler_state'])
+        sampler_state = checkpoint.get('sampler_state')  # WindowSampler.get_state(): a generator's, or a dict
+        if isinstance(sampler_state, dict):
+            if type(sampler_state.get('windows_drawn')) is not int or sampler_state['windows_drawn'] < 0:
+                raise ValueError("windows_drawn")
+        elif sampler_state is not None:
+            torch.Generator().set_state(sampler_state)
         if checkpoint.get('rng_states') is not None:
             saved = rng_state()
             try:
