@@ -19,7 +19,7 @@ import torch
 from torch.nn import functional as F
 
 import runtime
-from configurator import ROOT, UserError, configure
+from configurator import UserError, configure
 
 # -----------------------------------------------------------------------------
 init_from = 'resume'  # 'resume' (from out_dir/ckpt.pt), a gpt2 variant (e.g. 'gpt2-xl') or a local Hugging Face dir
@@ -33,6 +33,7 @@ out_json = ''  # where the results go; '' = eval.json in out_dir (resume) or in 
 device = 'auto'  # 'auto' (cuda, else mps, else cpu), 'cpu', 'cuda', 'cuda:1', 'mps'
 dtype = 'auto'  # 'auto' (bfloat16 or float16 on GPUs, float32 elsewhere), 'float32', 'bfloat16', 'float16'
 compile = False  # use PyTorch 2.0 to compile the model to be faster
+allow_unsafe_pickle = False  # True: a Hugging Face directory may load pytorch_model.bin, a pickle that can run code
 # -----------------------------------------------------------------------------
 
 HELLASWAG_FIELDS = ('activity_label', 'ctx_a', 'ctx_b', 'endings', 'label')
@@ -197,7 +198,6 @@ def val_loss(model, data, device, ctx, batch_size=8, progress=False):
 
 
 def main():
-    from model import GPT, GPTConfig
     from tokenizer import load_tokenizer
     task_list = [t.strip() for t in tasks.split(',') if t.strip()]
     unknown = [t for t in task_list if t not in ('hellaswag', 'val')]
@@ -209,28 +209,8 @@ def main():
     runtime.allow_tf32(dev)
 
     # model, and where its vocabulary and data are
-    data_dir = meta_path = None
-    if init_from == 'resume':
-        ckpt_path = os.path.join(out_dir, 'ckpt.pt')
-        checkpoint = runtime.load_checkpoint(ckpt_path)
-        try:
-            model = GPT(GPTConfig(**checkpoint['model_args']))
-            model.load_state_dict(checkpoint['model'])
-        except (TypeError, ValueError, RuntimeError) as e:
-            reason = str(e).strip().splitlines()[0]
-            raise UserError(f"{ckpt_path} is a checkpoint of a format this code does not know ({reason})") from None
-        train_config = checkpoint.get('config', {})
-        if 'dataset' in train_config:  # our train.py records where the data was
-            data_dir = train_config.get('data_dir') or os.path.join(ROOT, 'data', str(train_config['dataset']))
-            meta_path = os.path.join(data_dir, 'meta.pkl')
-        what = f"{ckpt_path} (iter {checkpoint.get('iter_num')})"
-        del checkpoint
-    else:
-        try:
-            model = GPT.from_pretrained(init_from, dict(dropout=0.0))
-        except (ValueError, OSError) as e:
-            raise UserError(str(e)) from None
-        what = init_from
+    model, source = runtime.load_model(init_from, out_dir, allow_unsafe_pickle)
+    data_dir, meta_path, what = source['data_dir'], source['meta_path'], source['what']
     if 'hellaswag' in task_list:
         check_gpt2_tokenizer(model.config.vocab_size, meta_path, what)
     model.eval()
@@ -257,7 +237,7 @@ def main():
                         text = f.read()
                 except UnicodeDecodeError:
                     raise UserError(f"{path} is not UTF-8 text (a prepared dataset's file ends in .bin)") from None
-                encode, _ = load_tokenizer(meta_path)  # the checkpoint's character vocabulary, else GPT-2 BPE
+                encode, _ = load_tokenizer(meta_path, source['record'], model.config.vocab_size)  # the checkpoint's, else GPT-2
                 data = np.array(encode(text), dtype=np.uint16)
             if len(data) and int(data.max()) >= model.config.vocab_size:
                 raise UserError(f"{path} holds token id {int(data.max())} but the model's vocab_size is "

@@ -8,6 +8,7 @@ and RNG state, and checkpoint files (atomic writes, safe and clearly-failing rea
     ctx = autocast_context(device, dtype)     # `with ctx:` around forward passes
 """
 import atexit
+import contextlib
 import math
 import os
 import random
@@ -325,6 +326,38 @@ def count_tokens(path):
         raise UserError(f"{path} is damaged: {'it is empty' if size == 0 else f'{size:,} bytes is an odd length'} "
                         "for uint16 token ids; prepare the dataset again")
     return size // 2
+
+
+def load_model(init_from, out_dir, allow_unsafe_pickle=False):
+    """The model sample.py and eval.py run: out_dir/ckpt.pt (init_from='resume'), OpenAI's GPT-2 or a local
+    Hugging Face directory, on CPU. Returns (model, source) where source says where the model came from
+    and what reads its text: 'what' (for messages), 'data_dir' and 'meta_path' of the data it was trained
+    on (None when unknown) and 'record', the tokenizer record train.py stored (None when there is none)."""
+    from model import GPT, GPTConfig  # here, not at the top: train.py imports runtime before model
+    if init_from != 'resume':
+        try:
+            with contextlib.redirect_stdout(sys.stderr):  # a script's stdout is for its results
+                model = GPT.from_pretrained(init_from, dict(dropout=0.0), allow_unsafe_pickle)
+        except (ValueError, OSError) as e:
+            raise UserError(str(e)) from None
+        return model, dict(what=init_from, data_dir=None, meta_path=None, record=None)
+    path = os.path.join(out_dir, 'ckpt.pt')
+    checkpoint = load_checkpoint(path)
+    check_checkpoint(checkpoint, path)
+    try:
+        model = GPT(GPTConfig(**checkpoint['model_args'], gelu=checkpoint_gelu(checkpoint)))
+        model.load_state_dict(checkpoint['model'])
+    except (TypeError, ValueError, RuntimeError) as e:
+        reason = str(e).strip().splitlines()[0]
+        raise UserError(f"{path} is a checkpoint of a format this code does not know ({reason})") from None
+    # a character-level dataset's vocabulary is in its meta.pkl (our train.py records where the data was)
+    train_config = checkpoint.get('config', {})
+    data_dir = meta_path = None
+    if 'dataset' in train_config:
+        data_dir = train_config.get('data_dir') or os.path.join(ROOT, 'data', train_config['dataset'])
+        meta_path = os.path.join(data_dir, 'meta.pkl')
+    return model, dict(what=f"{path} (iter {checkpoint.get('iter_num')})", data_dir=data_dir, meta_path=meta_path,
+                       record=checkpoint.get('tokenizer'))
 
 
 def checkpoint_gelu(checkpoint):

@@ -2,7 +2,6 @@
 Sample from a trained model: `python sample.py --out_dir=out-shakespeare-char`,
 or from OpenAI's GPT-2: `python sample.py --init_from=gpt2-xl --start="What is the answer?"`.
 """
-import contextlib
 import os
 import sys
 import time
@@ -10,8 +9,7 @@ import time
 import torch
 
 import runtime
-from configurator import ROOT, UserError, configure
-from model import GPT, GPTConfig
+from configurator import UserError, configure
 from tokenizer import describe, load_tokenizer
 
 # -----------------------------------------------------------------------------
@@ -41,28 +39,9 @@ runtime.allow_tf32(device)
 ctx = runtime.autocast_context(device, dtype)
 torch.manual_seed(seed)
 
-# model
-if init_from == 'resume':
-    checkpoint = runtime.load_checkpoint(os.path.join(out_dir, 'ckpt.pt'))
-    runtime.check_checkpoint(checkpoint, os.path.join(out_dir, 'ckpt.pt'))
-    try:
-        model = GPT(GPTConfig(**checkpoint['model_args'], gelu=runtime.checkpoint_gelu(checkpoint)))
-        model.load_state_dict(checkpoint['model'])
-    except (TypeError, ValueError, RuntimeError) as e:
-        reason = str(e).strip().splitlines()[0]
-        raise UserError(f"{out_dir}/ckpt.pt is a checkpoint of a format this code does not know ({reason})") from None
-    # a character-level dataset's vocabulary is in its meta.pkl (our train.py records where the data was)
-    train_config = checkpoint.get('config', {})
-    data_dir = train_config.get('data_dir') or os.path.join(ROOT, 'data', str(train_config.get('dataset', '')))
-    meta_path = os.path.join(data_dir, 'meta.pkl') if 'dataset' in train_config else None
-    record = checkpoint.get('tokenizer')  # what made the training data, when train.py recorded it
-else:
-    try:
-        with contextlib.redirect_stdout(sys.stderr):  # stdout holds only the samples
-            model = GPT.from_pretrained(init_from, dict(dropout=0.0), allow_unsafe_pickle)
-    except (ValueError, OSError) as e:
-        raise UserError(str(e)) from None
-    meta_path = record = None
+# model, and the tokenizer its text is read with
+model, source = runtime.load_model(init_from, out_dir, allow_unsafe_pickle)
+meta_path, record = source['meta_path'], source['record']  # record: what made the training data, if recorded
 model.eval()
 model.to(device)
 if compile:

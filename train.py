@@ -213,12 +213,11 @@ tokens_per_iter = gradient_accumulation_steps * batch_size * block_size
 for split, n in n_tokens.items():
     if n <= block_size:
         raise UserError(f"{split}.bin has {n} tokens, too few for block_size {block_size}: use --block_size={n - 1} or less")
-    data = tokens(split)  # a token id the model has no embedding for would crash mid-training
-    top = runtime.on_rank0(lambda: max(int(data[i:i + 2**26].max()) for i in range(0, n, 2**26)))  # one scan
+    # a token id the model has no embedding for would crash mid-training: rank 0 scans, the others wait
+    top = runtime.on_rank0(lambda: max(int(tokens(split)[i:i + 2**26].max()) for i in range(0, n, 2**26)))
     if top >= model_args['vocab_size']:
         raise UserError(f"{split}.bin holds token id {top} but the model's vocab_size is {model_args['vocab_size']}: "
                         "the data was prepared for another vocabulary")
-    del data
 if eval_hellaswag:
     check_gpt2_tokenizer(model_args['vocab_size'], meta_path, f"the dataset in {data_dir}")
     hellaswag_rows = load_hellaswag(hellaswag_path)
