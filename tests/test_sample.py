@@ -50,7 +50,8 @@ def test_samples_have_requested_count_and_length_and_are_reproducible(trained):
     assert first.returncode == 0, first.stderr
     texts = samples(first.stdout)
     assert len(texts) == 3
-    assert 'Loading meta from' in first.stderr and '3 samples of 25 tokens in' in first.stderr  # not in stdout
+    assert "decoding with the checkpoint's tokenizer: char (65 characters" in first.stderr  # not in stdout
+    assert '3 samples of 25 tokens in' in first.stderr
     for text in texts:  # character vocabulary: one character per token
         assert text.startswith('ROMEO:') and len(text) == len('ROMEO:') + 25
     assert samples(run('sample.py', *args).stdout) == texts  # same seed, same text
