@@ -15,6 +15,10 @@ $ torchrun --nproc_per_node=4 --nnodes=2 --node_rank=0 --master_addr=123.456.123
 $ torchrun --nproc_per_node=4 --nnodes=2 --node_rank=1 --master_addr=123.456.123.456 --master_port=1234 train.py
 (If your cluster does not have Infiniband interconnect prepend NCCL_IB_DISABLE=1)
 
+To shard parameters, gradients and optimizer state over the processes (models too big for DDP), add
+--fsdp=True; launched with torchrun --max-restarts=N, a job resumes by itself from its last checkpoint
+after a failure (docs/scale.md).
+
 A run writes out_dir/ckpt.pt (continue it with --init_from=resume) and out_dir/log.jsonl.
 """
 import glob
@@ -29,7 +33,6 @@ import time
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 import runtime
 from configurator import UserError, configure
@@ -45,6 +48,7 @@ eval_iters = 200
 eval_only = False  # if True, script exits right after the first eval
 always_save_checkpoint = True  # if True, always save a checkpoint after each eval
 init_from = 'scratch'  # 'scratch', 'resume' (out_dir/ckpt.pt), 'gpt2*' or a local Hugging Face directory
+checkpoint_interval = 0  # also save a checkpoint every this many iterations, whatever the eval; 0: only at evals
 # wandb logging
 wandb_log = False  # disabled by default
 wandb_project = 'owt'
@@ -77,15 +81,19 @@ min_lr = 6e-5  # minimum learning rate, should be ~= learning_rate/10 per Chinch
 device = 'auto'  # 'auto' (cuda, else mps, else cpu), 'cpu', 'cuda', 'cuda:1', 'mps'
 dtype = 'auto'  # 'auto' (bfloat16, float16 on GPUs without it, float32 on cpu/mps), 'float32', 'bfloat16', 'float16'
 compile = None  # use PyTorch 2.0 to compile the model to be faster; None: on CUDA only
+fsdp = False  # under torchrun, shard parameters, gradients and optimizer state (FSDP2) instead of DDP
+activation_checkpointing = False  # recompute each Block's activations in backward: less memory, ~1/3 more compute
+freeze_layers = 0  # finetune only above this: embeddings (so the tied lm_head) and the lowest N Blocks stay fixed
+dist_timeout = 600  # seconds a collective waits for a lost peer before failing (torchrun can then restart)
 seed = 1337
 # -----------------------------------------------------------------------------
 config = configure(globals())  # config files and --key=value from the command line
 repo_dir = os.path.dirname(os.path.abspath(__file__))
 
 # devices, precision and processes, decided after the overrides
-ddp, rank, local_rank, world_size, device = runtime.init_distributed(runtime.pick_device(device))
+ddp, rank, local_rank, world_size, device = runtime.init_distributed(runtime.pick_device(device), dist_timeout)
 master_process = rank == 0  # this process prints, evaluates and writes checkpoints
-dtype = runtime.pick_dtype(dtype, device)
+dtype = runtime.pick_dtype(dtype, device, fsdp)
 compile = runtime.pick_compile(compile, device)
 config.update(device=device, dtype=dtype, compile=compile)
 device_type = runtime.device_type(device)
@@ -167,6 +175,8 @@ model_args = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=bloc
 shape_keys = ('n_layer', 'n_head', 'n_embd', 'block_size', 'bias', 'vocab_size')
 ckpt_path = os.path.join(out_dir, 'ckpt.pt')
 checkpoint = None
+if runtime.restart_count() > 0 and os.path.exists(ckpt_path):
+    init_from = 'resume'  # torchrun restarted the job after a failure: continue from its last checkpoint
 try:
     if init_from == 'scratch':
         # a char-level dataset's vocab_size from meta.pkl, else GPT-2's 50257 padded up to 50304 for efficiency
@@ -203,13 +213,19 @@ for split, n in n_tokens.items():
         raise UserError(f"{split}.bin holds token id {top} but the model's vocab_size is {model_args['vocab_size']}: "
                         "the data was prepared for another vocabulary")
     del data
-model.to(device)
+if not 0 <= freeze_layers <= model.config.n_layer:
+    raise UserError(f"freeze_layers must be between 0 and n_layer ({model.config.n_layer}), got {freeze_layers}")
+if freeze_layers:
+    model.freeze(freeze_layers)
 raw_model = model  # what checkpoints save: no torch.compile or DDP wrappers, so no '_orig_mod.' prefixes
+if master_process and compile:
+    print("compiling the model... (takes a ~minute)")
+model, train_model = runtime.parallelize(raw_model, device, dtype, ddp, fsdp, activation_checkpointing, compile)
 
-optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type, verbose=master_process)
+optimizer = raw_model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type, verbose=master_process)
 rng_states = None
 if checkpoint is not None:
-    optimizer.load_state_dict(checkpoint['optimizer'])  # moves its tensors to the parameters' device
+    runtime.load_optimizer_state(raw_model, optimizer, checkpoint['optimizer'])
     if scaler.is_enabled() and checkpoint.get('scaler'):
         scaler.load_state_dict(checkpoint['scaler'])
     if 'sampler_state' in checkpoint:
@@ -220,11 +236,6 @@ if checkpoint is not None:
               "world size): dropout masks will differ from an uninterrupted run")
     checkpoint = None  # free the memory
 peak_flops = device_peak_flops(device)  # measured once, before the loop, so it skews no iteration's timing
-if compile:
-    if master_process:
-        print("compiling the model... (takes a ~minute)")
-    model = torch.compile(model)  # what evaluation runs
-train_model = DDP(model, device_ids=[local_rank] if device_type == 'cuda' else None) if ddp else model
 
 
 @torch.no_grad()
@@ -258,8 +269,13 @@ def get_lr(it):
     return min_lr + coeff * (learning_rate - min_lr)
 
 
-def save_checkpoint(rng_states):
-    checkpoint = {'model': raw_model.state_dict(), 'optimizer': optimizer.state_dict(), 'model_args': model_args,
+def save_checkpoint():
+    """Every rank takes part (FSDP gathers the shards, each rank adds its RNG state); rank 0 writes."""
+    rng_states = runtime.gather_to_rank0(runtime.rng_state())
+    model_state, optimizer_state = runtime.full_state(raw_model, optimizer)
+    if not master_process:
+        return
+    checkpoint = {'model': model_state, 'optimizer': optimizer_state, 'model_args': model_args,
                   'iter_num': iter_num, 'best_val_loss': best_val_loss, 'config': config,
                   # beyond nanoGPT's keys: what continuing exactly needs
                   'rng_states': rng_states, 'sampler_state': sampler_state, 'scaler': scaler.state_dict()}
@@ -323,28 +339,29 @@ while True:
         param_group['lr'] = lr
 
     # evaluate the loss on train/val sets and write checkpoints
+    save = checkpoint_interval > 0 and iter_num % checkpoint_interval == 0 and local_iter_num > 0
     if iter_num % eval_interval == 0 or iter_num == max_iters or eval_only:
-        rng_states = runtime.gather_to_rank0(runtime.rng_state())  # every rank takes part
+        # every rank evaluates (FSDP's forward needs them all) and acts on rank 0's numbers
+        losses = runtime.from_rank0(estimate_loss())
         if master_process:
-            losses = estimate_loss()
             print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
             log(dict(iter=iter_num, train_loss=losses['train'], val_loss=losses['val'], lr=lr))
             if wandb_log:
                 wandb.log({"iter": iter_num, "train/loss": losses['train'], "val/loss": losses['val'],
                            "lr": lr, "mfu": running_mfu * 100})
-            improved = losses['val'] < best_val_loss
-            best_val_loss = min(best_val_loss, losses['val'])
-            if iter_num > 0 and not eval_only and (improved or always_save_checkpoint):
-                save_checkpoint(rng_states)
+        improved = losses['val'] < best_val_loss
+        best_val_loss = min(best_val_loss, losses['val'])
+        save |= iter_num > 0 and not eval_only and (improved or always_save_checkpoint)
+    if save:
+        save_checkpoint()
     if iter_num >= max_iters or eval_only:
         break
 
     # forward backward update, with optional gradient accumulation to simulate larger batch size
     loss_sum = torch.zeros((), device=device)
     for micro_step in range(accum_steps):
-        if ddp:
-            # average the gradients over ranks only after the last micro-step; before it, accumulate locally
-            train_model.require_backward_grad_sync = (micro_step == accum_steps - 1)
+        # average the gradients over ranks only after the last micro-step; before it, accumulate locally
+        runtime.set_gradient_sync(train_model, micro_step == accum_steps - 1)
         with ctx:
             logits, loss = train_model(X, Y)  # logits (B, T, vocab_size), loss a scalar
             loss = loss / accum_steps  # scale the loss to account for gradient accumulation
@@ -389,9 +406,8 @@ while True:
     local_iter_num += 1
 
     if stopping:
-        rng_states = runtime.gather_to_rank0(runtime.rng_state())
+        save_checkpoint()
         if master_process:
-            save_checkpoint(rng_states)
             print(f"{stop_signal or 'a stop signal'} received: saved a checkpoint at iter {iter_num} to {ckpt_path}; "
                   "continue with --init_from=resume")
         break
