@@ -166,9 +166,20 @@ def from_rank0(obj):
     return objs[0]
 
 
-def restart_count():
-    """How many times torchrun has restarted this job's workers after a failure (0: the first attempt)."""
-    return int(os.environ.get('TORCHELASTIC_RESTART_COUNT', 0))
+def restarted_with_checkpoint(ckpt_path):
+    """Whether torchrun has restarted this job after a failure and rank 0 finds ckpt_path to continue
+    from. Each node's torchrun counts its own restarts (a node restarted only because another failed
+    counts none), so any process's count decides; every process must call it."""
+    counts = gather_to_rank0(int(os.environ.get('TORCHELASTIC_RESTART_COUNT', 0)))
+    return from_rank0(counts is not None and max(counts) > 0 and os.path.exists(ckpt_path))
+
+
+def shared_rendezvous_store():
+    """True when torchrun may restart the workers (--max-restarts) and lets them share its rendezvous
+    store: in torch 2.13 that store keeps the failed group's connection keys, and the restarted group
+    can read them and fail to connect (seen with gloo; TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 avoids it)."""
+    return int(os.environ.get('TORCHELASTIC_MAX_RESTARTS', 0)) > 0 and \
+        os.environ.get('TORCHELASTIC_USE_AGENT_STORE') == 'True'
 
 
 def parallelize(model, device, dtype, distributed, fsdp=False, activation_checkpointing=False, compile=False):

@@ -107,6 +107,8 @@ accum_steps = gradient_accumulation_steps // world_size  # micro-steps per proce
 if master_process:
     runtime.print_environment(device, dtype)
     print("config: " + ", ".join(f"{k}={v!r}" for k, v in config.items()))
+    if runtime.shared_rendezvous_store():
+        print("warning: a restart may fail to reconnect; launch with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (docs/scale.md)")
     try:
         os.makedirs(out_dir, exist_ok=True)
         tempfile.TemporaryFile(dir=out_dir).close()
@@ -175,7 +177,7 @@ model_args = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=bloc
 shape_keys = ('n_layer', 'n_head', 'n_embd', 'block_size', 'bias', 'vocab_size')
 ckpt_path = os.path.join(out_dir, 'ckpt.pt')
 checkpoint = None
-if runtime.restart_count() > 0 and os.path.exists(ckpt_path):
+if runtime.restarted_with_checkpoint(ckpt_path):
     init_from = 'resume'  # torchrun restarted the job after a failure: continue from its last checkpoint
 try:
     if init_from == 'scratch':
