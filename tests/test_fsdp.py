@@ -3,6 +3,7 @@
 that resumes under any parallelism bitwise, frozen layers that stay put, and a worker killed with
 SIGKILL that torchrun restarts and that resumes by itself."""
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -11,7 +12,7 @@ import time
 import pytest
 import torch
 
-from conftest import error_line, hermetic_env, read_log
+from conftest import ROOT, TORCHRUN, error_line, hermetic_env, read_log
 from model import GPT, GPTConfig
 
 # 12 iterations at a learning rate low enough that float summation order stays below 1e-5 in the loss;
@@ -174,3 +175,22 @@ def test_resume_with_other_frozen_layers_is_refused(train, fsdp, tmp_path):
     line = error_line(train(*RUN, '--init_from=resume', '--freeze_layers=1', f'--out_dir={tmp_path}', check=False))
     assert "optimizer state is for other trainable parameters" in line and "freeze_layers" in line
     assert (tmp_path / 'ckpt.pt').read_bytes() == before
+
+
+def test_memory_script(tmp_path):
+    # bench.py counts the real tensors: each of 2 FSDP ranks holds about half of one process's parameters,
+    # gradients and AdamW state; activation checkpointing lowers the peak memory of forward+backward
+    result = subprocess.run([TORCHRUN, *TWO, os.path.join(ROOT, 'bench.py'), '--mode=memory', '--n_layer=4',
+                             '--n_head=4', '--n_embd=64', '--block_size=64', '--batch_size=8', '--real_data=False',
+                             '--vocab_size=256', '--device=cpu', '--compile=False'],
+                            capture_output=True, text=True, env=hermetic_env(), cwd=tmp_path, timeout=240)
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = {line.split(':')[0]: line for line in result.stdout.splitlines()}
+    one = float(re.search(r'total ([\d.]+) MiB', lines['one process']).group(1))
+    assert one > 0
+    for rank in (0, 1):
+        ratio = float(re.search(r'\(([\d.]+)x one process\)', lines[f'FSDP rank {rank} of 2']).group(1))
+        assert 0.45 <= ratio <= 0.55
+    without, with_ = map(float, re.search(r'without activation checkpointing ([\d.]+) MiB, with ([\d.]+) MiB',
+                                          result.stdout).groups())
+    assert with_ < 0.7 * without
