@@ -25,7 +25,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_model_state_dict, set_optimizer_state_dict)
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.utils.checkpoint import checkpoint
+from torch.utils.checkpoint import checkpoint as recompute
 
 from configurator import ROOT, UserError
 
@@ -195,7 +195,7 @@ def parallelize(model, device, dtype, distributed, fsdp=False, activation_checkp
             # keep only the Block's input in forward and recompute its activations in backward (dropout
             # masks included: checkpoint restores the RNG); replacing forward on the instance, not wrapping
             # the module, keeps parameter names and checkpoint keys as they are
-            block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
+            block.forward = functools.partial(recompute, block.forward, use_reentrant=False)
     if fsdp and distributed:
         # compute in the training dtype, average gradients in float32 (a no-op when training in float32)
         mp_policy = MixedPrecisionPolicy(param_dtype=DTYPES[dtype], reduce_dtype=torch.float32)

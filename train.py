@@ -92,7 +92,7 @@ repo_dir = os.path.dirname(os.path.abspath(__file__))
 
 # devices, precision and processes, decided after the overrides
 ddp, rank, local_rank, world_size, device = runtime.init_distributed(runtime.pick_device(device), dist_timeout)
-master_process = rank == 0  # this process prints, evaluates and writes checkpoints
+master_process = rank == 0  # this process prints, logs and writes checkpoints
 dtype = runtime.pick_dtype(dtype, device, fsdp)
 compile = runtime.pick_compile(compile, device)
 config.update(device=device, dtype=dtype, compile=compile)
