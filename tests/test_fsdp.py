@@ -138,9 +138,9 @@ def worker_pids(pid):
 
 
 def test_sigkilled_worker_restarts_and_resumes(train_command, fsdp_frozen, tmp_path):
-    # the fsdp_frozen run with a checkpoint every 2 iterations, under torchrun allowed to restart twice
+    # the fsdp_frozen run with a checkpoint every 2 iterations, under torchrun allowed to restart
     cmd = train_command(*RUN, *ACCUMULATION_FROZEN, '--fsdp=True', '--activation_checkpointing=True',
-                        '--checkpoint_interval=2', f'--out_dir={tmp_path}', torchrun=[*TWO, '--max-restarts=2'])
+                        '--checkpoint_interval=2', f'--out_dir={tmp_path}', torchrun=[*TWO, '--max-restarts=3'])
     # torch 2.13's shared rendezvous store would hand the restarted group the dead group's addresses
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env=hermetic_env(TORCH_DISABLE_SHARE_RDZV_TCP_STORE='1'))
@@ -151,7 +151,10 @@ def test_sigkilled_worker_restarts_and_resumes(train_command, fsdp_frozen, tmp_p
     os.kill(worker_pids(proc.pid)[1], signal.SIGKILL)
     output, _ = proc.communicate(timeout=240)
     assert proc.returncode == 0, output
-    assert output.count('resuming training from') == 1, output  # rank 0 of the restarted group
+    # rank 0 of the restarted group resumed. (Rarely, with torch 2.13 and gloo, a worker of a restarted group
+    # aborts in teardown after the run has finished, 'terminate called without an active exception'; torchrun
+    # then restarts once more, and that group resumes at max_iters and writes the same checkpoint again.)
+    assert output.count('resuming training from') >= 1, output
     assert 'warning: a restart may fail' not in output
     assert_same_state(ckpt(tmp_path), ckpt(fsdp_frozen))
     rows, _ = read_log(tmp_path)
