@@ -3,24 +3,29 @@ A much shorter version of train.py for benchmarking: `python bench.py` times tra
 GPT-2 124M; `--profile=True` writes a torch.profiler trace; `--mode=generate` times generation with
 and without the KV cache; `--mode=speed` times the faithful path (eager, float32) against the fast path
 (the --dtype and --compile given) on the same model and batches, in alternating blocks, and prints the
-ratio of the medians; on CUDA the faithful path runs with TF32 off, so it really is float32. Small shapes
-for a CPU: `python bench.py --n_layer=4 --n_head=4 --n_embd=128 --block_size=64 --batch_size=12
---dataset=shakespeare_char`.
+ratio of the medians; on CUDA the faithful path runs with TF32 off, so it really is float32.
+`--mode=memory` counts the bytes of parameters, gradients and optimizer state after a step in one process
+and, launched by torchrun, in each rank's FSDP shards, and measures the peak memory of a forward+backward
+with and without activation checkpointing. Small shapes for a CPU: `python bench.py --n_layer=4
+--n_head=4 --n_embd=128 --block_size=64 --batch_size=12 --dataset=shakespeare_char`.
 """
 import os
 import time
 
 import numpy as np
 import torch
+from torch.distributed.tensor import DTensor
 
 import runtime
-from configurator import ROOT, configure
+from configurator import ROOT, UserError, configure
 from model import GPT, GPTConfig, device_peak_flops
 from tokenizer import load_meta
 
 # -----------------------------------------------------------------------------
 mode = 'train'  # 'train': time forward+backward+update; 'generate': tokens/s with and without the KV cache;
-# 'speed': the faithful path (eager, float32, no TF32) against --dtype/--compile, alternating blocks of iters
+# 'speed': the faithful path (eager, float32, no TF32) against --dtype/--compile, alternating blocks of iters;
+# 'memory': bytes of parameters + gradients + optimizer state (per FSDP rank under torchrun), and the
+# peak memory of a step with and without activation checkpointing
 batch_size = 12
 block_size = 1024
 n_layer = 12
@@ -44,6 +49,10 @@ profile_dir = 'bench_log'  # where the profiler's TensorBoard trace goes
 # -----------------------------------------------------------------------------
 configure(globals())
 device = runtime.pick_device(device)
+if mode == 'memory':
+    if runtime.device_type(device) == 'mps':
+        raise UserError("--mode=memory measures on cuda (the allocator's statistics) or cpu (the profiler's)")
+    distributed, rank, _, world_size, device = runtime.init_distributed(device)
 dtype = runtime.pick_dtype(dtype, device)
 compile = runtime.pick_compile(compile, device)
 torch.manual_seed(seed)
@@ -99,6 +108,75 @@ if mode == 'generate':
         print(f"{'with' if use_cache else 'without'} KV cache: {rates[use_cache]:.1f} tokens/s")
     print(f"KV cache speedup: {rates[True] / rates[False]:.1f}x ({max_new_tokens} new tokens, "
           f"block_size {block_size}, {n_layer} layers, {n_embd} wide, compile={compile})")
+    raise SystemExit(0)
+
+
+def step_memory(net, optimizer):
+    """One training step, then the bytes of this process's parameters, gradients and optimizer state,
+    counted from the tensors themselves (a DTensor by its local shard, the tied weight once)."""
+    X, Y = get_batch()
+    with ctx:
+        _, loss = net(X, Y)
+    loss.backward()
+    optimizer.step()
+
+    def nbytes(tensors):
+        return sum((t.to_local() if isinstance(t, DTensor) else t).nbytes for t in tensors)
+    params = list(net.parameters())
+    return {'parameters': nbytes(params), 'gradients': nbytes(p.grad for p in params if p.grad is not None),
+            'optimizer state': nbytes(v for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v))}
+
+
+def peak_step_memory(net):
+    """Peak bytes allocated during one forward+backward above what was allocated before it: the CUDA
+    allocator's statistics, or on CPU the profiler's record of each operator's allocations and frees."""
+    X, Y = get_batch()
+    if runtime.device_type(device) == 'cuda':
+        torch.cuda.synchronize(device)
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        with ctx:
+            _, loss = net(X, Y)
+        loss.backward()
+        return torch.cuda.max_memory_allocated(device) - before
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        with ctx:
+            _, loss = net(X, Y)
+        loss.backward()
+    live = peak = 0
+    for event in sorted(prof.events(), key=lambda e: e.time_range.start):
+        live += event.self_cpu_memory_usage  # what the operator itself allocated minus what it freed
+        peak = max(peak, live)
+    return peak
+
+
+if mode == 'memory':
+    mib = 2**20
+    opt_args = dict(weight_decay=1e-2, learning_rate=1e-4, betas=(0.9, 0.95), device_type=runtime.device_type(device),
+                    verbose=False)
+    sizes = {'one process': step_memory(model, model.configure_optimizers(**opt_args))}
+    one = sum(sizes['one process'].values())
+    if distributed:
+        sharded = GPT(gptconf)
+        sharded.load_state_dict(model.state_dict())
+        runtime.parallelize(sharded, device, dtype, distributed, fsdp=True)
+        per_rank = runtime.gather_to_rank0(step_memory(sharded, sharded.configure_optimizers(**opt_args)))
+        for r, size in enumerate(per_rank or []):  # None on ranks other than 0
+            sizes[f'FSDP rank {r} of {world_size}'] = size
+    for name, size in sizes.items():
+        total = sum(size.values())
+        if rank == 0:
+            print(f"{name}: " + ", ".join(f"{k} {v / mib:.2f} MiB" for k, v in size.items()) +
+                  f", total {total / mib:.2f} MiB ({total / one:.3f}x one process)")
+    # activation checkpointing keeps each Block's input instead of all its intermediate activations
+    peaks = {}
+    for checkpointing in (False, True):
+        net = GPT(gptconf)
+        runtime.parallelize(net, device, dtype, False, activation_checkpointing=checkpointing)
+        peaks[checkpointing] = peak_step_memory(net)
+    if rank == 0:
+        print(f"peak memory of forward+backward, batch {batch_size} x {block_size}: without activation checkpointing "
+              f"{peaks[False] / mib:.2f} MiB, with {peaks[True] / mib:.2f} MiB ({peaks[True] / peaks[False]:.2f}x)")
     raise SystemExit(0)
 
 

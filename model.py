@@ -294,6 +294,15 @@ class GPT(nn.Module):
         for block in self.transformer.h:
             block.attn.block_size = block_size
 
+    def freeze(self, n_blocks):
+        """Stop training the token and position embeddings and the lowest n_blocks Blocks: they get no
+        gradients, and configure_optimizers (which takes only parameters that require grad) gives them no
+        optimizer state. lm_head.weight is the same tensor as wte.weight (weight tying), so the output
+        layer is frozen too: the model keeps reading its logits off the pretrained token embeddings, and
+        only the Blocks above n_blocks and ln_f learn."""
+        for module in (self.transformer.wte, self.transformer.wpe, *self.transformer.h[:n_blocks]):
+            module.requires_grad_(False)
+
     @classmethod
     def from_pretrained(cls, model_type, override_args=None, allow_unsafe_pickle=False):
         """ Load OpenAI's GPT-2 weights ('gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl') through

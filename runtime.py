@@ -1,7 +1,8 @@
 """
 What train.py, sample.py and bench.py share, so it is written once: picking the device and dtype,
 the autocast context, CUDA-only calls guarded by device type, torchrun's distributed setup, seeding
-and RNG state, and checkpoint files (atomic writes, safe and clearly-failing reads).
+and RNG state, checkpoint files (atomic writes, safe and clearly-failing reads), and applying
+activation checkpointing, torch.compile, FSDP2 or DDP to a model from outside it.
 
     device = pick_device(device)              # 'auto' -> cuda, else mps, else cpu
     dtype = pick_dtype(dtype, device)         # 'auto' -> bfloat16 / float16 on CUDA, float32 elsewhere
@@ -9,6 +10,8 @@ and RNG state, and checkpoint files (atomic writes, safe and clearly-failing rea
 """
 import atexit
 import contextlib
+import datetime
+import functools
 import math
 import os
 import random
@@ -20,6 +23,11 @@ from contextlib import nullcontext
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
+                                                     set_model_state_dict, set_optimizer_state_dict)
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.checkpoint import checkpoint as recompute
 
 from configurator import ROOT, UserError
 
@@ -56,16 +64,20 @@ def pick_device(device='auto'):
     return device
 
 
-def pick_dtype(dtype, device):
+def pick_dtype(dtype, device, fsdp=False):
     """Resolve 'auto' to bfloat16 on GPUs that have it, float16 on older GPUs (use a GradScaler) and
-    float32 on CPU and MPS; refuse a dtype the device cannot train in. float16 on a CPU works (autocast
-    and GradScaler('cpu')) but is slow: it is there to test the GPU's mixed-precision path."""
+    float32 on CPU and MPS; refuse a dtype the device (or FSDP) cannot train in. float16 on a CPU works
+    (autocast and GradScaler('cpu')) but is slow: it is there to test the GPU's mixed-precision path."""
     kind = device_type(device)
     bf16_gpu = kind == 'cuda' and torch.cuda.is_bf16_supported(including_emulation=False)
     if dtype == 'auto':
-        return ('bfloat16' if bf16_gpu else 'float16') if kind == 'cuda' else 'float32'
-    if dtype not in DTYPES:
+        dtype = ('bfloat16' if bf16_gpu else 'float16') if kind == 'cuda' else 'float32'
+    elif dtype not in DTYPES:
         raise UserError(f"unknown dtype '{dtype}': use auto, {', '.join(DTYPES)}")
+    if fsdp and dtype == 'float16':
+        # the GradScaler's skip-this-step decision would be taken on each rank's shard of the gradients alone
+        raise UserError("fsdp with float16 is not supported (its loss scaling would need a sharded gradient "
+                        "scaler); use --dtype=bfloat16 (a GPU from Ampere on) or --dtype=float32")
     if dtype == 'bfloat16' and kind == 'cuda' and not bf16_gpu:
         raise UserError(f"this GPU ({torch.cuda.get_device_name(device)}) has no bfloat16 support; "
                         "use --dtype=float16 (or auto)")
@@ -118,9 +130,11 @@ def synchronize(device):
         torch.mps.synchronize()
 
 
-def init_distributed(device):
+def init_distributed(device, timeout=600):
     """Join the process group when launched by torchrun (RANK, LOCAL_RANK, WORLD_SIZE in the
-    environment): nccl with one GPU per process on CUDA, gloo on CPU. The group is destroyed at exit.
+    environment): nccl with one GPU per process on CUDA, gloo on CPU. A collective that waits longer
+    than timeout seconds for a peer (a lost node) fails, so torchrun can restart the group, instead of
+    hanging. The group is destroyed at exit.
     Returns (ddp, rank, local_rank, world_size, device), device being this process's own GPU."""
     if 'RANK' not in os.environ:
         return False, 0, 0, 1, device
@@ -130,9 +144,10 @@ def init_distributed(device):
     if device_type(device) == 'cuda':
         device = f'cuda:{local_rank}'
         torch.cuda.set_device(device)
-        dist.init_process_group(backend='nccl', device_id=torch.device(device))
+        dist.init_process_group(backend='nccl', device_id=torch.device(device),
+                                timeout=datetime.timedelta(seconds=timeout))
     else:
-        dist.init_process_group(backend='gloo')
+        dist.init_process_group(backend='gloo', timeout=datetime.timedelta(seconds=timeout))
     atexit.register(cleanup_distributed)
     return True, rank, local_rank, world_size, device
 
@@ -169,6 +184,121 @@ def clip_grad_norm(parameters, max_norm):
     sync). Under FSDP it is a DTensor: full_tensor() makes it a plain one, collectively on every rank."""
     norm = torch.nn.utils.clip_grad_norm_(parameters, max_norm)
     return norm.full_tensor() if hasattr(norm, 'full_tensor') else norm
+
+def restarted_with_checkpoint(ckpt_path):
+    """Whether torchrun has restarted this job after a failure and rank 0 finds ckpt_path to continue
+    from. Each node's torchrun counts its own restarts (a node restarted only because another failed
+    counts none), so any process's count decides; every process must call it."""
+    counts = gather_to_rank0(int(os.environ.get('TORCHELASTIC_RESTART_COUNT', 0)))
+    return on_rank0(lambda: max(counts) > 0 and os.path.exists(ckpt_path))
+
+
+def shared_rendezvous_store():
+    """True when torchrun may restart the workers (--max-restarts) and lets them share its rendezvous
+    store: in torch 2.13 that store keeps the failed group's connection keys, and the restarted group
+    can read them and fail to connect (seen with gloo; TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 avoids it)."""
+    return int(os.environ.get('TORCHELASTIC_MAX_RESTARTS', 0)) > 0 and \
+        os.environ.get('TORCHELASTIC_USE_AGENT_STORE') == 'True'
+
+
+def parallelize(model, device, dtype, distributed, fsdp=False, activation_checkpointing=False, compile=False):
+    """Apply, from outside the GPT and in torchtitan's order, what makes it train here: activation
+    checkpointing of each Block, torch.compile, then data parallelism over the processes: FSDP2
+    (fully_shard on each Block, then on the root, which keeps the embeddings, ln_f and the tied
+    lm_head) or DDP. Without a process group fsdp is a no-op: one process has nothing to shard.
+    The GPT is modified in place (under FSDP its parameters become DTensor shards, each rank holding
+    1/world_size of every tensor along dim 0); it stays what the optimizer steps and full_state()
+    saves. Returns (model, train_model): what evaluation calls and what training calls."""
+    if activation_checkpointing:
+        for block in model.transformer.h:
+            # keep only the Block's input in forward and recompute its activations in backward (dropout
+            # masks included: checkpoint restores the RNG); replacing forward on the instance, not wrapping
+            # the module, keeps parameter names and checkpoint keys as they are
+            block.forward = functools.partial(recompute, block.forward, use_reentrant=False)
+    if fsdp and distributed:
+        # compute in the training dtype, average gradients in float32 (a no-op when training in float32)
+        mp_policy = MixedPrecisionPolicy(param_dtype=DTYPES[dtype], reduce_dtype=torch.float32)
+        full = model.state_dict() if dist.get_rank() == 0 else {}  # CPU tensors
+        for block in model.transformer.h:
+            fully_shard(block, mp_policy=mp_policy)  # a Block's weights are gathered only while it runs
+        fully_shard(model, mp_policy=mp_policy)  # moves each rank's shards (and only them) to its device
+        # every rank starts from rank 0's weights (as DDP does; seeded per rank, their random inits differ),
+        # sent one tensor at a time, each rank keeping its shard
+        set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    else:
+        model.to(device)
+    model = train_model = torch.compile(model) if compile else model
+    if distributed and not fsdp:
+        train_model = DDP(model, device_ids=[torch.device(device).index] if device_type(device) == 'cuda' else None)
+    return model, train_model
+
+
+def set_gradient_sync(train_model, sync):
+    """Whether this micro-step's backward averages the gradients over processes (DDP, FSDP). Before the
+    last micro-step of an iteration they accumulate locally (under FSDP: unsharded, at full size)."""
+    module = getattr(train_model, '_orig_mod', train_model)  # under torch.compile
+    if isinstance(module, DDP):
+        module.require_backward_grad_sync = sync
+    elif isinstance(module, FSDPModule):
+        module.set_requires_gradient_sync(sync)
+
+
+def parameter_names(model, optimizer):
+    """The name of each parameter of optimizer, in its param_groups order (a parameter's position there
+    is its key in optimizer.state_dict())."""
+    names = {p: name for name, p in model.named_parameters()}
+    return [names[p] for group in optimizer.param_groups for p in group['params']]
+
+
+def full_state(model, optimizer):
+    """(model state dict, optimizer state dict) as a single process writes them: full tensors, and the
+    optimizer state keyed by each parameter's position in optimizer.param_groups, so a checkpoint resumes
+    under any parallelism and world size. Under FSDP the shards are gathered into CPU memory on rank 0
+    (no GPU ever holds the full model) with torch's state-dict helpers; every rank must call it, and the
+    others get ({}, {}). Works for any torch.optim.Optimizer."""
+    if not isinstance(model, FSDPModule):
+        return model.state_dict(), optimizer.state_dict()
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    model_state = get_model_state_dict(model, options=options)
+    state = get_optimizer_state_dict(model, optimizer, options=options)  # {'state': {name: {...}}, ...}
+    if dist.get_rank() != 0:
+        return {}, {}
+    index = {name: i for i, name in enumerate(parameter_names(model, optimizer))}
+    # the hyperparameters are the same on every rank and unsharded: take them as torch writes them
+    return model_state, {'state': {index[name]: s for name, s in state['state'].items()},
+                         'param_groups': optimizer.state_dict()['param_groups']}
+
+
+def load_optimizer_state(model, optimizer, state, path):
+    """Load an optimizer state dict that full_state() wrote (in any parallelism and world size) into
+    optimizer, sharding it under FSDP. Refuses state for other trainable parameters (another freeze_layers)
+    or of other shapes: torch checks the groups' sizes, not the shapes of the moment buffers, which would
+    only fail at the first step."""
+    try:
+        sizes = [len(group['params']) for group in optimizer.param_groups]
+        if [len(group['params']) for group in state['param_groups']] != sizes:
+            raise UserError(f"the checkpoint's optimizer state is for other trainable parameters than this run's "
+                            f"({sizes} per group): was it trained with another freeze_layers?")
+        params = [p for group in optimizer.param_groups for p in group['params']]  # full shapes, also under FSDP
+        for i, saved in state['state'].items():
+            for name, v in saved.items():
+                if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape != params[i].shape:
+                    raise UserError(f"checkpoint {path}: the optimizer's {name} has shape {tuple(v.shape)} "
+                                    f"for a parameter of shape {tuple(params[i].shape)}")
+        if not isinstance(model, FSDPModule):
+            optimizer.load_state_dict(state)  # moves its tensors to the parameters' device
+            return
+        names = parameter_names(model, optimizer)
+        state = {'state': {names[i]: s for i, s in state['state'].items()},
+                 'param_groups': [{**group, 'params': [names[i] for i in group['params']]}
+                                  for group in state['param_groups']]}
+        # every rank holds the full state (it read the checkpoint) and keeps its own shard of each tensor
+        set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+        for group, saved in zip(optimizer.param_groups, state['param_groups']):
+            group.update((k, v) for k, v in saved.items() if k != 'params')  # as saved: it makes tuples lists
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError, RuntimeError) as e:
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise UserError(f"checkpoint {path}: the optimizer state does not fit the model ({reason})") from None
 
 
 def seed_everything(seed):
@@ -296,22 +426,6 @@ def check_checkpoint(checkpoint, path):
                 set_rng_state(saved)
     except Exception as e:
         raise bad(f"its random state cannot be restored ({type(e).__name__})") from None
-
-
-def load_optimizer_state(optimizer, state, path):
-    """optimizer.load_state_dict(state), refusing state that does not fit the model: torch checks the
-    groups' sizes, not the shapes of the moment buffers, which would only fail at the first step."""
-    try:
-        optimizer.load_state_dict(state)
-    except (ValueError, KeyError, TypeError, IndexError, RuntimeError) as e:
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise UserError(f"checkpoint {path}: the optimizer state does not fit the model ({reason})") from None
-    for group in optimizer.param_groups:
-        for p in group['params']:
-            for name, v in optimizer.state.get(p, {}).items():
-                if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape != p.shape:
-                    raise UserError(f"checkpoint {path}: the optimizer's {name} has shape {tuple(v.shape)} "
-                                    f"for a parameter of shape {tuple(p.shape)}")
 
 
 def count_tokens(path):

@@ -15,6 +15,10 @@ $ torchrun --nproc_per_node=4 --nnodes=2 --node_rank=0 --master_addr=123.456.123
 $ torchrun --nproc_per_node=4 --nnodes=2 --node_rank=1 --master_addr=123.456.123.456 --master_port=1234 train.py
 (If your cluster does not have Infiniband interconnect prepend NCCL_IB_DISABLE=1)
 
+To shard parameters, gradients and optimizer state over the processes (models too big for DDP), add
+--fsdp=True; launched with torchrun --max-restarts=N, a job resumes by itself from its last checkpoint
+after a failure (docs/scale.md).
+
 A run writes out_dir/ckpt.pt (continue it with --init_from=resume) and out_dir/log.jsonl.
 """
 import glob
@@ -28,7 +32,6 @@ import time
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 import runtime
 import tokenizer
@@ -51,6 +54,7 @@ eval_hellaswag = False  # also score HellaSwag at each eval (GPT-2 tokenizer onl
 hellaswag_path = ''  # a local HellaSwag .jsonl; '' = Rowan/hellaswag's validation split from the hub
 init_from = 'scratch'  # 'scratch', 'resume' (out_dir/ckpt.pt), 'gpt2*' or a local Hugging Face directory
 allow_unsafe_pickle = False  # True: a Hugging Face directory may load pytorch_model.bin, a pickle that can run code
+checkpoint_interval = 0  # also save a checkpoint every this many iterations, whatever the eval; 0: only at evals
 # wandb logging
 wandb_log = False  # disabled by default
 wandb_project = 'owt'
@@ -84,15 +88,19 @@ min_lr = 6e-5  # minimum learning rate, should be ~= learning_rate/10 per Chinch
 device = 'auto'  # 'auto' (cuda, else mps, else cpu), 'cpu', 'cuda', 'cuda:1', 'mps'
 dtype = 'auto'  # 'auto' (bfloat16, float16 on GPUs without it, float32 on cpu/mps), 'float32', 'bfloat16', 'float16'
 compile = None  # use PyTorch 2.0 to compile the model to be faster; None: on CUDA only
+fsdp = False  # under torchrun, shard parameters, gradients and optimizer state (FSDP2) instead of DDP
+activation_checkpointing = False  # recompute each Block's activations in backward: less memory, ~1/3 more compute
+freeze_layers = 0  # finetune only above this: embeddings (so the tied lm_head) and the lowest N Blocks stay fixed
+dist_timeout = 600  # seconds a collective waits for a lost peer before failing (torchrun can then restart)
 seed = 1337
 # -----------------------------------------------------------------------------
 config = configure(globals())  # config files and --key=value from the command line
 repo_dir = os.path.dirname(os.path.abspath(__file__))
 
 # devices, precision and processes, decided after the overrides
-ddp, rank, local_rank, world_size, device = runtime.init_distributed(runtime.pick_device(device))
-master_process = rank == 0  # this process prints, evaluates and writes checkpoints
-dtype = runtime.pick_dtype(dtype, device)
+ddp, rank, local_rank, world_size, device = runtime.init_distributed(runtime.pick_device(device), dist_timeout)
+master_process = rank == 0  # this process prints, logs and writes checkpoints
+dtype = runtime.pick_dtype(dtype, device, fsdp)
 compile = runtime.pick_compile(compile, device)
 config.update(device=device, dtype=dtype, compile=compile)
 device_type = runtime.device_type(device)
@@ -103,9 +111,14 @@ if gradient_accumulation_steps % world_size != 0:
     raise UserError(f"gradient_accumulation_steps ({gradient_accumulation_steps}) is the global count and must be "
                     f"divisible by the number of processes ({world_size})")
 accum_steps = gradient_accumulation_steps // world_size  # micro-steps per process and iteration
+if early_stop_patience and checkpoint_interval:
+    raise UserError("early_stop_patience keeps the best model in ckpt.pt and checkpoint_interval overwrites it: "
+                    "use one of them")
 if master_process:
     runtime.print_environment(device, dtype)
     print("config: " + ", ".join(f"{k}={v!r}" for k, v in config.items()))
+    if runtime.shared_rendezvous_store():
+        print("warning: a restart may fail to reconnect; launch with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (docs/scale.md)")
     try:
         os.makedirs(out_dir, exist_ok=True)
         tempfile.TemporaryFile(dir=out_dir).close()
@@ -174,6 +187,8 @@ model_args = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=bloc
 shape_keys = ('n_layer', 'n_head', 'n_embd', 'block_size', 'bias', 'vocab_size')
 ckpt_path = os.path.join(out_dir, 'ckpt.pt')
 checkpoint = None
+if runtime.restarted_with_checkpoint(ckpt_path):
+    init_from = 'resume'  # torchrun restarted the job after a failure: continue from its last checkpoint
 try:
     if init_from == 'scratch':
         # a char-level dataset's vocab_size from meta.pkl, else GPT-2's 50257 padded up to 50304 for efficiency
@@ -221,13 +236,19 @@ for split, n in n_tokens.items():
 if eval_hellaswag:
     check_gpt2_tokenizer(model_args['vocab_size'], meta_path, f"the dataset in {data_dir}")
     hellaswag_rows = load_hellaswag(hellaswag_path)
-model.to(device)
+if not 0 <= freeze_layers <= model.config.n_layer:
+    raise UserError(f"freeze_layers must be between 0 and n_layer ({model.config.n_layer}), got {freeze_layers}")
+if freeze_layers:
+    model.freeze(freeze_layers)
 raw_model = model  # what checkpoints save: no torch.compile or DDP wrappers, so no '_orig_mod.' prefixes
+if master_process and compile:
+    print("compiling the model... (takes a ~minute)")
+model, train_model = runtime.parallelize(raw_model, device, dtype, ddp, fsdp, activation_checkpointing, compile)
 
-optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type, verbose=master_process)
+optimizer = raw_model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type, verbose=master_process)
 rng_states = None
 if checkpoint is not None:
-    runtime.load_optimizer_state(optimizer, checkpoint['optimizer'], ckpt_path)  # to the parameters' device
+    runtime.load_optimizer_state(raw_model, optimizer, checkpoint['optimizer'], ckpt_path)
     if scaler.is_enabled() and checkpoint.get('scaler'):
         scaler.load_state_dict(checkpoint['scaler'])
     if 'sampler_state' in checkpoint:
@@ -238,11 +259,6 @@ if checkpoint is not None:
               "world size): dropout masks will differ from an uninterrupted run")
     checkpoint = None  # free the memory
 peak_flops = device_peak_flops(device, dtype)  # measured once, before the loop, so it skews no iteration's timing
-if compile:
-    if master_process:
-        print("compiling the model... (takes a ~minute)")
-    model = torch.compile(model)  # what evaluation runs
-train_model = DDP(model, device_ids=[local_rank] if device_type == 'cuda' else None) if ddp else model
 
 
 @torch.no_grad()
@@ -276,8 +292,13 @@ def get_lr(it):
     return min_lr + coeff * (learning_rate - min_lr)
 
 
-def save_checkpoint(rng_states):
-    checkpoint = {'model': raw_model.state_dict(), 'optimizer': optimizer.state_dict(), 'model_args': model_args,
+def save_checkpoint():
+    """Every rank takes part (FSDP gathers the shards, each rank adds its RNG state); rank 0 writes."""
+    rng_states = runtime.gather_to_rank0(runtime.rng_state())
+    model_state, optimizer_state = runtime.full_state(raw_model, optimizer)
+    if not master_process:
+        return
+    checkpoint = {'model': model_state, 'optimizer': optimizer_state, 'model_args': model_args,
                   'iter_num': iter_num, 'best_val_loss': best_val_loss, 'config': config,
                   # beyond nanoGPT's keys: the model's GELU and tokenizer, and what continuing exactly needs
                   'gelu': raw_model.config.gelu, 'tokenizer': data_tokenizer,
@@ -343,13 +364,14 @@ while True:
         param_group['lr'] = lr
 
     # evaluate the loss on train/val sets and write checkpoints
+    save = checkpoint_interval > 0 and iter_num % checkpoint_interval == 0 and local_iter_num > 0
     if iter_num % eval_interval == 0 or iter_num == max_iters or eval_only:
-        rng_states = runtime.gather_to_rank0(runtime.rng_state())  # every rank takes part
+        losses = estimate_loss()  # on every rank: FSDP's forward needs them all
+        losses = runtime.on_rank0(lambda: losses)  # and all of them act on rank 0's numbers
         hellaswag = {}
         if eval_hellaswag:  # every rank scores its share
             hellaswag = hellaswag_score(model, hellaswag_rows, device, ctx, batch_size, rank, world_size)
         if master_process:
-            losses = estimate_loss()
             print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
             if hellaswag:
                 print(f"step {iter_num}: hellaswag acc {hellaswag['acc']:.4f}, acc_norm {hellaswag['acc_norm']:.4f}")
@@ -358,26 +380,26 @@ while True:
             if wandb_log:
                 wandb.log({"iter": iter_num, "train/loss": losses['train'], "val/loss": losses['val'],
                            "lr": lr, "mfu": running_mfu * 100, **{f"hellaswag/{k}": v for k, v in hellaswag.items()}})
-            improved = losses['val'] < best_val_loss
-            best_val_loss = min(best_val_loss, losses['val'])
-            evals_since_best = 0 if improved else evals_since_best + 1
-            # with early stopping only a new best is saved, so the checkpoint left is the best one
-            if iter_num > 0 and not eval_only and (improved or always_save_checkpoint and not early_stop_patience):
-                save_checkpoint(rng_states)
-        if early_stop_patience and runtime.on_rank0(lambda: evals_since_best >= early_stop_patience):
-            if master_process:
-                print(f"early stopping at iter {iter_num}: no new best val loss in {early_stop_patience} evals; "
-                      f"{ckpt_path} holds the best model (val loss {best_val_loss:.4f})")
-            break
+        improved = losses['val'] < best_val_loss
+        best_val_loss = min(best_val_loss, losses['val'])
+        evals_since_best = 0 if improved else evals_since_best + 1
+        # with early stopping only a new best is saved, so the checkpoint left is the best one
+        save |= iter_num > 0 and not eval_only and (improved or always_save_checkpoint and not early_stop_patience)
+    if save:
+        save_checkpoint()
+    if early_stop_patience and evals_since_best >= early_stop_patience:
+        if master_process:
+            print(f"early stopping at iter {iter_num}: no new best val loss in {early_stop_patience} evals; "
+                  f"{ckpt_path} holds the best model (val loss {best_val_loss:.4f})")
+        break
     if iter_num >= max_iters or eval_only:
         break
 
     # forward backward update, with optional gradient accumulation to simulate larger batch size
     loss_sum = torch.zeros((), device=device)
     for micro_step in range(accum_steps):
-        if ddp:
-            # average the gradients over ranks only after the last micro-step; before it, accumulate locally
-            train_model.require_backward_grad_sync = (micro_step == accum_steps - 1)
+        # average the gradients over ranks only after the last micro-step; before it, accumulate locally
+        runtime.set_gradient_sync(train_model, micro_step == accum_steps - 1)
         with ctx:
             logits, loss = train_model(X, Y)  # logits (B, T, vocab_size), loss a scalar
             loss = loss / accum_steps  # scale the loss to account for gradient accumulation
@@ -428,9 +450,8 @@ while True:
     local_iter_num += 1
 
     if stopping:
-        rng_states = runtime.gather_to_rank0(runtime.rng_state())
+        save_checkpoint()
         if master_process:
-            save_checkpoint(rng_states)
             print(f"{stop_signal or 'a stop signal'} received: saved a checkpoint at iter {iter_num} to {ckpt_path}; "
                   "continue with --init_from=resume")
         break
