@@ -68,6 +68,10 @@ weight_decay = 1e-1
 beta1 = 0.9
 beta2 = 0.95
 grad_clip = 1.0  # clip gradients at this value, or disable if == 0.0
+optimizer = 'adamw'  # 'adamw' (nanoGPT's), or 'muon': Muon for the blocks' weight matrices, AdamW for the rest
+muon_learning_rate = 0.02  # Muon's peak lr; it follows the same warmup and decay, scaled by muon_learning_rate / learning_rate
+muon_momentum = 0.95  # Muon's (Nesterov) momentum
+muon_weight_decay = 0.0  # Muon's decoupled weight decay, per step lr * muon_weight_decay
 # learning rate decay settings
 decay_lr = True  # whether to decay the learning rate
 warmup_iters = 2000  # how many steps to warm up for
@@ -96,6 +100,8 @@ if gradient_accumulation_steps % world_size != 0:
     raise UserError(f"gradient_accumulation_steps ({gradient_accumulation_steps}) is the global count and must be "
                     f"divisible by the number of processes ({world_size})")
 accum_steps = gradient_accumulation_steps // world_size  # micro-steps per process and iteration
+if optimizer not in ('adamw', 'muon'):
+    raise UserError(f"unknown optimizer '{optimizer}': use adamw or muon")
 if master_process:
     runtime.print_environment(device, dtype)
     print("config: " + ", ".join(f"{k}={v!r}" for k, v in config.items()))
@@ -184,6 +190,9 @@ try:
         except RuntimeError as e:
             raise UserError(f"{ckpt_path} does not match its model_args: {str(e).splitlines()[0]}") from None
         iter_num = checkpoint['iter_num']
+        trained_with = checkpoint.get('config', {}).get('optimizer', 'adamw')  # nanoGPT's: AdamW
+        if trained_with != optimizer:
+            raise UserError(f"{ckpt_path} was trained with optimizer {trained_with}: resume it with --optimizer={trained_with}")
         best_val_loss = float(checkpoint.get('best_val_loss', best_val_loss))  # nanoGPT stores a tensor
     else:  # 'gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl' or a local Hugging Face directory
         model = GPT.from_pretrained(init_from, dict(dropout=dropout))
@@ -206,7 +215,9 @@ for split, n in n_tokens.items():
 model.to(device)
 raw_model = model  # what checkpoints save: no torch.compile or DDP wrappers, so no '_orig_mod.' prefixes
 
-optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type, verbose=master_process)
+muon = dict(lr=muon_learning_rate, momentum=muon_momentum, weight_decay=muon_weight_decay) if optimizer == 'muon' else None
+optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type, verbose=master_process,
+                                       muon=muon)  # from here on the optimizer object, no longer its name
 rng_states = None
 if checkpoint is not None:
     optimizer.load_state_dict(checkpoint['optimizer'])  # moves its tensors to the parameters' device
@@ -320,7 +331,7 @@ while True:
     # determine and set the learning rate for this iteration
     lr = get_lr(iter_num) if decay_lr else learning_rate
     for param_group in optimizer.param_groups:
-        param_group['lr'] = lr
+        param_group['lr'] = lr * param_group.get('lr_scale', 1.0)  # Muon's groups have their own peak
 
     # evaluate the loss on train/val sets and write checkpoints
     if iter_num % eval_interval == 0 or iter_num == max_iters or eval_only:
