@@ -22,7 +22,7 @@ from configurator import ROOT, configure
 
 # -----------------------------------------------------------------------------
 pairs = 3  # alternating runs of each command; the medians are compared
-nanogpt_dir = ''  # a checkout of nanoGPT: time its train.py against ours on its recipe, instead of our recipe against it
+nanogpt_dir = ''  # a checkout of nanoGPT: time its train.py against ours on its recipe (not our recipe)
 max_iters = 2000  # iterations of nanoGPT's recipe
 # -----------------------------------------------------------------------------
 configure(globals())
@@ -55,9 +55,10 @@ with tempfile.TemporaryDirectory() as tmp:
             if os.path.exists(log):  # nanoGPT's train.py writes none
                 with open(log) as f:
                     losses[name] = [json.loads(line)['val_loss'] for line in f if 'val_loss' in line][-1]
-            print(f"{name}: {times[name][-1]:.1f} s, cpu {cpu[name][-1]:.1f} s" + (f", val loss {losses[name]:.4f}" if name in losses else ""))
+            val = f", val loss {losses[name]:.4f}" if name in losses else ""
+            print(f"{name}: {times[name][-1]:.1f} s, cpu {cpu[name][-1]:.1f} s{val}")
 print(f"load average {os.getloadavg()[0]:.2f} at the end")
 (a, ta), (b, tb) = ((name, statistics.median(t)) for name, t in times.items())
-print(f"median wall time: {a} {ta:.1f} s, {b} {tb:.1f} s; {a} is {tb / ta:.2f}x as fast "
-      f"(ranges {min(times[a]):.1f}-{max(times[a]):.1f} and {min(times[b]):.1f}-{max(times[b]):.1f} s)")
+print(f"median wall time: {a} {ta:.1f} s, {b} {tb:.1f} s; {a} is {tb / ta:.2f}x as fast (ranges "
+      f"{min(times[a]):.1f}-{max(times[a]):.1f} and {min(times[b]):.1f}-{max(times[b]):.1f} s)")
 print(f"median cpu time: {a} {statistics.median(cpu[a]):.1f} s, {b} {statistics.median(cpu[b]):.1f} s")

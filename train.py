@@ -69,7 +69,7 @@ beta1 = 0.9
 beta2 = 0.95
 grad_clip = 1.0  # clip gradients at this value, or disable if == 0.0
 optimizer = 'adamw'  # 'adamw' (nanoGPT's), or 'muon': Muon for the blocks' weight matrices, AdamW for the rest
-muon_learning_rate = 0.02  # Muon's peak lr; it follows the same warmup and decay, scaled by muon_learning_rate / learning_rate
+muon_learning_rate = 0.02  # Muon's peak lr: its schedule is learning_rate's, times muon_learning_rate / learning_rate
 muon_momentum = 0.95  # Muon's (Nesterov) momentum
 muon_weight_decay = 0.0  # Muon's decoupled weight decay, per step lr * muon_weight_decay
 # learning rate decay settings
@@ -102,6 +102,8 @@ if gradient_accumulation_steps % world_size != 0:
 accum_steps = gradient_accumulation_steps // world_size  # micro-steps per process and iteration
 if optimizer not in ('adamw', 'muon'):
     raise UserError(f"unknown optimizer '{optimizer}': use adamw or muon")
+if optimizer == 'muon' and learning_rate <= 0:
+    raise UserError(f"optimizer muon needs learning_rate > 0 (Muon's schedule is scaled from it), got {learning_rate}")
 if master_process:
     runtime.print_environment(device, dtype)
     print("config: " + ", ".join(f"{k}={v!r}" for k, v in config.items()))
@@ -192,7 +194,8 @@ try:
         iter_num = checkpoint['iter_num']
         trained_with = checkpoint.get('config', {}).get('optimizer', 'adamw')  # nanoGPT's: AdamW
         if trained_with != optimizer:
-            raise UserError(f"{ckpt_path} was trained with optimizer {trained_with}: resume it with --optimizer={trained_with}")
+            raise UserError(f"{ckpt_path} was trained with optimizer {trained_with}: "
+                            f"resume it with --optimizer={trained_with}")
         best_val_loss = float(checkpoint.get('best_val_loss', best_val_loss))  # nanoGPT stores a tensor
     else:  # 'gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl' or a local Hugging Face directory
         model = GPT.from_pretrained(init_from, dict(dropout=dropout))
@@ -215,9 +218,9 @@ for split, n in n_tokens.items():
 model.to(device)
 raw_model = model  # what checkpoints save: no torch.compile or DDP wrappers, so no '_orig_mod.' prefixes
 
-muon = dict(lr=muon_learning_rate, momentum=muon_momentum, weight_decay=muon_weight_decay) if optimizer == 'muon' else None
+muon = dict(lr=muon_learning_rate, momentum=muon_momentum, weight_decay=muon_weight_decay)
 optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type, verbose=master_process,
-                                       muon=muon)  # from here on the optimizer object, no longer its name
+                                       muon=muon if optimizer == 'muon' else None)  # from here on, the object
 rng_states = None
 if checkpoint is not None:
     optimizer.load_state_dict(checkpoint['optimizer'])  # moves its tensors to the parameters' device
