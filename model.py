@@ -346,13 +346,14 @@ class GPT(nn.Module):
                 native, why = torch.cuda.is_bf16_supported(including_emulation=False), torch.cuda.get_device_name()
             else:
                 bf16, fp32 = bfloat16_matmul_speed(device)
-                native, why = 2 * bf16 >= fp32, f"256x256 matmuls: {bf16 / 1e9:.1f} GFLOP/s bfloat16, {fp32 / 1e9:.1f} float32"
+                native = 2 * bf16 >= fp32
+                why = f"256x256 matmuls: {bf16 / 1e9:.1f} GFLOP/s bfloat16, {fp32 / 1e9:.1f} float32"
             muon_optimizer = (torch.optim.Muon if native else Float32Muon)(muon_params, nesterov=True, **muon)
             if verbose:
                 num_muon = sum(p.numel() for p in muon_params)
-                print(f"muon for {len(muon_params)} matrices with {num_muon:,} parameters: "
-                      f"{'torch.optim.Muon, Newton-Schulz in bfloat16' if native else 'Float32Muon, Newton-Schulz in float32'}"
-                      f" ({why})")
+                path = ('torch.optim.Muon, Newton-Schulz in bfloat16' if native else
+                        'Float32Muon, Newton-Schulz in float32')
+                print(f"muon for {len(muon_params)} matrices with {num_muon:,} parameters: {path} ({why})")
             optimizer = MuonAdamW(muon_optimizer, optimizer, muon['lr'] / learning_rate)
         return optimizer
 
@@ -416,7 +417,6 @@ class GPT(nn.Module):
         Call model.eval() first. temperature=0 picks the most likely token (greedy). """
         new = list(self.generate_tokens(idx, max_new_tokens, temperature, top_k, use_cache))
         return torch.cat([idx] + new, dim=1)
-
 
 
 class Float32Muon(torch.optim.Muon):
