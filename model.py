@@ -384,9 +384,16 @@ class GPT(nn.Module):
                     v.zero_()  # bias=False model
         model_hf.save_pretrained(path)
 
-    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type, verbose=True):
+    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type, verbose=True, muon=None):
+        """ AdamW for all parameters (nanoGPT), or with muon=dict(lr=, momentum=, weight_decay=): Muon for
+        the blocks' weight matrices and AdamW for the rest, as one MuonAdamW (see there). """
         # start with all of the candidate parameters that require grad
         param_dict = {pn: p for pn, p in self.named_parameters() if p.requires_grad}
+        if muon is not None:
+            # the attention and MLP matrices of the blocks (all 2-D) go to Muon; the embeddings (the token
+            # embedding is also lm_head), the LayerNorm gains and the biases stay with AdamW
+            muon_params = [p for n, p in param_dict.items() if n.startswith('transformer.h.') and p.dim() == 2]
+            param_dict = {n: p for n, p in param_dict.items() if not (n.startswith('transformer.h.') and p.dim() == 2)}
         # create optim groups. Any parameters that is 2D will be weight decayed, otherwise no.
         # i.e. all weight tensors in matmuls + embeddings decay, all biases and layernorms don't.
         decay_params = [p for n, p in param_dict.items() if p.dim() >= 2]
@@ -408,6 +415,24 @@ class GPT(nn.Module):
             print(f"num decayed parameter tensors: {len(decay_params)}, with {num_decay:,} parameters")
             print(f"num non-decayed parameter tensors: {len(nodecay_params)}, with {num_nodecay:,} parameters")
             print(f"using fused AdamW: {use_fused} ({device_type})")
+        if muon is not None:
+            # torch's Muon runs Newton-Schulz in bfloat16: use it where bfloat16 matmuls are native. Measured off
+            # CUDA: CPUs without AVX-512 BF16 or AMX emulate them at ~1% of float32's speed, those with it run
+            # them at ~2x, so "at least half as fast" separates the two even on a busy machine
+            device = str(self.lm_head.weight.device)
+            if device_type == 'cuda':
+                native, why = torch.cuda.is_bf16_supported(including_emulation=False), torch.cuda.get_device_name()
+            else:
+                bf16, fp32 = bfloat16_matmul_speed(device)
+                native = 2 * bf16 >= fp32
+                why = f"256x256 matmuls: {bf16 / 1e9:.1f} GFLOP/s bfloat16, {fp32 / 1e9:.1f} float32"
+            muon_optimizer = (torch.optim.Muon if native else Float32Muon)(muon_params, nesterov=True, **muon)
+            if verbose:
+                num_muon = sum(p.numel() for p in muon_params)
+                path = ('torch.optim.Muon, Newton-Schulz in bfloat16' if native else
+                        'Float32Muon, Newton-Schulz in float32')
+                print(f"muon for {len(muon_params)} matrices with {num_muon:,} parameters: {path} ({why})")
+            optimizer = MuonAdamW(muon_optimizer, optimizer, muon['lr'] / learning_rate)
         return optimizer
 
     def estimate_mfu(self, fwdbwd_per_iter, dt, peak_flops=None):
@@ -476,6 +501,76 @@ def table_peak_flops(gpu_name):
     return next((flops for pattern, flops in PEAK_FLOPS if re.search(pattern, gpu_name, re.IGNORECASE)), None)
 
 
+class Float32Muon(torch.optim.Muon):
+    """ torch.optim.Muon with its Newton-Schulz iteration in float32. torch's casts the update to bfloat16
+    unconditionally (torch/optim/_muon.py, _zeropower_via_newtonschulz: `grad.bfloat16()`, with no option),
+    and on CPUs without AVX-512 BF16 or AMX bfloat16 matmuls are emulated: ~0.3 GFLOP/s against ~30 in
+    float32 on an AVX2 machine, which made a 2-minute run take 11. Everything but that dtype is torch's:
+    its arguments and checks, its param groups, its state ('momentum_buffer'), its update; so a
+    checkpoint moves between the two. """
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        assert closure is None, "closures are not used here"
+        for group in self.param_groups:
+            lr, wd, momentum, eps = group['lr'], group['weight_decay'], group['momentum'], group['eps']
+            a, b, c = group['ns_coefficients']
+            assert group['adjust_lr_fn'] in (None, 'original')  # the only one configure_optimizers uses
+            for p in group['params']:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if 'momentum_buffer' not in state:
+                    state['momentum_buffer'] = torch.zeros_like(p.grad)
+                buf = state['momentum_buffer']
+                buf.lerp_(p.grad, 1 - momentum)
+                update = p.grad.lerp(buf, momentum) if group['nesterov'] else buf
+                tall = p.size(0) > p.size(1)
+                x = update.float().T if tall else update.float()  # (short, long): the Gram matrix is the small one
+                x = x / x.norm().clamp(min=eps)  # spectral norm at most 1
+                for _ in range(group['ns_steps']):
+                    gram = x @ x.T  # (short, short)
+                    x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+                p.mul_(1 - lr * wd)  # decoupled weight decay
+                # torch's shape adjustment: the update's RMS does not shrink for tall matrices
+                p.add_(x.T if tall else x, alpha=-lr * max(1, p.size(0) / p.size(1)) ** 0.5)
+
+
+class MuonAdamW:
+    """ Muon for the blocks' weight matrices and AdamW for everything else, stepped as one optimizer.
+    param_groups lists the groups of both; each has an 'lr_scale', its peak learning rate over AdamW's,
+    so the training loop's schedule (group['lr'] = lr * group['lr_scale']) moves all of them together.
+    state_dict() nests both, so a checkpoint keeps one 'optimizer' entry. GradScaler works with it:
+    it only needs param_groups and step(). """
+
+    def __init__(self, muon, adamw, muon_lr_scale):
+        self.muon, self.adamw = muon, adamw
+        for group in muon.param_groups:
+            group['lr_scale'] = muon_lr_scale
+        for group in adamw.param_groups:
+            group['lr_scale'] = 1.0
+
+    @property
+    def param_groups(self):  # a property: load_state_dict replaces the group dicts
+        return self.muon.param_groups + self.adamw.param_groups
+
+    def step(self, closure=None):
+        assert closure is None, "closures are not used here"
+        self.muon.step()
+        self.adamw.step()
+
+    def zero_grad(self, set_to_none=True):
+        self.muon.zero_grad(set_to_none)
+        self.adamw.zero_grad(set_to_none)
+
+    def state_dict(self):
+        return {'muon': self.muon.state_dict(), 'adamw': self.adamw.state_dict()}
+
+    def load_state_dict(self, state_dict):
+        self.muon.load_state_dict(state_dict['muon'])
+        self.adamw.load_state_dict(state_dict['adamw'])
+
+
 @functools.cache
 def device_peak_flops(device, dtype='float32'):
     """ Peak flops/s of a device ('cuda:0', 'cpu', ...) for training in dtype: the table above for known
@@ -502,3 +597,21 @@ def matmul_flops(device, dtype, n):
         k += 1
     sync()
     return k * 2 * n ** 3 / (time.perf_counter() - t0)
+
+
+@functools.cache
+def bfloat16_matmul_speed(device, n=256):
+    """ (bfloat16, float32) flops/s of an (n, n) @ (n, n) matmul on a CPU or MPS device, each the best of
+    6 runs: a busy machine only ever adds time, so the best is the fairest comparison. """
+    sync = torch.mps.synchronize if torch.device(device).type == 'mps' else lambda: None
+    speeds = []
+    for dtype in (torch.bfloat16, torch.float32):
+        a = torch.full((n, n), 0.5, device=device, dtype=dtype)
+        best = float('inf')
+        for _ in range(6):
+            t0 = time.perf_counter()
+            a @ a
+            sync()
+            best = min(best, time.perf_counter() - t0)
+        speeds.append(2 * n ** 3 / best)
+    return tuple(speeds)

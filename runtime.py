@@ -289,6 +289,10 @@ def load_optimizer_state(model, optimizer, state, path):
     or of other shapes: torch checks the groups' sizes, not the shapes of the moment buffers, which would
     only fail at the first step."""
     try:
+        if 'muon' in state:  # model.MuonAdamW's: one state dict for each of its two optimizers
+            for part in ('muon', 'adamw'):
+                load_optimizer_state(model, getattr(optimizer, part), state[part], path)
+            return
         sizes = [len(group['params']) for group in optimizer.param_groups]
         if [len(group['params']) for group in state['param_groups']] != sizes:
             raise UserError(f"the checkpoint's optimizer state is for other trainable parameters than this run's "

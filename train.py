@@ -79,6 +79,10 @@ weight_decay = 1e-1
 beta1 = 0.9
 beta2 = 0.95
 grad_clip = 1.0  # clip gradients at this value, or disable if == 0.0
+optimizer = 'adamw'  # 'adamw' (nanoGPT's), or 'muon': Muon for the blocks' weight matrices, AdamW for the rest
+muon_learning_rate = 0.02  # Muon's peak lr: its schedule is learning_rate's, times muon_learning_rate / learning_rate
+muon_momentum = 0.95  # Muon's (Nesterov) momentum
+muon_weight_decay = 0.0  # Muon's decoupled weight decay, per step lr * muon_weight_decay
 # learning rate decay settings
 decay_lr = True  # whether to decay the learning rate
 warmup_iters = 2000  # how many steps to warm up for
@@ -114,6 +118,13 @@ accum_steps = gradient_accumulation_steps // world_size  # micro-steps per proce
 if early_stop_patience and checkpoint_interval:
     raise UserError("early_stop_patience keeps the best model in ckpt.pt and checkpoint_interval overwrites it: "
                     "use one of them")
+if optimizer not in ('adamw', 'muon'):
+    raise UserError(f"unknown optimizer '{optimizer}': use adamw or muon")
+if optimizer == 'muon' and learning_rate <= 0:
+    raise UserError(f"optimizer muon needs learning_rate > 0 (Muon's schedule is scaled from it), got {learning_rate}")
+if optimizer == 'muon' and fsdp and ddp:
+    raise UserError("optimizer muon orthogonalizes whole weight matrices, which fsdp shards over the processes: "
+                    "use --optimizer=adamw with --fsdp=True, or muon with DDP (--fsdp=False)")
 if master_process:
     runtime.print_environment(device, dtype)
     print("config: " + ", ".join(f"{k}={v!r}" for k, v in config.items()))
@@ -207,6 +218,10 @@ try:
         except RuntimeError as e:
             raise UserError(f"{ckpt_path} does not match its model_args: {str(e).splitlines()[0]}") from None
         iter_num = checkpoint['iter_num']
+        trained_with = checkpoint.get('config', {}).get('optimizer', 'adamw')  # nanoGPT's: AdamW
+        if trained_with != optimizer:
+            raise UserError(f"{ckpt_path} was trained with optimizer {trained_with}: "
+                            f"resume it with --optimizer={trained_with}")
         best_val_loss = float(checkpoint.get('best_val_loss', best_val_loss))  # nanoGPT stores a tensor
     else:  # 'gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl' or a local Hugging Face directory
         model = GPT.from_pretrained(init_from, dict(dropout=dropout), allow_unsafe_pickle)
@@ -245,7 +260,9 @@ if master_process and compile:
     print("compiling the model... (takes a ~minute)")
 model, train_model = runtime.parallelize(raw_model, device, dtype, ddp, fsdp, activation_checkpointing, compile)
 
-optimizer = raw_model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type, verbose=master_process)
+muon = dict(lr=muon_learning_rate, momentum=muon_momentum, weight_decay=muon_weight_decay)
+optimizer = raw_model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type,
+                                           verbose=master_process, muon=muon if optimizer == 'muon' else None)
 rng_states = None
 if checkpoint is not None:
     runtime.load_optimizer_state(raw_model, optimizer, checkpoint['optimizer'], ckpt_path)
@@ -361,7 +378,7 @@ while True:
     # determine and set the learning rate for this iteration
     lr = get_lr(iter_num) if decay_lr else learning_rate
     for param_group in optimizer.param_groups:
-        param_group['lr'] = lr
+        param_group['lr'] = lr * param_group.get('lr_scale', 1.0)  # Muon's groups have their own peak
 
     # evaluate the loss on train/val sets and write checkpoints
     save = checkpoint_interval > 0 and iter_num % checkpoint_interval == 0 and local_iter_num > 0
