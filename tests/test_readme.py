@@ -4,6 +4,7 @@ recipes run on CPU processes), a tiny local GPT-2 in Hugging Face format standin
 and a small local corpus standing in for OpenWebText. The install and test commands are what .ci/run
 itself runs."""
 import glob
+import json
 import os
 import re
 import shlex
@@ -47,9 +48,14 @@ def effective(argv):
     return tuple(a for a, o in zip(argv, is_option) if not o), tuple(sorted(options.items()))
 
 
-def adapt(command, hf_dir, corpus):
-    """The command as run here: argv, plus which node of a two-node launch it is (or None)."""
+def adapt(command, hf_dir, corpus, fineweb, hellaswag):
+    """The command as run here: argv, the environment variables it sets (VAR=value before the command),
+    and which node of a two-node launch it is (or None)."""
     argv = shlex.split(command)
+    env = {}
+    while re.fullmatch(r'[A-Z_][A-Z0-9_]*=.*', argv[0]):
+        key, value = argv.pop(0).split('=', 1)
+        env[key] = value
     if argv[0] == 'torchrun':
         argv = [TORCHRUN] + [re.sub(r'--nproc_per_node=\d+', '--nproc_per_node=2', a) for a in argv[1:]]
     elif argv[0] == 'python':
@@ -63,16 +69,21 @@ def adapt(command, hf_dir, corpus):
             argv += ['--max_iters=6', '--lr_decay_iters=6']
         if 'finetune' in command and not any(a.startswith('--init_from=') for a in argv):
             argv.append(f'--init_from={hf_dir}')  # the config's gpt2-xl
+        argv = [re.sub(r'--freeze_layers=\d+', '--freeze_layers=1', a) for a in argv]  # of the tiny model's 2
     elif script == 'sample.py':
         argv += ['--device=cpu', '--num_samples=1', '--max_new_tokens=5']
     elif script == 'bench.py':
         argv += [*TINY_MODEL, '--device=cpu', '--burnin=1', '--iters=2', '--max_new_tokens=10']
+    elif script == 'eval.py':
+        argv += ['--device=cpu', f'--hellaswag_path={hellaswag}']
     elif command.startswith('python data/openwebtext/prepare.py'):
         argv += [f'--source={corpus}', '--num_proc=2']
+    elif command.startswith('python data/fineweb_edu/prepare.py'):
+        argv += [f'--source={fineweb}']
     node = re.search(r'--node_rank=(\d)', command)
     if node:
         argv = [a.replace('10.0.0.1', '127.0.0.1') for a in argv]
-    return argv, node and int(node.group(1))
+    return argv, env, node and int(node.group(1))
 
 
 @pytest.fixture
@@ -99,32 +110,43 @@ def sandbox(tmp_path):
     paragraphs = text.split('\n\n')
     for i in range(0, 3000, 10):  # 300 documents
         (corpus / f'{i:05d}.txt').write_text('\n\n'.join(paragraphs[i:i + 10]), encoding='utf-8')
+    fineweb = tmp_path / 'fineweb' / 'sample' / '10BT'  # FineWeb-Edu's layout and columns
+    fineweb.mkdir(parents=True)
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    pq.write_table(pa.table({'text': paragraphs[:3000], 'id': [str(i) for i in range(3000)]}),
+                   fineweb / '000_00000.parquet')
+    hellaswag = tmp_path / 'hellaswag.jsonl'  # HellaSwag's fields, for eval.py without the hub
+    hellaswag.write_text(''.join(json.dumps(dict(
+        ind=i, activity_label='Shakespeare', ctx_a=paragraphs[i][:80], ctx_b='then', ctx=paragraphs[i][:80] + ' then',
+        endings=[paragraphs[i + k][:40] for k in range(1, 5)], split='val', split_type='indomain', label=i % 4,
+        source_id=f's{i}')) + '\n' for i in range(8)), encoding='utf-8')
     hf_dir = tmp_path / 'gpt2-local'
     subprocess.run([sys.executable, '-c', (
         "import sys, torch; from transformers import GPT2Config, GPT2LMHeadModel; torch.manual_seed(0); "
         "GPT2LMHeadModel(GPT2Config(vocab_size=50257, n_positions=64, n_embd=32, n_layer=2, n_head=2))"
         ".save_pretrained(sys.argv[1])"), str(hf_dir)], check=True, capture_output=True, env=hermetic_env())
-    return repo, str(hf_dir), str(corpus)
+    return repo, str(hf_dir), str(corpus), str(tmp_path / 'fineweb'), str(hellaswag)
 
 
 def test_every_readme_command_runs(sandbox):
-    repo, hf_dir, corpus = sandbox
+    repo, *inputs = sandbox
     env = hermetic_env(WANDB_DIR=str(repo))
     ran, seen, port, first_node = [], set(), free_port(), None
     for command in readme_commands():
-        argv, node = adapt(command, hf_dir, corpus)
+        argv, extra_env, node = adapt(command, *inputs)
         if effective(argv) in seen:
             continue  # the same once adapted: a step shown twice, GPT-2 sizes that all become the tiny one,
             # or settings (max_iters, ...) that the tiny model overrides
         seen.add(effective(argv))
         argv = [a.replace('29500', str(port)) for a in argv]
         if node == 0:  # the first node of a two-node launch waits for the second
-            first_node = subprocess.Popen(argv, cwd=repo, env=env, stdout=subprocess.PIPE,
+            first_node = subprocess.Popen(argv, cwd=repo, env={**env, **extra_env}, stdout=subprocess.PIPE,
                                           stderr=subprocess.STDOUT, text=True)
             ran.append(command)
             continue
         t0 = time.time()
-        result = subprocess.run(argv, cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+        result = subprocess.run(argv, cwd=repo, env={**env, **extra_env}, capture_output=True, text=True, timeout=300)
         print(f"{time.time() - t0:5.1f}s {command}")
         assert result.returncode == 0, f"{command}\n{' '.join(argv)}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
         if node == 1:
