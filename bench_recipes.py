@@ -1,7 +1,8 @@
 """
 Whole-process wall time of two training commands, run alternately (A B A B ...) so that a shared
-machine's changing load hits both alike, and the ratio of the medians; also the CPU time (user + system)
-each process used, which a busy machine disturbs less than the wall time.
+machine's changing load hits both alike: the ratio of the medians, and the median of each pair's ratio
+(the two runs of a pair ran back to back, under much the same load); also the CPU time (user + system)
+each process used.
 
     python bench_recipes.py                       # our CPU recipe against nanoGPT's, both through our train.py
     python bench_recipes.py --nanogpt_dir=../nanoGPT --max_iters=300   # our train.py against nanoGPT's own,
@@ -21,7 +22,7 @@ import time
 from configurator import ROOT, configure
 
 # -----------------------------------------------------------------------------
-pairs = 3  # alternating runs of each command; the medians are compared
+pairs = 5  # alternating runs of each command; the medians are compared
 nanogpt_dir = ''  # a checkout of nanoGPT: time its train.py against ours on its recipe (not our recipe)
 max_iters = 2000  # iterations of nanoGPT's recipe
 # -----------------------------------------------------------------------------
@@ -61,4 +62,7 @@ print(f"load average {os.getloadavg()[0]:.2f} at the end")
 (a, ta), (b, tb) = ((name, statistics.median(t)) for name, t in times.items())
 print(f"median wall time: {a} {ta:.1f} s, {b} {tb:.1f} s; {a} is {tb / ta:.2f}x as fast (ranges "
       f"{min(times[a]):.1f}-{max(times[a]):.1f} and {min(times[b]):.1f}-{max(times[b]):.1f} s)")
+ratios = sorted(x / y for x, y in zip(times[b], times[a]))
+print(f"per pair: {a} is {statistics.median(ratios):.2f}x as fast (median of {len(ratios)} pairs, range "
+      f"{ratios[0]:.2f}-{ratios[-1]:.2f})")
 print(f"median cpu time: {a} {statistics.median(cpu[a]):.1f} s, {b} {statistics.median(cpu[b]):.1f} s")

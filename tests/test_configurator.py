@@ -62,7 +62,7 @@ def test_shipped_configs_apply_from_any_directory(name, tmp_path, monkeypatch):
     assert result != train_defaults()
     if name == 'train_shakespeare_char_cpu.py':
         assert (result['dataset'], result['n_layer'], result['device'], result['max_iters']) == \
-            ('shakespeare_char', 4, 'cpu', 740)
+            ('shakespeare_char', 2, 'cpu', 800)
 
 
 def test_configure_updates_the_scope_in_place():

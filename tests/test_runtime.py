@@ -2,6 +2,8 @@
 checkpoint writes and clear failures when reading."""
 import os
 import random
+import subprocess
+import sys
 from contextlib import nullcontext
 
 import numpy as np
@@ -9,7 +11,7 @@ import pytest
 import torch
 
 import runtime
-from configurator import UserError
+from configurator import ROOT, UserError
 
 
 def test_device_and_dtype_defaults_on_this_machine():
@@ -101,3 +103,19 @@ def test_checkpoints_are_memory_mapped(tmp_path):
             f.write((tmp_path / 'other.pt').read_bytes())
         assert torch.equal(ckpt['model']['w'], torch.ones(4096))
         assert ckpt['model_args'] == {'n_layer': 1}
+
+
+def test_start_up_leaves_fsdp_unimported_and_exit_keeps_atexit(tmp_path):
+    # sample.py and eval.py import runtime: FSDP and its state-dict helpers pull in DTensor (~0.6 s of start-up)
+    # and are imported only where fsdp is used. exit_run() ends a single process without the slow final
+    # garbage collection, but atexit handlers still run.
+    marker = tmp_path / 'atexit-ran'
+    code = ("import atexit, sys, runtime, model, eval, tokenizer\n"
+            "assert 'torch.distributed.fsdp' not in sys.modules, 'fsdp imported at start-up'\n"
+            "assert 'torch.distributed.checkpoint' not in sys.modules, 'state-dict helpers imported at start-up'\n"
+            "assert not runtime.sharded(model.GPT(model.GPTConfig(n_layer=1, n_head=1, n_embd=8, block_size=4, vocab_size=8)))\n"
+            f"atexit.register(lambda: open({str(marker)!r}, 'w').close())\n"
+            "runtime.exit_run()\n")
+    result = subprocess.run([sys.executable, '-c', code], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert marker.exists()
