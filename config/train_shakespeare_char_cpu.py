@@ -44,4 +44,4 @@ warmup_iters = 30  # Muon's normalized updates need little warmup
 
 device = 'cpu'
 dtype = 'float32'  # bfloat16 autocast is faster only on CPUs with native bf16 (AVX-512 BF16, AMX)
-compile = False  # compiling takes longer than it saves on a run this short
+compile = False  # compiling takes longer than it saves on a run this short (16 s for ~10% faster steps)
