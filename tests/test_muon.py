@@ -2,16 +2,13 @@
 against torch's, GradScaler with the pair, and end to end: it learns faster than AdamW, a SIGTERM stop
 resumes bitwise, two processes train like one, GPT-2 weights finetune, nanoGPT's loading still works."""
 import os
-import re
-import signal
-import subprocess
 
 import pytest
 import torch
 
-from conftest import error_line, hermetic_env, read_log
+from conftest import error_line, read_log
 from model import GPT, GPTConfig, Float32Muon, MuonAdamW
-from test_train import wait_for_iteration
+from test_train import stop_with_sigterm
 
 # 30 iterations with dropout (so resuming must restore the RNG too), warmup to iter 5, decay until 20
 RUN = ['--optimizer=muon', '--muon_learning_rate=0.05', '--batch_size=8', '--dropout=0.1', '--learning_rate=1e-2',
@@ -89,13 +86,7 @@ def test_grad_scaler_steps_and_skips_both():
 
 def test_sigterm_saves_and_resumes_exactly(train, train_command, tmp_path):
     out = tmp_path / 'out'
-    proc = subprocess.Popen(train_command(*RUN, '--max_iters=100000', f'--out_dir={out}'),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=hermetic_env())
-    wait_for_iteration(out, 3, proc)
-    proc.send_signal(signal.SIGTERM)
-    stdout, stderr = proc.communicate(timeout=60)
-    assert proc.returncode == 0, stderr
-    stop = int(re.search(r'SIGTERM received: saved a checkpoint at iter (\d+)', stdout).group(1))
+    stop = stop_with_sigterm(train_command(*RUN, '--max_iters=100000', f'--out_dir={out}'), out, 3)
     assert {'muon', 'adamw'} == set(checkpoint(out)['optimizer'])
     train(*RUN, f'--max_iters={stop + 3}', '--init_from=resume', f'--out_dir={out}')
     reference = tmp_path / 'reference'

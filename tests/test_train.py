@@ -111,13 +111,7 @@ def test_exact_resume(train, straight, tmp_path):
 
 def test_sigterm_saves_and_resumes_exactly(train, train_command, tmp_path):
     out = tmp_path / 'out'
-    proc = subprocess.Popen(train_command(*RUN, '--max_iters=100000', f'--out_dir={out}'),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=hermetic_env())
-    wait_for_iteration(out, 5, proc)
-    proc.send_signal(signal.SIGTERM)
-    stdout, stderr = proc.communicate(timeout=60)
-    assert proc.returncode == 0, stderr
-    stop = int(re.search(r'SIGTERM received: saved a checkpoint at iter (\d+)', stdout).group(1))
+    stop = stop_with_sigterm(train_command(*RUN, '--max_iters=100000', f'--out_dir={out}'), out, 5)
     assert weights(out)['iter_num'] == stop
     # continuing gives exactly the run that was never stopped
     train(*RUN, f'--max_iters={stop + 3}', '--init_from=resume', f'--out_dir={out}')
@@ -138,6 +132,17 @@ def wait_for_iteration(out_dir, it, proc, timeout=120):
             pass
         time.sleep(0.05)
     raise AssertionError(f"iteration {it} not logged in {out_dir} after {timeout} s")
+
+
+def stop_with_sigterm(command, out_dir, it):
+    """Start a training command, send it SIGTERM once it has logged iteration `it`, and return the
+    iteration its checkpoint was saved at, as the run says; it must exit cleanly."""
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=hermetic_env())
+    wait_for_iteration(out_dir, it, proc)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 0, stderr
+    return int(re.search(r'SIGTERM received: saved a checkpoint at iter (\d+)', stdout).group(1))
 
 
 def test_kill_9_leaves_a_loadable_checkpoint(train_command, tmp_path):
