@@ -18,7 +18,7 @@ from torch.distributed.tensor import DTensor
 
 import runtime
 from configurator import ROOT, UserError, configure
-from model import GPT, GPTConfig, device_peak_flops
+from model import GPT, GPTConfig
 from tokenizer import load_meta
 
 # -----------------------------------------------------------------------------
@@ -280,6 +280,6 @@ else:
         dt = time.perf_counter() - t0
         if stage == 1:
             tokens_per_s = num_steps * batch_size * block_size / dt
-            mfu = model.estimate_mfu(batch_size * 1 * num_steps, dt, device_peak_flops(device, dtype))
+            mfu = model.estimate_mfu(batch_size * 1 * num_steps, dt, runtime.device_peak_flops(device, dtype))
             print(f"time per iteration: {dt / num_steps * 1000:.2f}ms, {tokens_per_s:,.0f} tokens/s, "
                   f"MFU: {mfu * 100:.2f}%, loss {lossf:.4f}")

@@ -11,34 +11,23 @@ from scratch and for nanoGPT's checkpoints; GPT-2's tanh approximation for OpenA
 models finetuned from them, so each computes the function it was trained as (docs/checkpoints.md).
 """
 
-import functools
 import json
 import math
 import os
-import re
-import time
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
+import runtime
+from muon import Float32Muon, MuonAdamW
+
 PRETRAINED = ('gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl')  # OpenAI's 124M, 350M, 774M, 1558M
 # OpenAI's checkpoints use a "Conv1D" module, a Linear with its weight transposed: these are
 # transposed on import and export
 CONV1D_WEIGHTS = ('attn.c_attn.weight', 'attn.c_proj.weight', 'mlp.c_fc.weight', 'mlp.c_proj.weight')
 HF_GELU = {'gelu': 'exact', 'gelu_new': 'tanh', 'gelu_pytorch_tanh': 'tanh'}  # transformers' names
-# dense (no sparsity) bfloat16/float16 tensor-core peaks from NVIDIA's datasheets, per GPU, matched against
-# torch.cuda.get_device_name() in this order, first match wins ('NVIDIA H100 80GB HBM3' is the SXM card);
-# T4 and V100 have no bfloat16, so theirs is the float16 peak
-PEAK_FLOPS = (
-    (r'H100.*(PCIe|PCI-E)', 756e12), (r'H100.*NVL', 835e12), (r'H100', 989e12),
-    (r'H200.*NVL', 835e12), (r'H200', 989e12),
-    (r'A100', 312e12),  # 40 GB and 80 GB, SXM and PCIe alike
-    (r'L40S', 362e12), (r'\bL4\b', 121e12), (r'\bA10\b', 125e12),  # not the A10G, which is not an A10
-    (r'\bT4\b', 65e12),
-    (r'V100S', 130e12), (r'V100.*PCIE', 112e12), (r'V100', 125e12),  # V100 SXM2
-)
 
 
 class LayerNorm(nn.Module):
@@ -386,7 +375,7 @@ class GPT(nn.Module):
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type, verbose=True, muon=None):
         """ AdamW for all parameters (nanoGPT), or with muon=dict(lr=, momentum=, weight_decay=): Muon for
-        the blocks' weight matrices and AdamW for the rest, as one MuonAdamW (see there). """
+        the blocks' weight matrices and AdamW for the rest, as one muon.MuonAdamW. """
         # start with all of the candidate parameters that require grad
         param_dict = {pn: p for pn, p in self.named_parameters() if p.requires_grad}
         if muon is not None:
@@ -423,7 +412,7 @@ class GPT(nn.Module):
             if device_type == 'cuda':
                 native, why = torch.cuda.is_bf16_supported(including_emulation=False), torch.cuda.get_device_name()
             else:
-                bf16, fp32 = bfloat16_matmul_speed(device)
+                bf16, fp32 = runtime.bfloat16_matmul_speed(device)
                 native = 2 * bf16 >= fp32
                 why = f"256x256 matmuls: {bf16 / 1e9:.1f} GFLOP/s bfloat16, {fp32 / 1e9:.1f} float32"
             muon_optimizer = (torch.optim.Muon if native else Float32Muon)(muon_params, nesterov=True, **muon)
@@ -437,7 +426,7 @@ class GPT(nn.Module):
 
     def estimate_mfu(self, fwdbwd_per_iter, dt, peak_flops=None):
         """ model flops utilization (MFU): achieved flops over the device's peak flops.
-        peak_flops: see device_peak_flops, by default that of the weights' device in float32. """
+        peak_flops: see runtime.device_peak_flops, by default that of the weights' device in float32. """
         # first estimate the number of flops we do per iteration.
         # see PaLM paper Appendix B as ref: https://arxiv.org/abs/2204.02311
         N = self.get_num_params()
@@ -448,7 +437,7 @@ class GPT(nn.Module):
         flops_per_iter = flops_per_fwdbwd * fwdbwd_per_iter
         flops_achieved = flops_per_iter * (1.0 / dt)  # per second
         if peak_flops is None:
-            peak_flops = device_peak_flops(str(self.lm_head.weight.device))
+            peak_flops = runtime.device_peak_flops(str(self.lm_head.weight.device))
         return flops_achieved / peak_flops
 
     @torch.no_grad()
@@ -494,124 +483,3 @@ class GPT(nn.Module):
         Call model.eval() first. temperature=0 picks the most likely token (greedy). """
         new = list(self.generate_tokens(idx, max_new_tokens, temperature, top_k, use_cache))
         return torch.cat([idx] + new, dim=1)
-
-
-def table_peak_flops(gpu_name):
-    """ The PEAK_FLOPS entry for a GPU's name, or None for a GPU that is not in the table. """
-    return next((flops for pattern, flops in PEAK_FLOPS if re.search(pattern, gpu_name, re.IGNORECASE)), None)
-
-
-class Float32Muon(torch.optim.Muon):
-    """ torch.optim.Muon with its Newton-Schulz iteration in float32. torch's casts the update to bfloat16
-    unconditionally (torch/optim/_muon.py, _zeropower_via_newtonschulz: `grad.bfloat16()`, with no option),
-    and on CPUs without AVX-512 BF16 or AMX bfloat16 matmuls are emulated: ~0.3 GFLOP/s against ~30 in
-    float32 on an AVX2 machine, which made a 2-minute run take 11. Everything but that dtype is torch's:
-    its arguments and checks, its param groups, its state ('momentum_buffer'), its update; so a
-    checkpoint moves between the two. """
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        assert closure is None, "closures are not used here"
-        for group in self.param_groups:
-            lr, wd, momentum, eps = group['lr'], group['weight_decay'], group['momentum'], group['eps']
-            a, b, c = group['ns_coefficients']
-            assert group['adjust_lr_fn'] in (None, 'original')  # the only one configure_optimizers uses
-            for p in group['params']:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                if 'momentum_buffer' not in state:
-                    state['momentum_buffer'] = torch.zeros_like(p.grad)
-                buf = state['momentum_buffer']
-                buf.lerp_(p.grad, 1 - momentum)
-                update = p.grad.lerp(buf, momentum) if group['nesterov'] else buf
-                tall = p.size(0) > p.size(1)
-                x = update.float().T if tall else update.float()  # (short, long): the Gram matrix is the small one
-                x = x / x.norm().clamp(min=eps)  # spectral norm at most 1
-                for _ in range(group['ns_steps']):
-                    gram = x @ x.T  # (short, short)
-                    x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
-                p.mul_(1 - lr * wd)  # decoupled weight decay
-                # torch's shape adjustment: the update's RMS does not shrink for tall matrices
-                p.add_(x.T if tall else x, alpha=-lr * max(1, p.size(0) / p.size(1)) ** 0.5)
-
-
-class MuonAdamW:
-    """ Muon for the blocks' weight matrices and AdamW for everything else, stepped as one optimizer.
-    param_groups lists the groups of both; each has an 'lr_scale', its peak learning rate over AdamW's,
-    so the training loop's schedule (group['lr'] = lr * group['lr_scale']) moves all of them together.
-    state_dict() nests both, so a checkpoint keeps one 'optimizer' entry. GradScaler works with it:
-    it only needs param_groups and step(). """
-
-    def __init__(self, muon, adamw, muon_lr_scale):
-        self.muon, self.adamw = muon, adamw
-        for group in muon.param_groups:
-            group['lr_scale'] = muon_lr_scale
-        for group in adamw.param_groups:
-            group['lr_scale'] = 1.0
-
-    @property
-    def param_groups(self):  # a property: load_state_dict replaces the group dicts
-        return self.muon.param_groups + self.adamw.param_groups
-
-    def step(self, closure=None):
-        assert closure is None, "closures are not used here"
-        self.muon.step()
-        self.adamw.step()
-
-    def zero_grad(self, set_to_none=True):
-        self.muon.zero_grad(set_to_none)
-        self.adamw.zero_grad(set_to_none)
-
-    def state_dict(self):
-        return {'muon': self.muon.state_dict(), 'adamw': self.adamw.state_dict()}
-
-    def load_state_dict(self, state_dict):
-        self.muon.load_state_dict(state_dict['muon'])
-        self.adamw.load_state_dict(state_dict['adamw'])
-
-
-@functools.cache
-def device_peak_flops(device, dtype='float32'):
-    """ Peak flops/s of a device ('cuda:0', 'cpu', ...) for training in dtype: the table above for known
-    GPUs; on other GPUs the measured throughput of 4096x4096 matmuls in dtype (the training runs its
-    matmuls in it, and smaller ones leave a GPU's tensor cores half idle); on CPU and MPS that of
-    1024x1024 float32 matmuls (their bfloat16 is emulated or slower, and what they sustain is float32).
-    The operands are constant, so measuring draws nothing from the random streams. """
-    device = torch.device(device)
-    if device.type == 'cuda':
-        return table_peak_flops(torch.cuda.get_device_name(device)) or matmul_flops(device, dtype, 4096)
-    return matmul_flops(device, 'float32', 1024)
-
-
-def matmul_flops(device, dtype, n):
-    """ Measured flops/s of (n, n) @ (n, n) matmuls in dtype on device, over at least 0.05 s. """
-    device = torch.device(device)
-    sync = {'cuda': torch.cuda.synchronize, 'mps': lambda: torch.mps.synchronize()}.get(device.type, lambda: None)
-    a = torch.full((n, n), 0.5, device=device, dtype=getattr(torch, dtype))
-    a @ a  # warm up
-    sync()
-    k, t0 = 0, time.perf_counter()
-    while k < 4 or time.perf_counter() - t0 < 0.05:
-        a @ a
-        k += 1
-    sync()
-    return k * 2 * n ** 3 / (time.perf_counter() - t0)
-
-
-@functools.cache
-def bfloat16_matmul_speed(device, n=256):
-    """ (bfloat16, float32) flops/s of an (n, n) @ (n, n) matmul on a CPU or MPS device, each the best of
-    6 runs: a busy machine only ever adds time, so the best is the fairest comparison. """
-    sync = torch.mps.synchronize if torch.device(device).type == 'mps' else lambda: None
-    speeds = []
-    for dtype in (torch.bfloat16, torch.float32):
-        a = torch.full((n, n), 0.5, device=device, dtype=dtype)
-        best = float('inf')
-        for _ in range(6):
-            t0 = time.perf_counter()
-            a @ a
-            sync()
-            best = min(best, time.perf_counter() - t0)
-        speeds.append(2 * n ** 3 / best)
-    return tuple(speeds)

@@ -16,8 +16,10 @@ import gc
 import math
 import os
 import random
+import re
 import subprocess
 import sys
+import time
 import zipfile
 from contextlib import nullcontext
 
@@ -121,11 +123,73 @@ def get_batch(data, starts, block_size, device):
 
 
 def synchronize(device):
-    """Wait for the device's queued work (for timing); a no-op on CPU."""
-    if device_type(device) == 'cuda':
+    """Wait for the device's (a string or torch.device) queued work, for timing; a no-op on CPU."""
+    kind = torch.device(device).type
+    if kind == 'cuda':
         torch.cuda.synchronize(device)
-    elif device_type(device) == 'mps':
+    elif kind == 'mps':
         torch.mps.synchronize()
+
+
+# dense (no sparsity) bfloat16/float16 tensor-core peaks from NVIDIA's datasheets, per GPU, matched against
+# torch.cuda.get_device_name() in this order, first match wins ('NVIDIA H100 80GB HBM3' is the SXM card);
+# T4 and V100 have no bfloat16, so theirs is the float16 peak
+PEAK_FLOPS = (
+    (r'H100.*(PCIe|PCI-E)', 756e12), (r'H100.*NVL', 835e12), (r'H100', 989e12),
+    (r'H200.*NVL', 835e12), (r'H200', 989e12),
+    (r'A100', 312e12),  # 40 GB and 80 GB, SXM and PCIe alike
+    (r'L40S', 362e12), (r'\bL4\b', 121e12), (r'\bA10\b', 125e12),  # not the A10G, which is not an A10
+    (r'\bT4\b', 65e12),
+    (r'V100S', 130e12), (r'V100.*PCIE', 112e12), (r'V100', 125e12),  # V100 SXM2
+)
+
+
+def table_peak_flops(gpu_name):
+    """The PEAK_FLOPS entry for a GPU's name, or None for a GPU that is not in the table."""
+    return next((flops for pattern, flops in PEAK_FLOPS if re.search(pattern, gpu_name, re.IGNORECASE)), None)
+
+
+@functools.cache
+def device_peak_flops(device, dtype='float32'):
+    """Peak flops/s of a device ('cuda:0', 'cpu', ...) for training in dtype: the table above for known
+    GPUs; on other GPUs the measured throughput of 4096x4096 matmuls in dtype (the training runs its
+    matmuls in it, and smaller ones leave a GPU's tensor cores half idle); on CPU and MPS that of
+    1024x1024 float32 matmuls (their bfloat16 is emulated or slower, and what they sustain is float32).
+    The operands are constant, so measuring draws nothing from the random streams."""
+    device = torch.device(device)
+    if device.type == 'cuda':
+        return table_peak_flops(torch.cuda.get_device_name(device)) or matmul_flops(device, dtype, 4096)
+    return matmul_flops(device, 'float32', 1024)
+
+
+def matmul_flops(device, dtype, n):
+    """Measured flops/s of (n, n) @ (n, n) matmuls in dtype on device, over at least 0.05 s."""
+    a = torch.full((n, n), 0.5, device=device, dtype=getattr(torch, dtype))
+    a @ a  # warm up
+    synchronize(device)
+    k, t0 = 0, time.perf_counter()
+    while k < 4 or time.perf_counter() - t0 < 0.05:
+        a @ a
+        k += 1
+    synchronize(device)
+    return k * 2 * n ** 3 / (time.perf_counter() - t0)
+
+
+@functools.cache
+def bfloat16_matmul_speed(device, n=256):
+    """(bfloat16, float32) flops/s of an (n, n) @ (n, n) matmul on a CPU or MPS device, each the best of
+    6 runs: a busy machine only ever adds time, so the best is the fairest comparison."""
+    speeds = []
+    for dtype in (torch.bfloat16, torch.float32):
+        a = torch.full((n, n), 0.5, device=device, dtype=dtype)
+        best = float('inf')
+        for _ in range(6):
+            t0 = time.perf_counter()
+            a @ a
+            synchronize(device)
+            best = min(best, time.perf_counter() - t0)
+        speeds.append(2 * n ** 3 / best)
+    return tuple(speeds)
 
 
 def init_distributed(device, timeout=600):
@@ -302,7 +366,7 @@ def load_optimizer_state(model, optimizer, state, path):
     or of other shapes: torch checks the groups' sizes, not the shapes of the moment buffers, which would
     only fail at the first step."""
     try:
-        if 'muon' in state:  # model.MuonAdamW's: one state dict for each of its two optimizers
+        if 'muon' in state:  # muon.MuonAdamW's: one state dict for each of its two optimizers
             for part in ('muon', 'adamw'):
                 load_optimizer_state(model, getattr(optimizer, part), state[part], path)
             return

@@ -37,7 +37,7 @@ import runtime
 import tokenizer
 from configurator import UserError, configure
 from eval import check_gpt2_tokenizer, hellaswag_score, load_hellaswag
-from model import GPT, GPTConfig, device_peak_flops
+from model import GPT, GPTConfig
 from tokenizer import load_meta
 
 # -----------------------------------------------------------------------------
@@ -275,7 +275,7 @@ if checkpoint is not None:
         print("note: the checkpoint has no random state for this number of processes (from nanoGPT, or another "
               "world size): dropout masks will differ from an uninterrupted run")
     checkpoint = None  # free the memory
-peak_flops = device_peak_flops(device, dtype)  # measured once, before the loop, so it skews no iteration's timing
+peak_flops = runtime.device_peak_flops(device, dtype)  # measured once, before the loop, so it skews no iteration's timing
 
 
 @torch.no_grad()

@@ -13,7 +13,8 @@ import torch
 import runtime
 from conftest import ROOT, error_line, hermetic_env, read_log
 from configurator import UserError
-from model import GPT, GPTConfig, device_peak_flops, matmul_flops, table_peak_flops
+from model import GPT, GPTConfig
+from runtime import device_peak_flops, matmul_flops, table_peak_flops
 
 CUDA = ['--device=cuda', '--eval_iters=2', '--learning_rate=1e-2']
 

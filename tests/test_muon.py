@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from conftest import error_line, read_log
-from model import GPT, GPTConfig, Float32Muon, MuonAdamW
+from model import GPT, GPTConfig
+from muon import Float32Muon, MuonAdamW
 from test_train import stop_with_sigterm
 
 # 30 iterations with dropout (so resuming must restore the RNG too), warmup to iter 5, decay until 20
