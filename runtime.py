@@ -13,6 +13,7 @@ import contextlib
 import datetime
 import functools
 import gc
+import json
 import math
 import os
 import random
@@ -524,6 +525,29 @@ def check_checkpoint(checkpoint, path):
         raise bad(f"its random state cannot be restored ({type(e).__name__})") from None
 
 
+def truncate_log(path, iter_num):
+    """Keep only the rows of a log.jsonl (if there is one) of iterations before iter_num: later ones belong
+    to iterations that a resumed run is about to redo (none when starting fresh). Lines that are not
+    our rows, or were cut short by a kill, go too."""
+    def before(line):
+        try:
+            return json.loads(line)['iter'] < iter_num
+        except (ValueError, KeyError, TypeError, RecursionError):
+            return False
+    lines = []
+    if os.path.exists(path):
+        with open(path, errors='replace') as f:
+            lines = [line for line in f if before(line)]
+    with open(path, 'w') as f:
+        f.writelines(lines)
+
+
+def append_row(path, row):
+    """Append one JSON object (dict) as a line of a log.jsonl."""
+    with open(path, 'a') as f:
+        f.write(json.dumps(row) + '\n')
+
+
 def count_tokens(path):
     """The number of uint16 token ids in a prepared .bin file. A file that is empty or of odd byte
     length is damaged (cut short, or not token ids at all) and is refused here rather than by numpy."""
@@ -614,9 +638,13 @@ class WindowSampler:
         self.order, self.seed = order, seed
         self.generator = torch.Generator().manual_seed(seed)
         self.drawn = 0  # windows drawn so far ('epoch'), over all epochs
+        # the state before the latest draw is the one to checkpoint: the batch drawn last (prefetched) is not
+        # trained on yet, so a resumed run must draw it again
+        self.state_to_save = self.get_state()
 
     def draw(self, n_windows, shape):
         """Window starts in [0, n_windows) as a LongTensor of `shape` (the global batch's rows, batch_size)."""
+        self.state_to_save = self.get_state()
         if self.order == 'random':
             return torch.randint(n_windows, shape, generator=self.generator)
         position = self.drawn + np.arange(math.prod(shape), dtype=np.int64)  # (rows * batch_size,)
@@ -646,6 +674,17 @@ class WindowSampler:
             self.generator.set_state(state)
         else:
             self.drawn = int(state['windows_drawn'])
+
+
+def train_batches(path, n_windows, sampler, shape, rows, block_size, device):
+    """This rank's micro-batches (x, y), each (batch_size, block_size), forever: every iteration's global
+    batch of window starts, `shape` (gradient_accumulation_steps, batch_size), is drawn from sampler the same
+    way on every rank, and this rank trains its `rows` (a slice) of it, so the data depends on the seed,
+    not on how many processes share the work."""
+    while True:
+        for starts in sampler.draw(n_windows, shape)[rows]:
+            # a new memmap every time: one kept open holds on to its pages and memory grows
+            yield get_batch(np.memmap(path, dtype=np.uint16, mode='r'), starts, block_size, device)
 
 
 def shuffled(index, n, key, rounds=4):

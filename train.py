@@ -21,8 +21,8 @@ after a failure (docs/scale.md).
 
 A run writes out_dir/ckpt.pt (continue it with --init_from=resume) and out_dir/log.jsonl.
 """
+import functools
 import glob
-import json
 import math
 import os
 import signal
@@ -168,26 +168,7 @@ def tokens(split):
     return np.memmap(os.path.join(data_dir, f'{split}.bin'), dtype=np.uint16, mode='r')
 
 
-def get_batch(split, ix):
-    """Windows of block_size + 1 tokens starting at ix (batch_size,): inputs x and targets y, (B, T)."""
-    return runtime.get_batch(tokens(split), ix, block_size, device)
-
-
-# Every rank draws the iteration's global batch from an identically seeded sampler and takes its own
-# rows, so the data a run sees depends on the seed, not on how many processes share the work.
-sampler = runtime.WindowSampler(data_order, seed)
-sampler_state = sampler.get_state()
-
-
-def train_batches():
-    """This rank's micro-batches, forever. sampler_state is the sampler's state before the latest draw:
-    that is the state to checkpoint, since the batch drawn last is not trained on yet."""
-    global sampler_state
-    while True:
-        sampler_state = sampler.get_state()
-        ix = sampler.draw(n_tokens['train'] - block_size, (gradient_accumulation_steps, batch_size))
-        for row in ix[rank * accum_steps:(rank + 1) * accum_steps]:
-            yield get_batch('train', row)
+sampler = runtime.WindowSampler(data_order, seed)  # the window starts of each iteration's global batch
 
 
 # model init
@@ -289,7 +270,7 @@ def estimate_loss():
         ix = torch.randint(n_tokens[split] - block_size, (eval_iters, batch_size), generator=generator)
         losses = torch.zeros(eval_iters)
         for k in range(eval_iters):
-            X, Y = get_batch(split, ix[k])
+            X, Y = runtime.get_batch(tokens(split), ix[k], block_size, device)  # (B, T) each
             with ctx:
                 logits, loss = model(X, Y)
             losses[k] = loss.item()
@@ -319,35 +300,16 @@ def save_checkpoint():
                   'iter_num': iter_num, 'best_val_loss': best_val_loss, 'config': config,
                   # beyond nanoGPT's keys: the model's GELU and tokenizer, and what continuing exactly needs
                   'gelu': raw_model.config.gelu, 'tokenizer': data_tokenizer,
-                  'rng_states': rng_states, 'sampler_state': sampler_state, 'scaler': scaler.state_dict()}
+                  'rng_states': rng_states, 'sampler_state': sampler.state_to_save, 'scaler': scaler.state_dict()}
     print(f"saving checkpoint to {out_dir}")
     runtime.save_checkpoint(checkpoint, ckpt_path)
 
 
 # one JSON object per line for every logged and evaluated iteration, to plot runs without wandb
 log_path = os.path.join(out_dir, 'log.jsonl')
-
-
-def log(row):
-    with open(log_path, 'a') as f:
-        f.write(json.dumps(row) + '\n')
-
-
-def before_resume_point(line):
-    try:
-        return json.loads(line)['iter'] < iter_num
-    except (ValueError, KeyError, TypeError, RecursionError):  # a line cut short by a kill, or not one of our rows
-        return False
-
-
+log = functools.partial(runtime.append_row, log_path)
 if master_process:
-    # rows past the starting iteration belong to iterations that are about to be redone (none when starting fresh)
-    lines = []
-    if os.path.exists(log_path):
-        with open(log_path, errors='replace') as f:
-            lines = [line for line in f if before_resume_point(line)]
-    with open(log_path, 'w') as f:
-        f.writelines(lines)
+    runtime.truncate_log(log_path, iter_num)  # rows of the iterations about to be redone after a resume
     print(f"tokens per iteration will be: {tokens_per_iter:,}")
     if wandb_log:
         import wandb
@@ -369,7 +331,9 @@ signal.signal(signal.SIGTERM, request_stop)
 evals_since_best = 0  # for early stopping
 if rng_states and len(rng_states) == world_size:
     runtime.set_rng_state(rng_states[rank])  # last, so nothing above draws from the restored streams
-batches = train_batches()
+my_rows = slice(rank * accum_steps, (rank + 1) * accum_steps)  # this rank's micro-batches of each global batch
+batches = runtime.train_batches(os.path.join(data_dir, 'train.bin'), n_tokens['train'] - block_size, sampler,
+                                (gradient_accumulation_steps, batch_size), my_rows, block_size, device)
 X, Y = next(batches)  # fetch the very first batch
 t_start = t0 = time.time()
 local_iter_num = 0  # number of iterations in the lifetime of this process
@@ -456,7 +420,7 @@ while True:
             running_mfu = mfu if running_mfu == -1.0 else 0.9 * running_mfu + 0.1 * mfu
         tokens_per_s = tokens_per_iter / dt
         mfu_text = f"{running_mfu * 100:.2f}%" if running_mfu >= 0 else "n/a"  # measured from the 6th iteration
-        epoch = sampler.epoch(sampler_state, n_tokens['train'] - block_size)  # None for data_order='random'
+        epoch = sampler.epoch(sampler.state_to_save, n_tokens['train'] - block_size)  # None for data_order='random'
         print(f"iter {iter_num}: loss {lossf:.4f}, lr {lr:.3e}, time {dt * 1000:.2f}ms, "
               f"{tokens_per_s:,.0f} tok/s, mfu {mfu_text}" + ("" if epoch is None else f", epoch {epoch}"))
         log(dict(iter=iter_num, loss=lossf, lr=lr, ms=dt * 1000, tokens_per_s=tokens_per_s, mfu=running_mfu,
