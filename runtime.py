@@ -298,13 +298,18 @@ def parallelize(model, device, dtype, distributed, fsdp=False, activation_checkp
             block.forward = functools.partial(recompute, block.forward, use_reentrant=False)
     if fsdp and distributed:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+        from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        # the run's own device: without a mesh fully_shard builds one on torch's accelerator, CUDA on any
+        # machine that has a GPU, whatever --device says, and moves the weights there (pytorch#132471)
+        mesh = init_device_mesh(device_type(device), (dist.get_world_size(),))
         # compute in the training dtype, average gradients in float32 (a no-op when training in float32)
         mp_policy = MixedPrecisionPolicy(param_dtype=DTYPES[dtype], reduce_dtype=torch.float32)
         full = model.state_dict() if dist.get_rank() == 0 else {}  # CPU tensors
         for block in model.transformer.h:
-            fully_shard(block, mp_policy=mp_policy)  # a Block's weights are gathered only while it runs
-        fully_shard(model, mp_policy=mp_policy)  # moves each rank's shards (and only them) to its device
+            fully_shard(block, mesh=mesh, mp_policy=mp_policy)  # a Block's weights are gathered only while it runs
+        # each rank moves every full tensor to its device, then keeps its own shard and frees the rest
+        fully_shard(model, mesh=mesh, mp_policy=mp_policy)
         # every rank starts from rank 0's weights (as DDP does; seeded per rank, their random inits differ),
         # sent one tensor at a time, each rank keeping its shard
         set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
