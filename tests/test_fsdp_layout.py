@@ -32,3 +32,25 @@ def test_fsdp_shards_on_the_runs_device(group_of_one, monkeypatch):
     _, loss = model(x, x)
     loss.backward()
     assert all(p.grad.device.type == 'cpu' for p in params.values())
+
+
+def test_fsdp_in_bfloat16_keeps_what_autocast_keeps_in_float32(group_of_one):
+    # under autocast without FSDP the residual stream, the LayerNorm gains and the embeddings stay float32
+    # and only matmuls run in bfloat16; FSDP must gather the matmul weights in bfloat16 and nothing else
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**CONFIG))
+    runtime.parallelize(model, 'cpu', 'bfloat16', True, fsdp=True)
+    seen = {}
+    for name, module in model.named_modules():
+        if name in ('transformer.wte', 'transformer.h.1.ln_1', 'transformer.h.1.attn.c_attn', 'transformer.ln_f'):
+            module.register_forward_hook(lambda m, args, out, name=name: seen.update(
+                {name: (args[0].dtype, m.weight.dtype, out.dtype)}))
+    x = torch.randint(65, (2, 16))
+    with runtime.autocast_context('cpu', 'bfloat16'):
+        _, loss = model(x, x)
+    f32, bf16 = torch.float32, torch.bfloat16
+    assert seen == {'transformer.wte': (torch.long, f32, f32),  # so tok_emb + pos_emb is float32
+                    'transformer.h.1.ln_1': (f32, f32, f32),  # a Block's input: the residual stream
+                    'transformer.h.1.attn.c_attn': (f32, bf16, bf16),  # autocast casts the input
+                    'transformer.ln_f': (f32, f32, f32)}
+    assert loss.dtype == f32
