@@ -5,9 +5,11 @@ and without the KV cache; `--mode=speed` times the faithful path (eager, float32
 (the --dtype and --compile given) on the same model and batches, in alternating blocks, and prints the
 ratio of the medians; on CUDA the faithful path runs with TF32 off, so it really is float32.
 `--mode=memory` counts the bytes of parameters, gradients and optimizer state after a step in one process
-and, launched by torchrun, in each rank's FSDP shards, and measures the peak memory of a forward+backward
-with and without activation checkpointing. Small shapes for a CPU: `python bench.py --n_layer=4
---n_head=4 --n_embd=128 --block_size=64 --batch_size=12 --dataset=shakespeare_char`.
+and, launched by torchrun, in each rank's FSDP shards, measures the peak memory of a forward+backward
+with and without activation checkpointing, and under torchrun what each FSDP rank holds between the
+micro-steps of gradient accumulation, reduce-scattering after every one or only the last. Small shapes
+for a CPU: `python bench.py --n_layer=4 --n_head=4 --n_embd=128 --block_size=64 --batch_size=12
+--dataset=shakespeare_char`.
 """
 import gc
 import os
@@ -103,7 +105,9 @@ if mode == 'generate':
     for use_cache in (True, False):
         torch.manual_seed(seed)
         with torch.no_grad():
-            model.generate(prompt, 8, use_cache=use_cache)  # warm-up
+            # warm-up: the whole generation once, so that with compile every graph (prefill, the steps before the
+            # cache position turns symbolic, the cache rebuild) is compiled before timing
+            model.generate(prompt, max_new_tokens, use_cache=use_cache)
             runtime.synchronize(device)
             t0 = time.perf_counter()
             model.generate(prompt, max_new_tokens, use_cache=use_cache)
