@@ -6,7 +6,7 @@ different set of plays. Prints each method's trainable parameters and its val lo
 before (iteration 0: the pretrained model) and after, all through train.py and its log.jsonl.
 
     python bench_finetune.py                                  # ../shared/data/tinyshakespeare/input.txt
-    python bench_finetune.py --input=path/to/input.txt --finetune_iters=400
+    python bench_finetune.py --input=path/to/input.txt --finetune_iters=400 --pretrain_iters=2000
 """
 import json
 import os
@@ -19,9 +19,9 @@ from configurator import ROOT, configure
 # -----------------------------------------------------------------------------
 input = os.path.join(ROOT, '..', 'shared', 'data', 'tinyshakespeare', 'input.txt')  # the tiny Shakespeare text
 split = 0.5  # the first half of the text pretrains, the second half is the finetuning data
-pretrain_iters = 600
-finetune_iters = 160
-model = ['--n_layer=4', '--n_head=4', '--n_embd=64', '--block_size=64', '--batch_size=8', '--bias=False']
+pretrain_iters = 300
+finetune_iters = 100
+model = ['--n_layer=4', '--n_head=4', '--n_embd=64', '--block_size=32', '--batch_size=8', '--bias=False']
 full_learning_rate = 1e-3  # full finetuning and freeze_layers
 lora_learning_rate = 3e-3  # adapters start at zero and are scaled by alpha / rank: they take a larger step
 lora_rank = 8
@@ -29,7 +29,7 @@ freeze_layers = 3  # of model's 4 Blocks: only the top one (and ln_f) trains
 # -----------------------------------------------------------------------------
 configure(globals())
 COMMON = [*model, '--device=cpu', '--compile=False', '--dropout=0.0', '--gradient_accumulation_steps=1',
-          '--log_interval=50', '--eval_iters=20']
+          '--log_interval=50', '--eval_iters=10']
 
 
 def run(*args):
@@ -60,7 +60,7 @@ with tempfile.TemporaryDirectory() as tmp:
                         '--tokenizer=gpt2', f'--out_dir={tmp}/{name}'], check=True, stdout=subprocess.DEVNULL)
     pretrained = os.path.join(tmp, 'out-pretrained')
     run(f'--data_dir={tmp}/pretrain', f'--max_iters={pretrain_iters}', f'--lr_decay_iters={pretrain_iters}',
-        '--learning_rate=3e-3', '--min_lr=3e-4', '--warmup_iters=50', f'--eval_interval={pretrain_iters}',
+        '--learning_rate=3e-3', '--min_lr=3e-4', '--warmup_iters=30', f'--eval_interval={pretrain_iters}',
         f'--out_dir={pretrained}')
     print(f"pretrained {pretrain_iters} iterations on the first {split:.0%} of {input}: "
           f"val loss {evals(pretrained)[pretrain_iters]:.4f} on its own held-out text")

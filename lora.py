@@ -52,24 +52,25 @@ def add_adapters(model, lora, checkpoint=None, verbose=False):
                         target_modules=lora['targets'], bias='none')
     inject_adapter_in_model(config, model)  # also sets requires_grad=False on everything but the adapters
     if checkpoint is not None:
-        model.load_state_dict(resume_state(checkpoint))  # strict: every weight and adapter, exactly
+        try:
+            model.load_state_dict(resume_state(checkpoint))  # strict: every weight and adapter, exactly
+        except RuntimeError as e:
+            raise UserError(f"the checkpoint's LoRA adapters do not fit the model: {str(e).splitlines()[0]}") from None
     if verbose:
         trainable, total = count_trainable(model)
         print(f"lora: {trainable:,} trainable parameters of {total:,} ({100 * trainable / total:.2f}%)")
 
 
-def _adapted(state_dict):
-    """The plain GPT names of the adapted weights in a state dict of an adapted model."""
-    return [k.removesuffix('.lora_A.' + ADAPTER + '.weight') for k in state_dict if k.endswith('.lora_A.' + ADAPTER + '.weight')]
-
-
 def split_state(state_dict, lora):
     """From an adapted model's full state dict (on rank 0 under FSDP: checkpoints.full_state): ('model', 'lora')
-    of a checkpoint. 'model' has the plain GPT's names with each adapted weight merged (peft's
-    LoraLayer.get_delta_weight for nn.Linear: B @ A * alpha / rank); 'lora' keeps the settings, the adapters
-    and the unmerged weights, all that resume() needs to rebuild the adapted model exactly."""
+    of a checkpoint. 'model' has the plain GPT's names with each adapted weight merged; 'lora' keeps the
+    settings, the adapters and the unmerged weights, all that resume_state() needs to rebuild the adapted
+    model exactly. The merge is peft's LoraLayer.get_delta_weight for an nn.Linear (B @ A * alpha / rank,
+    added to W) done here on the state dict, not by peft's merge on the modules: under FSDP the modules
+    hold shards, and the full tensors exist only in the state dict gathered for saving."""
     scaling = lora['alpha'] / lora['rank']
-    adapted = _adapted(state_dict)
+    suffix = f'.lora_A.{ADAPTER}.weight'
+    adapted = [k.removesuffix(suffix) for k in state_dict if k.endswith(suffix)]
     model, adapters, base = {}, {}, {}
     for k, v in state_dict.items():
         if '.lora_' in k:
@@ -102,6 +103,11 @@ def check_resume(checkpoint, lora, path):
     """Refuse (UserError) to resume a LoRA checkpoint with other LoRA settings, or without LoRA, and the reverse:
     the optimizer state belongs to the parameters that were training."""
     saved = checkpoint.get('lora')
+    if saved is not None and not (isinstance(saved, dict) and all(isinstance(saved.get(k), dict) and all(
+            isinstance(v, torch.Tensor) for v in saved[k].values()) for k in ('base', 'adapters')) and
+            type(saved.get('rank')) is int and isinstance(saved.get('targets'), list) and
+            all(type(saved.get(k)) is float for k in ('alpha', 'dropout'))):
+        raise UserError(f"checkpoint {path} is damaged: its 'lora' entry is not LoRA settings, adapters and weights")
     saved = saved and {k: saved[k] for k in ('rank', 'alpha', 'dropout', 'targets')}
     if saved != lora:
         def describe(s):
@@ -109,8 +115,6 @@ def check_resume(checkpoint, lora, path):
                     f"lora_targets={','.join(s['targets'])}") if s else "lora_rank=0"
         raise UserError(f"{path} was trained with {describe(saved)}, this run asks for {describe(lora)}: resume it "
                         f"with its settings, or start a new run from its weights with --init_from={path}")
-    if saved and not isinstance(checkpoint['lora'].get('adapters'), dict):
-        raise UserError(f"checkpoint {path} is damaged: its 'lora' entry has no adapters")
 
 
 def count_trainable(model):

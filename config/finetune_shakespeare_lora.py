@@ -8,7 +8,7 @@
 # gradient (4) and AdamW's two moments (8); `python bench.py --mode=memory` prints these from the tensors.
 #   full finetuning (1,558M trainable):        16 x 1,558M             = 23.2 GiB: no room left on 24 GB
 #   freeze_layers=36 (the top 12 Blocks, 369M): 4 x 1,558M + 12 x 369M  =  9.9 GiB
-#   LoRA rank 8 on c_attn, c_proj, c_fc (9.8M):  4 x 1,567M + 12 x 9.8M  =  6.0 GiB (0.63% of the weights train)
+#   LoRA rank 8 on c_attn, c_proj, c_fc (9.8M):  4 x 1,567M + 12 x 9.8M  =  5.9 GiB (0.63% of the weights train)
 # Activations come on top and are the same for all three (LoRA's gradients still flow through every Block):
 # ~3 GiB per 1024-token sequence in bfloat16, ~0.8 GiB with activation_checkpointing=True (docs/scale.md).
 import time

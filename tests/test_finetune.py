@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import lora
+from configurator import UserError
 from conftest import ROOT, SHAKESPEARE, error_line, read_log
 from dataloader import get_batch
 from model import GPT, GPTConfig
@@ -110,6 +111,20 @@ def test_lora_trains_only_the_adapters(pretrained, lora_run):
     assert len(after['optimizer']['state']) == len(saved['adapters']) == 16
     _, evals = read_log(lora_run)
     assert evals[8]['val_loss'] < evals[0]['val_loss']
+
+
+def test_lora_resume_refuses_other_settings_and_damaged_adapters(lora_run):
+    ckpt = weights(lora_run)
+    saved = {k: ckpt['lora'][k] for k in ('rank', 'alpha', 'dropout', 'targets')}
+    lora.check_resume(ckpt, saved, 'out/ckpt.pt')  # the same settings: resumes
+    with pytest.raises(UserError, match=r"trained with lora_rank=4, lora_alpha=8, .* asks for lora_rank=0: .*"
+                                        r"--init_from=out/ckpt.pt"):
+        lora.check_resume(ckpt, None, 'out/ckpt.pt')
+    with pytest.raises(UserError, match="trained with lora_rank=0, this run asks for lora_rank=8"):
+        lora.check_resume({'model': ckpt['model']}, dict(saved, rank=8), 'out/ckpt.pt')
+    ckpt['lora']['adapters'] = {'transformer.h.0.attn.c_attn.lora_A.default.weight': 'not a tensor'}
+    with pytest.raises(UserError, match="its 'lora' entry is not LoRA settings, adapters and weights"):
+        lora.check_resume(ckpt, saved, 'out/ckpt.pt')
 
 
 @pytest.mark.compat
