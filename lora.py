@@ -67,7 +67,8 @@ def split_state(state_dict, lora):
     settings, the adapters and the unmerged weights, all that resume_state() needs to rebuild the adapted
     model exactly. The merge is peft's LoraLayer.get_delta_weight for an nn.Linear (B @ A * alpha / rank,
     added to W) done here on the state dict, not by peft's merge on the modules: under FSDP the modules
-    hold shards, and the full tensors exist only in the state dict gathered for saving."""
+    hold shards, and the full tensors exist only in the state dict gathered for saving. The two agree bit
+    for bit (tests/test_finetune.py)."""
     scaling = lora['alpha'] / lora['rank']
     suffix = f'.lora_A.{ADAPTER}.weight'
     adapted = [k.removesuffix(suffix) for k in state_dict if k.endswith(suffix)]

@@ -139,6 +139,12 @@ def test_lora_checkpoint_is_nanogpt_format_with_merged_weights(lora_run):
     x = torch.randint(ckpt['model_args']['vocab_size'], (2, 32), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(merged.eval()(x, x)[0], adapted.eval()(x, x)[0], rtol=0, atol=1e-5)
+    # the merged weights are peft's own merge, bit for bit
+    layers = {name: m for name, m in adapted.named_modules() if hasattr(m, 'base_layer')}
+    assert len(layers) == 8
+    for name, layer in layers.items():
+        layer.merge()
+        assert torch.equal(layer.base_layer.weight, ckpt['model'][f'{name}.weight']), name
 
 
 def test_lora_float16_stopped_by_sigterm_resumes_exactly(train, train_command, pretrained, tmp_path):
