@@ -57,8 +57,9 @@ def check_fits(data_dir, n_tokens, block_size, vocab_size):
     block_size tokens, or a token id it has no embedding for (which would crash mid-training). Rank 0
     scans the files, the others wait for its answer."""
     for split, n in n_tokens.items():
-        if n <= block_size:
-            raise UserError(f"{split}.bin has {n} tokens, too few for block_size {block_size}: use --block_size={n - 1} or less")
+        if n <= block_size:  # the hint fits both splits
+            raise UserError(f"{split}.bin has {n} tokens, too few for block_size {block_size}: use "
+                            f"--block_size={min(n_tokens.values()) - 1} or less")
         top = runtime.on_rank0(lambda: max(int(split_tokens(data_dir, split)[i:i + 2**26].max()) for i in range(0, n, 2**26)))
         if top >= vocab_size:
             raise UserError(f"{split}.bin holds token id {top} but the model's vocab_size is {vocab_size}: "

@@ -258,6 +258,19 @@ def on_rank0(compute):
     return result[0]
 
 
+def check_on_rank0(check):
+    """Run check() on rank 0 alone (without a process group: here); a UserError it raises is raised on every
+    process, so that they all stop together instead of waiting for rank 0 in the next collective."""
+    def run():
+        try:
+            check()
+        except UserError as e:
+            return str(e)
+    refused = on_rank0(run)
+    if refused:
+        raise UserError(refused)
+
+
 def mean_over_ranks(values):
     """{name: 0-dim tensor on the device} -> {name: float}, each averaged over the processes, in one host
     sync: the values are stacked, all-reduced together and copied to the host once. Call it once all of

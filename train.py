@@ -21,21 +21,19 @@ after a failure (docs/scale.md).
 
 A run writes out_dir/ckpt.pt (continue it with --init_from=resume) and out_dir/log.jsonl.
 """
-import functools
-import json
 import math
 import os
 import signal
-import tempfile
 import time
 
+import configurator  # noqa: F401  first: from here on a Ctrl-C, during the slow imports too, is one quiet line
 import torch
 
 import checkpoints
 import dataloader
 import runtime
 import tokenizer
-from configurator import UserError, configure
+from configurator import ANY, FRACTION, NON_NEGATIVE, POSITIVE, SEED, OneOf, OutPath, UserError, check, configure
 from eval import check_gpt2_tokenizer, hellaswag_score, load_hellaswag
 from model import GPT, GPTConfig
 from tokenizer import load_meta
@@ -53,6 +51,7 @@ early_stop_patience = 0  # stop after this many evals without a new best val los
 eval_hellaswag = False  # also score HellaSwag at each eval (GPT-2 tokenizer only), sharded over the processes
 hellaswag_path = ''  # a local HellaSwag .jsonl; '' = Rowan/hellaswag's validation split from the hub
 init_from = 'scratch'  # 'scratch', 'resume' (out_dir/ckpt.pt), 'gpt2*' or a local Hugging Face directory
+overwrite = False  # True: a new run may replace the one whose ckpt.pt is in out_dir (at its first save)
 allow_unsafe_pickle = False  # True: a Hugging Face directory may load pytorch_model.bin, a pickle that can run code
 checkpoint_interval = 0  # also save a checkpoint every this many iterations, whatever the eval; 0: only at evals
 # wandb logging
@@ -101,22 +100,45 @@ seed = 1337
 config = configure(globals())  # config files and --key=value from the command line
 
 # -----------------------------------------------------------------------------
-# settings checks: what can be refused before anything is touched
-for key in ('batch_size', 'gradient_accumulation_steps', 'block_size', 'eval_iters', 'eval_interval', 'log_interval'):
-    if config[key] <= 0:
-        raise UserError(f"{key} must be at least 1, got {config[key]}")
-if early_stop_patience and checkpoint_interval:
-    raise UserError("early_stop_patience keeps the best model in ckpt.pt and checkpoint_interval overwrites it: "
-                    "use one of them")
-if optimizer not in ('adamw', 'muon'):
-    raise UserError(f"unknown optimizer '{optimizer}': use adamw or muon")
-if optimizer == 'muon' and learning_rate <= 0:
-    raise UserError(f"optimizer muon needs learning_rate > 0 (Muon's schedule is scaled from it), got {learning_rate}")
+# settings checks: every value is refused here, in one line, before anything is touched
+def check_settings(c):
+    """Each setting's allowed values (configurator.check: bools need none), then how they go together."""
+    check(c, dict(
+        out_dir=OutPath(folder=True), eval_interval=POSITIVE, log_interval=POSITIVE, eval_iters=POSITIVE,
+        early_stop_patience=NON_NEGATIVE, hellaswag_path=ANY, init_from=ANY, checkpoint_interval=NON_NEGATIVE,
+        wandb_project=ANY, wandb_run_name=ANY, dataset=ANY, data_dir=ANY, gradient_accumulation_steps=POSITIVE,
+        batch_size=POSITIVE, block_size=POSITIVE, data_order=OneOf('random', 'epoch'), n_layer=POSITIVE,
+        n_head=POSITIVE, n_embd=POSITIVE, dropout=FRACTION, learning_rate=NON_NEGATIVE, max_iters=NON_NEGATIVE,
+        weight_decay=NON_NEGATIVE, beta1=FRACTION, beta2=FRACTION, grad_clip=NON_NEGATIVE,
+        optimizer=OneOf('adamw', 'muon'), muon_learning_rate=NON_NEGATIVE, muon_momentum=FRACTION,
+        muon_weight_decay=NON_NEGATIVE, warmup_iters=NON_NEGATIVE, lr_decay_iters=NON_NEGATIVE, min_lr=NON_NEGATIVE,
+        device=ANY, dtype=OneOf('auto', 'float32', 'bfloat16', 'float16'), compile=OneOf(None, True, False),
+        freeze_layers=NON_NEGATIVE, dist_timeout=POSITIVE, seed=SEED))
+    if c['early_stop_patience'] and c['checkpoint_interval']:
+        raise UserError("early_stop_patience keeps the best model in ckpt.pt and checkpoint_interval overwrites it: "
+                        "use one of them")
+    if c['optimizer'] == 'muon' and c['learning_rate'] <= 0:
+        raise UserError(f"optimizer muon needs learning_rate > 0 (Muon's schedule is scaled from it), got {c['learning_rate']}")
+    if c['decay_lr'] and c['lr_decay_iters'] <= c['warmup_iters']:
+        raise UserError(f"lr_decay_iters ({c['lr_decay_iters']}) must be greater than warmup_iters ({c['warmup_iters']}): "
+                        "the learning rate decays between them (or --decay_lr=False)")
+    if c['decay_lr'] and c['min_lr'] > c['learning_rate']:
+        raise UserError(f"min_lr ({c['min_lr']}) must be at most learning_rate ({c['learning_rate']}): the learning "
+                        "rate decays from one to the other (or --decay_lr=False)")
+
+
+check_settings(config)
 
 # -----------------------------------------------------------------------------
 # devices, precision and processes
 ddp, rank, local_rank, world_size, device = runtime.init_distributed(runtime.pick_device(device), dist_timeout)
 master_process = rank == 0  # this process prints, logs and writes checkpoints
+ckpt_path = os.path.join(out_dir, 'ckpt.pt')
+restarted = runtime.restarted_with_checkpoint(ckpt_path)  # by torchrun after a failure: continue from ckpt.pt
+init_from = 'resume' if restarted else init_from
+# one run at a time in out_dir (rank 0 locks it for the job), and a new run never replaces an earlier one unasked
+runtime.check_on_rank0(lambda: (checkpoints.lock_out_dir(out_dir, wait=60 if restarted else 0),
+                                checkpoints.check_new_run(out_dir, init_from, overwrite)))
 dtype = runtime.pick_dtype(dtype, device, fsdp)
 compile = runtime.pick_compile(compile, device)
 config.update(device=device, dtype=dtype, compile=compile)
@@ -133,11 +155,6 @@ if master_process:
     print("config: " + ", ".join(f"{k}={v!r}" for k, v in config.items()))
     if runtime.shared_rendezvous_store():
         print("warning: a restart may fail to reconnect; launch with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (docs/scale.md)")
-    try:
-        os.makedirs(out_dir, exist_ok=True)
-        tempfile.TemporaryFile(dir=out_dir).close()
-    except OSError as e:
-        raise UserError(f"cannot write to out_dir {out_dir} ({e.strerror}); choose another with --out_dir=") from None
 runtime.seed_everything(seed + rank)  # each rank its own dropout masks
 runtime.allow_tf32(device)
 ctx = runtime.autocast_context(device, dtype)
@@ -163,10 +180,7 @@ best_val_loss = 1e9
 model_args = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size,
                   bias=bias, vocab_size=None, dropout=dropout)
 shape_keys = ('n_layer', 'n_head', 'n_embd', 'block_size', 'bias', 'vocab_size')
-ckpt_path = os.path.join(out_dir, 'ckpt.pt')
 checkpoint = None
-if runtime.restarted_with_checkpoint(ckpt_path):
-    init_from = 'resume'  # torchrun restarted the job after a failure: continue from its last checkpoint
 try:
     if init_from == 'scratch':
         # a char-level dataset's vocab_size from meta.pkl, else GPT-2's 50257 padded up to 50304 for efficiency
@@ -179,6 +193,9 @@ try:
         checkpoints.check_checkpoint(checkpoint, ckpt_path)
         # the checkpoint fixes the model's shape; dropout comes from this run's config
         model_args.update({k: checkpoint['model_args'][k] for k in shape_keys})
+        if block_size < model_args['block_size']:  # cropping would leave the optimizer state the wrong shape
+            raise UserError(f"{ckpt_path} was trained with block_size {model_args['block_size']}: resume it with "
+                            f"--block_size={model_args['block_size']}, or finetune a copy of it on shorter blocks")
         model = GPT(GPTConfig(**model_args, gelu=checkpoints.checkpoint_gelu(checkpoint)))
         try:
             model.load_state_dict(checkpoint['model'])  # nanoGPT's '_orig_mod.' prefixes are accepted
@@ -247,8 +264,8 @@ peak_flops = runtime.device_peak_flops(device, dtype)  # measured once, before t
 
 @torch.no_grad()
 def estimate_loss():
-    """Mean loss over eval_iters batches of each split, in eval mode. The batches come from their own
-    generator, reseeded every time: evaluations compare like with like and never shift the training stream."""
+    """Mean loss over eval_iters batches of each split, in eval mode (None: a stop signal ended it). Their batches
+    come from their own generator, reseeded every time: evaluations compare like with like, shift no stream."""
     out = {}
     model.eval()
     for split in ('train', 'val'):
@@ -256,6 +273,9 @@ def estimate_loss():
         ix = torch.randint(n_tokens[split] - block_size, (eval_iters, batch_size), generator=generator)
         losses = torch.zeros(eval_iters)
         for k in range(eval_iters):
+            # a stop signal (on any rank: they stop together, FSDP's forward needs them all) ends it within a batch
+            if runtime.mean_over_ranks(dict(stop=torch.tensor(float(stop_signal is not None), device=device)))['stop']:
+                return None
             X, Y = dataloader.get_batch(dataloader.split_tokens(data_dir, split), ix[k], block_size, device)  # (B, T) each
             with ctx:
                 logits, loss = model(X, Y)
@@ -299,43 +319,24 @@ def save_checkpoint():
                   'rng_states': rng_states, 'sampler_state': sampler.state_to_save, 'scaler': scaler.state_dict()}
     print(f"saving checkpoint to {out_dir}")
     checkpoints.save_checkpoint(checkpoint, ckpt_path)
+    run_log.saved()  # at the first save, the log kept in memory until now
 
 
 # -----------------------------------------------------------------------------
 # logging (one JSON object per line of log.jsonl for every logged and evaluated iteration, to plot runs
-# without wandb) and stop signals
-def truncate_log(path, iter_num):
-    """Keep only the rows of a log.jsonl (if there is one) of iterations before iter_num: later ones belong
-    to iterations that a resumed run is about to redo (none when starting fresh). Lines that are not
-    our rows, or were cut short by a kill, go too."""
-    def before(line):
-        try:
-            return json.loads(line)['iter'] < iter_num
-        except (ValueError, KeyError, TypeError, RecursionError):
-            return False
-    lines = []
-    if os.path.exists(path):
-        with open(path, errors='replace') as f:
-            lines = [line for line in f if before(line)]
-    with open(path, 'w') as f:
-        f.writelines(lines)
-
-
-def append_row(path, row):
-    """Append one JSON object (dict) as a line of a log.jsonl."""
-    with open(path, 'a') as f:
-        f.write(json.dumps(row) + '\n')
-
-
-
-log_path = os.path.join(out_dir, 'log.jsonl')
-log = functools.partial(append_row, log_path)
+# without wandb; kept in memory until the first save, so a run that ends before it leaves out_dir as it was)
+# and stop signals
+run_log = checkpoints.RunLog(os.path.join(out_dir, 'log.jsonl'), iter_num) if master_process else None
+log = run_log.append if master_process else None
 if master_process:
-    truncate_log(log_path, iter_num)  # rows of the iterations about to be redone after a resume
     print(f"tokens per iteration will be: {tokens_per_iter:,}")
     if wandb_log:
         import wandb
-        wandb.init(project=wandb_project, name=wandb_run_name, config=config, dir=out_dir)
+        try:
+            wandb.init(project=wandb_project, name=wandb_run_name, config=config, dir=out_dir)
+        except Exception as e:  # not logged in, no network, ...: wandb's own errors, of many kinds
+            raise UserError(f"wandb did not start ({checkpoints.reason(e)}): log in with wandb login, set "
+                            "WANDB_MODE=offline, or leave out --wandb_log=True") from None
 
 # SIGINT (Ctrl-C) or SIGTERM (preemption): finish the current step, save a checkpoint, exit
 stop_signal = None
@@ -344,6 +345,13 @@ stop_signal = None
 def request_stop(signum, frame):
     global stop_signal
     stop_signal = signal.Signals(signum).name
+
+
+def save_and_stop():
+    save_checkpoint()
+    if master_process:
+        print(f"{stop_signal or 'a stop signal'} received: saved a checkpoint at iter {iter_num} to {ckpt_path}; "
+              "continue with --init_from=resume")
 
 
 signal.signal(signal.SIGINT, request_stop)
@@ -371,6 +379,9 @@ while True:
     evaluated = improved = False
     if iter_num % eval_interval == 0 or iter_num == max_iters or eval_only:
         losses = estimate_loss()  # on every rank: FSDP's forward needs them all
+        if losses is None:  # stopped by a signal: save the state this iteration started from
+            save_and_stop()
+            break
         losses = runtime.on_rank0(lambda: losses)  # and all of them act on rank 0's numbers
         hellaswag = {}
         if eval_hellaswag:  # every rank scores its share
@@ -450,10 +461,7 @@ while True:
     local_iter_num += 1
 
     if stopping:
-        save_checkpoint()
-        if master_process:
-            print(f"{stop_signal or 'a stop signal'} received: saved a checkpoint at iter {iter_num} to {ckpt_path}; "
-                  "continue with --init_from=resume")
+        save_and_stop()
         break
 
 if master_process:

@@ -140,7 +140,7 @@ def test_finetune_gpt2_weights(train, tmp_path):
 
 def test_errors(train, straight, tmp_path):
     line = error_line(train('--optimizer=sgd', f'--out_dir={tmp_path}', check=False))
-    assert line == "error: unknown optimizer 'sgd': use adamw or muon"
+    assert line == "error: optimizer must be one of 'adamw', 'muon', got 'sgd'"
     before = open(os.path.join(straight, 'ckpt.pt'), 'rb').read()
     line = error_line(train('--optimizer=adamw', '--init_from=resume', f'--out_dir={straight}', check=False))
     assert line.endswith("ckpt.pt was trained with optimizer muon: resume it with --optimizer=muon")
