@@ -18,7 +18,7 @@ from torch.distributed.tensor import DTensor
 
 import dataloader
 import runtime
-from configurator import ROOT, UserError, configure
+from configurator import ANY, NON_NEGATIVE, POSITIVE, SEED, OneOf, OutPath, UserError, check, configure
 from model import GPT, GPTConfig
 from tokenizer import load_meta
 
@@ -48,7 +48,21 @@ rounds = 5  # mode=speed: timed blocks per path, alternating faithful and fast; 
 max_new_tokens = 500  # mode=generate: tokens generated from a one-token prompt
 profile_dir = 'bench_log'  # where the profiler's TensorBoard trace goes
 # -----------------------------------------------------------------------------
-configure(globals())
+config = configure(globals())
+
+
+def check_settings(c):
+    """Each setting's allowed values (configurator.check: bools need none), then how they go together."""
+    check(c, dict(mode=OneOf('train', 'generate', 'speed', 'memory'), batch_size=POSITIVE, block_size=POSITIVE,
+                  n_layer=POSITIVE, n_head=POSITIVE, n_embd=POSITIVE, gelu=OneOf('exact', 'tanh'),
+                  vocab_size=NON_NEGATIVE, dataset=ANY, seed=SEED, device=ANY, dtype=OneOf('auto', *runtime.DTYPES),
+                  compile=OneOf(None, True, False), burnin=POSITIVE, iters=POSITIVE, rounds=POSITIVE,
+                  max_new_tokens=POSITIVE, profile_dir=OutPath(folder=True)))
+    if c['n_embd'] % c['n_head']:
+        raise UserError(f"n_embd ({c['n_embd']}) must be divisible by n_head ({c['n_head']})")
+
+
+check_settings(config)
 device = runtime.pick_device(device)
 if mode == 'memory':
     if runtime.device_type(device) == 'mps':
@@ -62,7 +76,8 @@ ctx = runtime.autocast_context(device, dtype)
 runtime.print_environment(device, dtype)
 
 # data: a prepared dataset when there is one (its vocabulary too), else random tokens
-data_dir = os.path.join(ROOT, 'data', dataset)
+# this file's folder, not configurator's ROOT: configure() would take an imported str for a setting
+data_dir = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data', dataset)
 data_path = os.path.join(data_dir, 'train.bin')
 meta_path = os.path.join(data_dir, 'meta.pkl')
 if not vocab_size:
@@ -70,7 +85,8 @@ if not vocab_size:
 real_data = real_data and os.path.exists(data_path)
 print(f"data: {data_path if real_data else 'a fixed random batch'}, vocab_size {vocab_size}")
 if real_data:
-    dataloader.count_tokens(data_path)  # refuses an empty or odd-length file, which np.memmap cannot map
+    if dataloader.count_tokens(data_path) <= block_size:  # which also refuses a file np.memmap cannot map
+        raise UserError(f"{data_path} has too few tokens for block_size {block_size}: use a smaller --block_size")
     data = np.memmap(data_path, dtype=np.uint16, mode='r')
 
 

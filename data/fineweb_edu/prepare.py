@@ -139,7 +139,7 @@ if __name__ == '__main__':
     t0 = time.time()
     counts, n_docs, full = {'train': 0, 'val': 0}, {'train': 0, 'val': 0}, False
     paths = [os.path.join(out_dir, name) for name in ('train.bin', 'val.bin', RECORD)]
-    with atomic_outputs(paths) as tmps:
+    with atomic_outputs(paths, remove=[os.path.join(out_dir, 'meta.pkl')]) as tmps:  # a char run's, stale
         with open(tmps[0], 'wb') as train_file, open(tmps[1], 'wb') as val_file:
             files = {'train': train_file, 'val': val_file}
             for k, (shard, size) in enumerate(shards):

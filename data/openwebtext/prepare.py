@@ -200,7 +200,7 @@ if __name__ == '__main__':
     datasets.disable_progress_bars()  # one bar per split below rather than one per chunk
     paths = [os.path.join(out_dir, f'{split}.bin') for split in splits] + [os.path.join(out_dir, RECORD)]
     counts = {}
-    with atomic_outputs(paths) as tmps:
+    with atomic_outputs(paths, remove=[os.path.join(out_dir, 'meta.pkl')]) as tmps:  # a char run's, stale
         for (split, docs), tmp in zip(splits.items(), tmps):
             n_tokens = 0
             with open(tmp, 'wb') as f, tqdm(total=len(docs), unit='doc', desc=f'tokenizing {split}') as bar:
