@@ -56,7 +56,7 @@ def check_settings(c):
     check(c, dict(mode=OneOf('train', 'generate', 'speed', 'memory'), batch_size=POSITIVE, block_size=POSITIVE,
                   n_layer=POSITIVE, n_head=POSITIVE, n_embd=POSITIVE, gelu=OneOf('exact', 'tanh'),
                   vocab_size=NON_NEGATIVE, dataset=ANY, seed=SEED, device=ANY, dtype=OneOf('auto', *runtime.DTYPES),
-                  compile=OneOf(None, True, False), burnin=POSITIVE, iters=POSITIVE, rounds=POSITIVE,
+                  compile=OneOf(None, True, False), burnin=NON_NEGATIVE, iters=POSITIVE, rounds=POSITIVE,
                   max_new_tokens=POSITIVE, profile_dir=OutPath(folder=True)))
     if c['n_embd'] % c['n_head']:
         raise UserError(f"n_embd ({c['n_embd']}) must be divisible by n_head ({c['n_head']})")
@@ -292,10 +292,10 @@ else:
         t0 = time.perf_counter()
         for k in range(num_steps):
             loss = train_step()
-        lossf = loss.item()  # one host sync per stage, not per step
-        runtime.synchronize(device)
+        runtime.synchronize(device)  # one host sync per stage, not per step
         dt = time.perf_counter() - t0
         if stage == 1:
+            lossf = loss.item()
             tokens_per_s = num_steps * batch_size * block_size / dt
             mfu = model.estimate_mfu(batch_size * 1 * num_steps, dt, runtime.device_peak_flops(device, dtype))
             print(f"time per iteration: {dt / num_steps * 1000:.2f}ms, {tokens_per_s:,.0f} tokens/s, "

@@ -138,8 +138,8 @@ def check_new_run(out_dir, init_from, overwrite):
 class RunLog:
     """A run's log.jsonl (one JSON row per line): the rows of the run it resumes before iter_num (none when it starts
     fresh: later ones belong to iterations it is about to redo; lines cut short by a kill go too), then its own.
-    Until saved() is called at the run's first checkpoint its rows wait in memory, so that a run that fails or
-    stops before its first save leaves the log it found; from then on each row is appended as it comes."""
+    Until commit(), at the run's first checkpoint, its rows wait in memory, so that a run that fails or stops
+    before its first save leaves the log it found; from then on each row is appended as it comes."""
 
     def __init__(self, path, iter_num):
         def before(line):
@@ -158,8 +158,9 @@ class RunLog:
         else:
             self.unsaved.append(json.dumps(row) + '\n')
 
-    def saved(self):
-        """The run's checkpoint has just been written: the log, until now in memory, goes with it."""
+    def commit(self):
+        """Write the rows kept in memory: the run's first checkpoint has just been written (the log goes with
+        it), or the run ended without one (eval_only); a no-op after the first time."""
         if self.unsaved is not None:
             self.write(self.unsaved, 'w')
             self.unsaved = None

@@ -159,9 +159,9 @@ class OutPath:
         if value == '':
             return self.optional
         path = os.path.abspath(value)
-        if os.path.exists(path) and os.path.isdir(path) != self.folder:
-            return False
-        while not os.path.exists(path):
+        if os.path.exists(path):
+            return os.path.isdir(path) == self.folder
+        while not os.path.exists(path):  # the nearest ancestor that exists must be a folder
             path = os.path.dirname(path)
         return os.path.isdir(path)
 

@@ -319,7 +319,7 @@ def save_checkpoint():
                   'rng_states': rng_states, 'sampler_state': sampler.state_to_save, 'scaler': scaler.state_dict()}
     print(f"saving checkpoint to {out_dir}")
     checkpoints.save_checkpoint(checkpoint, ckpt_path)
-    run_log.saved()  # at the first save, the log kept in memory until now
+    run_log.commit()  # at the first save, the log kept in memory until now
 
 
 # -----------------------------------------------------------------------------
@@ -465,6 +465,7 @@ while True:
         break
 
 if master_process:
+    run_log.commit()  # a run that ended without saving (eval_only) writes its log too
     print(f"done: {local_iter_num} iterations in {time.time() - t_start:.1f} s, best val loss {best_val_loss:.4f}")
     if wandb_log:
         wandb.finish()

@@ -341,7 +341,7 @@ def test_prepare_text_errors(tmp_path, case):
 
 
 def test_interrupted_write_leaves_no_train_bin(tmp_path):
-    final = [str(tmp_path / "train.bin"), str(tmp_path / "val.bin")]
+    final = [str(tmp_path / "train.bin"), str(tmp_path / "val.bin"), str(tmp_path / "tokenizer.json")]
     with pytest.raises(KeyboardInterrupt):
         with atomic_outputs(final) as tmps:
             with open(tmps[0], "wb") as f:

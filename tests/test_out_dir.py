@@ -4,6 +4,7 @@ is refused with the command that continues the run, a full disk while saving is 
 checkpoint intact, and a stop signal ends even a long evaluation at once. The real train.py, in subprocesses."""
 import os
 import re
+import resource
 import shlex
 import shutil
 import signal
@@ -14,7 +15,8 @@ import time
 import pytest
 import torch
 
-from checkpoints import load_checkpoint
+from checkpoints import RunLog, load_checkpoint
+from configurator import UserError
 from conftest import error_line, hermetic_env
 from test_train import assert_same_run
 
@@ -173,11 +175,26 @@ def test_a_stop_signal_ends_a_long_evaluation(train, train_command, tmp_path):
     assert 'step 8: train loss' in result.stdout
 
 
+def test_full_disk_while_logging_is_one_line(tmp_path):
+    log = RunLog(str(tmp_path / 'log.jsonl'), 0)
+    log.append({'iter': 0, 'loss': 4.2})
+    log.commit()  # the first save: from now on each row is appended
+    before = (tmp_path / 'log.jsonl').read_bytes()
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (len(before) + 10, hard))  # write() fails with EFBIG past it
+    try:
+        with pytest.raises(UserError) as e:
+            log.append({'iter': 1, 'loss': 4.1, 'note': 'x' * 100})
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    assert str(e.value) == f"cannot write the log {tmp_path / 'log.jsonl'} (File too large); the checkpoint beside it " \
+                           "is intact"
+
+
 def limit_file_size(limit):
     """A preexec_fn: no file of the process may grow past limit bytes (write() then fails with EFBIG, SIGXFSZ
     being ignored), standing in for a full disk where no small filesystem can be mounted."""
     def apply():
-        import resource
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
     return apply

@@ -12,7 +12,7 @@ import pytest
 
 import tokenizer
 from configurator import UserError
-from conftest import ROOT, SHAKESPEARE, TINY, error_line, hermetic_env
+from conftest import ROOT, SHAKESPEARE, error_line, hermetic_env
 
 sys.path.insert(0, os.path.join(ROOT, 'data'))
 import prepare_text  # noqa: E402

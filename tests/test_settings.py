@@ -143,6 +143,11 @@ def trained(train, tmp_path_factory):
     ('eval.py', ['--out_json={out}'], "out_json must be a path for a file: not an existing folder, nor under a file"),
     ('bench.py', ['--mode=nonsense'], "mode must be one of 'train', 'generate', 'speed', 'memory', got 'nonsense'"),
     ('plot.py', ['{out}', '--out={out}/ckpt.pt/loss.png'], "out must be a path for a file"),
+    # checked later, still before anything is written: the checkpoint's block_size, the model's tokenizer
+    ('train.py', ['--init_from=resume', '--block_size=16'], "{out}/ckpt.pt was trained with block_size 32: resume it "
+     "with --block_size=32"),
+    ('eval.py', ['--tasks=hellaswag'], "hellaswag needs a model with the GPT-2 tokenizer, but {out}/ckpt.pt (iter 2) "
+     "has a 65-token character-level vocabulary"),
 ])
 def test_refused_end_to_end(script, args, message, trained, train_command, shakespeare_char):
     """The real scripts, in subprocesses, on a trained out_dir and the prepared data: one line, nothing touched."""
@@ -153,5 +158,5 @@ def test_refused_end_to_end(script, args, message, trained, train_command, shake
     out_dir = [] if script == 'plot.py' else [f'--out_dir={trained}'] if script != 'bench.py' else []
     cmd = [sys.executable, os.path.join(ROOT, script), *out_dir, *extra, *(a.format(out=trained) for a in args)]
     result = subprocess.run(cmd, capture_output=True, text=True, env=hermetic_env(), timeout=120)
-    assert error_line(result).startswith(f"error: {message}")
+    assert error_line(result).startswith(f"error: {message.format(out=trained)}")
     assert (snapshot(trained), snapshot(shakespeare_char)) == before

@@ -84,6 +84,12 @@ def test_validation_data_shorter_than_block(train, out_dir, tmp_path):
         'error: val.bin has 10 tokens, too few for block_size 32: use --block_size=9 or less'
 
 
+def test_too_little_data_hint_fits_both_splits(train, out_dir, tmp_path):
+    data = write_dataset(tmp_path / 'short', list(range(20)), list(range(10)))
+    assert fails_with(train, out_dir, f'--data_dir={data}') == \
+        'error: train.bin has 20 tokens, too few for block_size 32: use --block_size=9 or less'
+
+
 def test_token_id_beyond_vocabulary(train, out_dir, tmp_path):
     data = write_dataset(tmp_path / 'big_ids', [1, 2, 70] * 100, list(range(60)))
     assert fails_with(train, out_dir, f'--data_dir={data}') == \
