@@ -4,7 +4,8 @@ writing it atomically, reading it safely (weights_only, memory-mapped) and check
 built from it, the compatibility patch for older files and nanoGPT's (their GELU), and gathering a sharded
 (FSDP) model's and optimizer's state into the full tensors a file holds, sharding it again on resume. A
 Hugging Face directory: checked before transformers reads it. And building the model that sample.py and
-eval.py run from either.
+eval.py run from either. And the out_dir these files are in: one run at a time (a lock), never a new run over
+an earlier one unasked, and its log.jsonl, kept in memory until the run's first save.
 """
 import atexit
 import contextlib

@@ -113,7 +113,7 @@ def damage(name, case, data, trained, marker):
     if name == 'ckpt_vocab_disagrees':  # a 65-character model on nanoGPT's data (no record) of 13 characters
         (data / 'meta.pkl').write_bytes(pickle.dumps(tokenizer.char_meta('abcdefghij' * 8 + 'xyz')))
         (data / 'tokenizer.json').unlink()
-        return 'train.py', resume_from(case, trained, lambda c: None), "the model's vocab_size is 65 but the data's"
+        return 'train.py', resume_from(case, trained, lambda c: None), "ckpt.pt uses the tokenizer char (65 characters"
     (case / 'hf').mkdir()
     if name == 'hf_bad_config':
         (case / 'hf' / 'config.json').write_text(HF_CONFIG[:-5])

@@ -104,6 +104,23 @@ def test_a_held_lock_refuses_and_a_sigkill_releases_it(train, train_command, ear
     assert 'resuming training from' in result.stdout
 
 
+def test_a_torchrun_job_is_refused_on_every_rank(train, earlier):
+    # a holder that imports nothing heavy: flock on the folder, as train.py's rank 0 takes it
+    holder = subprocess.Popen([sys.executable, '-c', "import fcntl, os, sys; fd = os.open(sys.argv[1], os.O_RDONLY); "
+                               "fcntl.flock(fd, fcntl.LOCK_EX); print('locked', flush=True); sys.stdin.read()",
+                               str(earlier)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == 'locked\n'
+        before = snapshot(earlier)
+        result = train(*RUN, '--init_from=resume', f'--out_dir={earlier}', check=False,
+                       torchrun=['--standalone', '--nproc_per_node=2'])
+        message = f"error: {earlier} is in use by another run (process {holder.pid}): one run at a time writes there"
+        assert result.returncode != 0 and result.stderr.count(message) == 2, result.stderr  # each rank, at once
+        assert snapshot(earlier) == before
+    finally:
+        holder.communicate('')
+
+
 def test_forgotten_resume_is_refused_with_the_command_that_continues(train, earlier):
     before = snapshot(earlier)
     result = train(*RUN, f'--out_dir={earlier}', check=False)
