@@ -379,8 +379,9 @@ while True:
     evaluated = improved = False
     if iter_num % eval_interval == 0 or iter_num == max_iters or eval_only:
         losses = estimate_loss()  # on every rank: FSDP's forward needs them all
-        if losses is None:  # stopped by a signal: save the state this iteration started from
-            save_and_stop()
+        if losses is None:  # stopped by a signal: save the state this iteration started from (eval_only: none)
+            if not eval_only:
+                save_and_stop()
             break
         losses = runtime.on_rank0(lambda: losses)  # and all of them act on rank 0's numbers
         hellaswag = {}
