@@ -18,7 +18,7 @@ from torch.distributed.tensor import DTensor
 
 import dataloader
 import runtime
-from configurator import ANY, NON_NEGATIVE, POSITIVE, SEED, OneOf, OutPath, UserError, check, configure
+from configurator import ANY, NON_NEGATIVE, POSITIVE, ROOT, SEED, OneOf, OutPath, UserError, check, configure
 from model import GPT, GPTConfig
 from tokenizer import load_meta
 
@@ -76,8 +76,7 @@ ctx = runtime.autocast_context(device, dtype)
 runtime.print_environment(device, dtype)
 
 # data: a prepared dataset when there is one (its vocabulary too), else random tokens
-# this file's folder, not configurator's ROOT: configure() would take an imported str for a setting
-data_dir = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data', dataset)
+data_dir = os.path.join(ROOT, 'data', dataset)
 data_path = os.path.join(data_dir, 'train.bin')
 meta_path = os.path.join(data_dir, 'meta.pkl')
 if not vocab_size:

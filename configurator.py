@@ -104,10 +104,11 @@ def override(defaults, args):
 
 
 def configure(scope, args=None):
-    """Apply sys.argv[1:] (or `args`) to the simple-typed, non-underscore variables of `scope` (a
-    script's globals()), update them in place and return the resolved config as a dict."""
+    """Apply sys.argv[1:] (or `args`) to the simple-typed variables of `scope` (a script's globals()) but
+    _private ones and CONSTANTS (ROOT or RECORD imported from a module are not settings), update them in
+    place and return the resolved config as a dict."""
     keys = [k for k, v in scope.items()
-            if not k.startswith("_") and (v is None or isinstance(v, (int, float, bool, str)))]
+            if not k.startswith("_") and not k.isupper() and (v is None or isinstance(v, (int, float, bool, str)))]
     config = override({k: scope[k] for k in keys}, sys.argv[1:] if args is None else args)
     scope.update(config)
     return config
