@@ -120,20 +120,22 @@ def configure(scope, args=None):
 # anything: configure() has checked the types, check_settings() checks the values against these rules.
 
 class Range:
-    """A finite number from lo to hi (None: no bound), hi itself excluded when open_hi."""
+    """A finite number from lo to hi (None: no bound), lo itself excluded when open_lo, hi when open_hi."""
 
-    def __init__(self, lo=None, hi=None, open_hi=False):
-        self.lo, self.hi, self.open_hi = lo, hi, open_hi
+    def __init__(self, lo=None, hi=None, open_lo=False, open_hi=False):
+        self.lo, self.hi, self.open_lo, self.open_hi = lo, hi, open_lo, open_hi
 
     def allows(self, value):
         return (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-                and (self.lo is None or value >= self.lo)
+                and (self.lo is None or (value > self.lo if self.open_lo else value >= self.lo))
                 and (self.hi is None or (value < self.hi if self.open_hi else value <= self.hi)))
 
     def __str__(self):
         if self.hi is None:
-            return f"at least {self.lo}"
-        return f"between {self.lo} and {self.hi}" + (f" ({self.hi} excluded)" if self.open_hi else "")
+            return f"{'above' if self.open_lo else 'at least'} {self.lo}"
+        excluded = [str(end) for end, open_end in ((self.lo, self.open_lo), (self.hi, self.open_hi)) if open_end]
+        return f"between {self.lo} and {self.hi}" + (" (both excluded)" if len(excluded) == 2 else
+                                                     f" ({excluded[0]} excluded)" if excluded else "")
 
 
 class OneOf:

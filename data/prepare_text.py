@@ -23,7 +23,7 @@ import urllib.request
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # repo root
-from configurator import UserError, configure
+from configurator import ANY, OneOf, Range, UserError, check, configure
 from tokenizer import RECORD, char_codec, char_meta, char_record, gpt2_encoding, gpt2_record, write_record
 
 # -----------------------------------------------------------------------------
@@ -208,10 +208,18 @@ def prepare(text, out_dir, tokenizer="char", val_fraction=0.1):
     return {name: len(ids) for name, ids in splits.items()}
 
 
-if __name__ == "__main__":
-    configure(globals())
-    if not input:
+FRACTION_OF_TEXT = Range(0, 1, open_lo=True, open_hi=True)  # val_fraction, test_size: each split gets some
+
+
+def check_settings(c):
+    """Each setting's allowed values (configurator.check), before anything is touched."""
+    check(c, dict(input=ANY, out_dir=ANY, tokenizer=OneOf("char", "gpt2"), val_fraction=FRACTION_OF_TEXT))
+    if not c["input"]:
         raise UserError("say which text to prepare: --input=path/to/file.txt (or a folder of .txt files)")
+
+
+if __name__ == "__main__":
+    check_settings(configure(globals()))
     if not out_dir:
         name = os.path.splitext(os.path.basename(os.path.normpath(input)))[0]
         out_dir = os.path.join(os.path.dirname(os.path.abspath(__file__)), name)

@@ -8,6 +8,7 @@ end: exit status 1, one `error:` line, no traceback, out_dir and the data folder
 import math
 import os
 import runpy
+import shutil
 import subprocess
 import sys
 
@@ -53,7 +54,7 @@ def bad_values(rule, default, tmp_path):
     """Values just outside rule, of the default's type (so that configure() lets them through to the rule)."""
     if isinstance(rule, Range):
         step = 1 if type(default) is int else 0.5
-        values = [] if rule.lo is None else [rule.lo - step]
+        values = [] if rule.lo is None else [rule.lo if rule.open_lo else rule.lo - step]
         if rule.hi is not None:
             values.append(rule.hi if rule.open_hi else rule.hi + step)
         return [type(default)(v) for v in values] + ([math.inf, -math.inf] if type(default) is float else [])
@@ -160,3 +161,20 @@ def test_refused_end_to_end(script, args, message, trained, train_command, shake
     result = subprocess.run(cmd, capture_output=True, text=True, env=hermetic_env(), timeout=120)
     assert error_line(result).startswith(f"error: {message.format(out=trained)}")
     assert (snapshot(trained), snapshot(shakespeare_char)) == before
+
+
+@pytest.mark.parametrize('script, args, message', [
+    ('data/prepare_text.py', ['--input={data}/input.txt', '--val_fraction=0'], "val_fraction must be between 0 and 1 "
+     "(both excluded), got 0.0"),
+    ('data/openwebtext/prepare.py', ['--num_proc=0'], "num_proc must be at least 1, got 0"),
+    ('data/fineweb_edu/prepare.py', ['--test_size=1.0'], "test_size must be between 0 and 1 (both excluded), got 1.0"),
+])
+def test_prepare_scripts_refuse_before_touching(script, args, message, shakespeare_char, tmp_path):
+    data = tmp_path / 'data'
+    shutil.copytree(shakespeare_char, data)
+    (data / 'input.txt').write_text('some text to prepare\n' * 100)
+    before = snapshot(data)
+    cmd = [sys.executable, os.path.join(ROOT, script), f'--out_dir={data}', *(a.format(data=data) for a in args)]
+    result = subprocess.run(cmd, capture_output=True, text=True, env=hermetic_env(), timeout=120)
+    assert error_line(result) == f"error: {message}"
+    assert snapshot(data) == before
