@@ -24,7 +24,7 @@ from torch.distributed.tensor import DTensor
 import dataloader
 import lora
 import runtime
-from configurator import ROOT, UserError, configure
+from configurator import ANY, NON_NEGATIVE, POSITIVE, ROOT, SEED, OneOf, OutPath, UserError, check, configure
 from model import GPT, GPTConfig
 from tokenizer import load_meta
 
@@ -57,7 +57,21 @@ max_new_tokens = 500  # mode=generate: tokens generated from a one-token prompt
 accumulation = 4  # mode=memory under torchrun: micro-steps of FSDP's gradient accumulation
 profile_dir = 'bench_log'  # where the profiler's TensorBoard trace goes
 # -----------------------------------------------------------------------------
-configure(globals())
+config = configure(globals())
+
+
+def check_settings(c):
+    """Each setting's allowed values (configurator.check: bools need none), then how they go together."""
+    check(c, dict(mode=OneOf('train', 'generate', 'speed', 'memory'), batch_size=POSITIVE, block_size=POSITIVE,
+                  n_layer=POSITIVE, n_head=POSITIVE, n_embd=POSITIVE, gelu=OneOf('exact', 'tanh'),
+                  vocab_size=NON_NEGATIVE, dataset=ANY, seed=SEED, device=ANY, dtype=OneOf('auto', *runtime.DTYPES),
+                  compile=OneOf(None, True, False), burnin=NON_NEGATIVE, iters=POSITIVE, rounds=POSITIVE,
+                  max_new_tokens=POSITIVE, profile_dir=OutPath(folder=True)))
+    if c['n_embd'] % c['n_head']:
+        raise UserError(f"n_embd ({c['n_embd']}) must be divisible by n_head ({c['n_head']})")
+
+
+check_settings(config)
 device = runtime.pick_device(device)
 if mode == 'memory':
     if runtime.device_type(device) == 'mps':
@@ -79,7 +93,8 @@ if not vocab_size:
 real_data = real_data and os.path.exists(data_path)
 print(f"data: {data_path if real_data else 'a fixed random batch'}, vocab_size {vocab_size}")
 if real_data:
-    dataloader.count_tokens(data_path)  # refuses an empty or odd-length file, which np.memmap cannot map
+    if dataloader.count_tokens(data_path) <= block_size:  # which also refuses a file np.memmap cannot map
+        raise UserError(f"{data_path} has too few tokens for block_size {block_size}: use a smaller --block_size")
     data = np.memmap(data_path, dtype=np.uint16, mode='r')
 
 
@@ -358,10 +373,10 @@ else:
         t0 = time.perf_counter()
         for k in range(num_steps):
             loss = train_step()
-        lossf = loss.item()  # one host sync per stage, not per step
-        runtime.synchronize(device)
+        runtime.synchronize(device)  # one host sync per stage, not per step
         dt = time.perf_counter() - t0
         if stage == 1:
+            lossf = loss.item()
             tokens_per_s = num_steps * batch_size * block_size / dt
             mfu = model.estimate_mfu(batch_size * 1 * num_steps, dt, runtime.device_peak_flops(device, dtype))
             print(f"time per iteration: {dt / num_steps * 1000:.2f}ms, {tokens_per_s:,.0f} tokens/s, "

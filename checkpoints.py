@@ -4,24 +4,32 @@ writing it atomically, reading it safely (weights_only, memory-mapped) and check
 built from it, the compatibility patch for older files and nanoGPT's (their GELU), and gathering a sharded
 (FSDP) model's and optimizer's state into the full tensors a file holds, sharding it again on resume. A
 Hugging Face directory: checked before transformers reads it. And building the model that sample.py and
-eval.py run from either.
+eval.py run from either. And the out_dir these files are in: one run at a time (a lock), never a new run over
+an earlier one unasked, and its log.jsonl, kept in memory until the run's first save.
 """
+import atexit
 import contextlib
+import fcntl
 import json
 import os
+import shlex
 import sys
+import time
 import zipfile
 
 import torch
 import torch.distributed as dist
 
+import lora
 import runtime
 from configurator import ROOT, UserError
 from model import GPT, GPTConfig
 
+
 def save_checkpoint(checkpoint, path):
     """Write atomically: into a temporary file in the same directory, flushed and fsynced, then
-    renamed over path. A crash at any moment leaves either the old file or the new one, never half."""
+    renamed over path. A crash at any moment leaves either the old file or the new one, never half;
+    a failing disk (full, a quota, an I/O error) is one line that says so and what is intact."""
     tmp = path + '.tmp'
     try:
         with open(tmp, 'wb') as f:
@@ -29,16 +37,150 @@ def save_checkpoint(checkpoint, path):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+        fsync_dir(path)  # make the rename itself durable
+    except (OSError, RuntimeError) as e:  # torch.save's writer says RuntimeError ("unexpected pos") for ENOSPC
+        raise UserError(f"cannot write the checkpoint {path} ({reason(e)}); "
+                        f"{intact(path)}") from None
+    finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-        raise
+
+
+def reason(e):
+    """What went wrong, in a few words: the OS's, or the first line of the message."""
+    return getattr(e, 'strerror', None) or (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+def intact(path):
+    """What a failed write left: the file as it was before (an atomic write replaces it only when complete)."""
+    return f"{path} is intact, as before this write" if os.path.exists(path) else f"nothing was written to {path}"
+
+
+def fsync_dir(path):
     dir_fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
     try:
-        os.fsync(dir_fd)  # make the rename itself durable
+        os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
 
+
+# -----------------------------------------------------------------------------
+# out_dir: one run at a time (a lock), a new run never replaces an earlier one unasked, and its log.jsonl
+
+_locks = []  # the locked out_dirs' file descriptors, open (so locked) until the process ends
+
+
+def lock_out_dir(out_dir, wait=0.0):
+    """Make out_dir if need be and hold an exclusive lock on it for the rest of this process's life, so that one
+    run at a time writes there. The lock is flock(2) on the folder itself, which writes nothing into it; the
+    kernel releases it when the process ends, however it ends (a SIGKILL leaves no stale lock). A held lock is
+    refused in one line naming the process that holds it, after trying for `wait` seconds (a job that torchrun
+    restarts, whose previous processes may still be ending). A folder this made is removed at exit if the run
+    left it empty. On a filesystem that cannot lock a folder (some network filesystems), out_dir/.lock is locked."""
+    if not os.path.isdir(out_dir):
+        try:
+            os.makedirs(out_dir)
+        except OSError as e:
+            raise UserError(f"cannot make out_dir {out_dir} ({e.strerror}); choose another with --out_dir=") from None
+        atexit.register(remove_if_empty, out_dir)
+    if not os.access(out_dir, os.W_OK):  # e.g. a read-only filesystem: refused now, not at the first save
+        raise UserError(f"cannot write to out_dir {out_dir}; choose another with --out_dir=")
+    fd, lock_file = os.open(out_dir, os.O_RDONLY), None
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            if time.monotonic() < deadline:
+                time.sleep(0.5)
+                continue
+            holder = lock_holder(fd)
+            os.close(fd)
+            raise UserError(f"{out_dir} is in use by another run ({holder}): one run at a time writes there; wait "
+                            "for it to end, or choose another --out_dir=") from None
+        except OSError as e:  # the filesystem cannot flock a folder: a lock file instead, once
+            os.close(fd)
+            if lock_file:
+                raise UserError(f"cannot lock {lock_file} ({e.strerror}): out_dir must be on a filesystem with "
+                                "file locks") from None
+            lock_file = os.path.join(out_dir, '.lock')
+            fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o644)
+    _locks.append(fd)
+
+
+def lock_holder(fd):
+    """'process <pid>' holding an flock on fd's file, from /proc/locks (Linux), else 'another process'."""
+    st = os.fstat(fd)
+    inode = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    try:
+        with open('/proc/locks') as f:
+            pids = [line.split()[4] for line in f if line.split()[1:2] == ['FLOCK'] and inode in line.split()]
+    except OSError:
+        pids = []
+    return f"process {pids[0]}" if pids and pids[0] not in ('0', '-1') else "another process"
+
+
+def remove_if_empty(folder):
+    with contextlib.suppress(OSError):
+        os.rmdir(folder)  # only ever removes an empty folder
+
+
+def check_new_run(out_dir, init_from, overwrite):
+    """A new run (init_from other than 'resume') in an out_dir that holds a checkpoint would replace it at its
+    first save: refused, with the command that continues that run, unless overwrite (docs/checkpoints.md)."""
+    path = os.path.join(out_dir, 'ckpt.pt')
+    if init_from != 'resume' and os.path.exists(path) and not overwrite:
+        command = shlex.join(['python', sys.argv[0], *(a for a in sys.argv[1:] if not a.startswith(('--init_from=',
+                                                                                                    '--overwrite=')))])
+        raise UserError(f"{path} holds an earlier run: continue it with {command} --init_from=resume, or start "
+                        "over with --overwrite=True (it is replaced at the new run's first save) or another --out_dir=")
+
+
+class RunLog:
+    """A run's log.jsonl (one JSON row per line): the rows of the run it resumes before iter_num (none when it starts
+    fresh: later ones belong to iterations it is about to redo; lines cut short by a kill go too), then its own.
+    Until commit(), at the run's first checkpoint, its rows wait in memory, so that a run that fails or stops
+    before its first save leaves the log it found; from then on each row is appended as it comes."""
+
+    def __init__(self, path, iter_num):
+        def before(line):
+            try:
+                return json.loads(line)['iter'] < iter_num
+            except (ValueError, KeyError, TypeError, RecursionError):
+                return False
+        self.path, self.unsaved = path, []
+        if os.path.exists(path):
+            with open(path, errors='replace') as f:
+                self.unsaved = [line for line in f if before(line)]
+
+    def append(self, row):
+        if self.unsaved is None:
+            self.write([json.dumps(row) + '\n'], 'a')
+        else:
+            self.unsaved.append(json.dumps(row) + '\n')
+
+    def commit(self):
+        """Write the rows kept in memory: the run's first checkpoint has just been written (the log goes with
+        it), or the run ended without one (eval_only); a no-op after the first time."""
+        if self.unsaved is not None:
+            self.write(self.unsaved, 'w')
+            self.unsaved = None
+
+    def write(self, lines, mode):
+        """Append lines, or write them as the whole file atomically (a temporary file renamed over it)."""
+        path = self.path if mode == 'a' else self.path + '.tmp'
+        try:
+            with open(path, mode) as f:
+                f.writelines(lines)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(path, self.path)
+        except OSError as e:
+            if mode == 'w' and os.path.exists(path):
+                os.remove(path)
+            raise UserError(f"cannot write the log {self.path} ({e.strerror}); the checkpoint beside it is "
+                            "intact") from None
 
 def load_checkpoint(path, keys=('model', 'model_args')):
     """Load a checkpoint (ours or nanoGPT's) to CPU with torch.load(weights_only=True), so loading
@@ -174,6 +316,20 @@ def load_pretrained(init_from, dropout=0.0, allow_unsafe_pickle=False):
     if os.path.isdir(init_from):
         check_hf_dir(init_from, allow_unsafe_pickle)
     return GPT.from_pretrained(init_from, dict(dropout=dropout), allow_unsafe_pickle)
+
+
+def check_resumable(checkpoint, path, block_size, optimizer, lora_settings):
+    """Refuse, before anything is built, to resume a checkpoint with settings that would not continue it: a
+    smaller block_size (cropping would leave its optimizer state the wrong shape), another optimizer, other
+    LoRA settings (lora.check_resume)."""
+    trained = checkpoint['model_args']['block_size']
+    if block_size < trained:
+        raise UserError(f"{path} was trained with block_size {trained}: resume it with --block_size={trained}, "
+                        f"or start a new run from its weights on shorter blocks with --init_from={path}")
+    trained_with = checkpoint.get('config', {}).get('optimizer', 'adamw')  # nanoGPT's: AdamW
+    if trained_with != optimizer:
+        raise UserError(f"{path} was trained with optimizer {trained_with}: resume it with --optimizer={trained_with}")
+    lora.check_resume(checkpoint, lora_settings, path)
 
 
 def load_model(init_from, out_dir, allow_unsafe_pickle=False):

@@ -13,10 +13,12 @@ and a default of None accepts anything. Config file paths are tried as given, th
 repository root, so `python /path/to/train.py config/train_gpt2.py` works from any directory.
 
 Mistakes a user can make raise UserError; importing this module installs an exception hook that
-prints such an error as a single line (no traceback) and exits with status 1.
+prints such an error as a single line (no traceback) and exits with status 1, and a Ctrl-C that no
+handler caught as the line "interrupted".
 """
 import ast
 import difflib
+import math
 import os
 import sys
 import traceback
@@ -31,6 +33,8 @@ class UserError(Exception):
 def _excepthook(exc_type, exc, tb, _default=sys.excepthook):
     if issubclass(exc_type, UserError):
         print(f"error: {exc}", file=sys.stderr, flush=True)
+    elif issubclass(exc_type, KeyboardInterrupt):  # Ctrl-C where a script has no handler of its own
+        print("interrupted", file=sys.stderr, flush=True)
     else:
         _default(exc_type, exc, tb)
 
@@ -100,10 +104,95 @@ def override(defaults, args):
 
 
 def configure(scope, args=None):
-    """Apply sys.argv[1:] (or `args`) to the simple-typed, non-underscore variables of `scope` (a
-    script's globals()), update them in place and return the resolved config as a dict."""
+    """Apply sys.argv[1:] (or `args`) to the simple-typed variables of `scope` (a script's globals()) but
+    _private ones and CONSTANTS (ROOT or RECORD imported from a module are not settings), update them in
+    place and return the resolved config as a dict."""
     keys = [k for k, v in scope.items()
-            if not k.startswith("_") and (v is None or isinstance(v, (int, float, bool, str)))]
+            if not k.startswith("_") and not k.isupper() and (v is None or isinstance(v, (int, float, bool, str)))]
     config = override({k: scope[k] for k in keys}, sys.argv[1:] if args is None else args)
     scope.update(config)
     return config
+
+
+# -----------------------------------------------------------------------------
+# Settings checks. Each script names every setting's allowed values in one dict right below its defaults,
+# SETTINGS = {name: rule}, and checks them in one function right after configure(), before it touches
+# anything: configure() has checked the types, check_settings() checks the values against these rules.
+
+class Range:
+    """A finite number from lo to hi (None: no bound), lo itself excluded when open_lo, hi when open_hi."""
+
+    def __init__(self, lo=None, hi=None, open_lo=False, open_hi=False):
+        self.lo, self.hi, self.open_lo, self.open_hi = lo, hi, open_lo, open_hi
+
+    def allows(self, value):
+        return (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+                and (self.lo is None or (value > self.lo if self.open_lo else value >= self.lo))
+                and (self.hi is None or (value < self.hi if self.open_hi else value <= self.hi)))
+
+    def __str__(self):
+        if self.hi is None:
+            return f"{'above' if self.open_lo else 'at least'} {self.lo}"
+        excluded = [str(end) for end, open_end in ((self.lo, self.open_lo), (self.hi, self.open_hi)) if open_end]
+        return f"between {self.lo} and {self.hi}" + (" (both excluded)" if len(excluded) == 2 else
+                                                     f" ({excluded[0]} excluded)" if excluded else "")
+
+
+class OneOf:
+    """One of the given values."""
+
+    def __init__(self, *values):
+        self.values = values
+
+    def allows(self, value):
+        return any(type(value) is type(v) and value == v for v in self.values)
+
+    def __str__(self):
+        return "one of " + ", ".join(map(repr, self.values))
+
+
+class OutPath:
+    """Where a script writes a folder (folder=True) or a file: not a thing of the other kind, nor under a
+    file; '' (the script's default place) when optional. Checked without creating anything."""
+
+    def __init__(self, folder, optional=False):
+        self.folder, self.optional = folder, optional
+
+    def allows(self, value):
+        if value == '':
+            return self.optional
+        path = os.path.abspath(value)
+        if os.path.exists(path):
+            return os.path.isdir(path) == self.folder
+        while not os.path.exists(path):  # the nearest ancestor that exists must be a folder
+            path = os.path.dirname(path)
+        return os.path.isdir(path)
+
+    def __str__(self):
+        return f"a path for a {'folder' if self.folder else 'file'}: not an existing " \
+               f"{'file' if self.folder else 'folder'}, nor under a file"
+
+
+class Anything:
+    """Any value of the default's type (configure() checked it): a name, a path read later, a prompt."""
+
+    def allows(self, value):
+        return True
+
+
+ANY = Anything()
+POSITIVE = Range(1)
+NON_NEGATIVE = Range(0)
+FRACTION = Range(0, 1, open_hi=True)  # dropout, Adam's betas, momentum
+SEED = Range(0, 2**31 - 1)  # numpy's seeds end at 2**32 - 1, and each process adds its rank
+
+
+def check(config, rules):
+    """Refuse (one line naming the setting, its value and what is allowed) the first value of config that its
+    rule does not allow. Every setting needs a rule (ANY for those any value of their type suits), so a new
+    setting cannot go unchecked by accident; bools need none, configure() allows only True and False."""
+    unruled = [k for k, v in config.items() if k not in rules and type(v) is not bool]
+    assert not unruled, f"settings without a rule: {unruled}"
+    for key, rule in rules.items():
+        if not rule.allows(config[key]):
+            raise UserError(f"{key} must be {rule}, got {config[key]!r}")

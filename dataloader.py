@@ -13,6 +13,7 @@ import torch
 
 import runtime
 from configurator import ROOT, UserError
+from tokenizer import load_meta
 
 def find_dataset(dataset, data_dir=''):
     """The folder that holds a prepared dataset's train.bin and val.bin: data_dir if given, else data/<dataset>
@@ -52,13 +53,23 @@ def split_tokens(data_dir, split):
     return np.memmap(os.path.join(data_dir, f'{split}.bin'), dtype=np.uint16, mode='r')
 
 
-def check_fits(data_dir, n_tokens, block_size, vocab_size):
-    """Refuse data that a model of block_size and vocab_size cannot train on: a split of no more than
-    block_size tokens, or a token id it has no embedding for (which would crash mid-training). Rank 0
-    scans the files, the others wait for its answer."""
+def meta_vocab_size(data_dir):
+    """The vocabulary size a character-level dataset's meta.pkl records (all training needs of it), or None."""
+    path = os.path.join(data_dir, 'meta.pkl')
+    return load_meta(path)['vocab_size'] if os.path.exists(path) else None
+
+
+def check_fits(data_dir, n_tokens, block_size, vocab_size, meta_vocab_size=None):
+    """Refuse data that a model of block_size and vocab_size cannot train on: a vocabulary (meta.pkl's) of
+    another size, a split of no more than block_size tokens, or a token id it has no embedding for (which
+    would crash mid-training). Rank 0 scans the files, the others wait for its answer."""
+    if meta_vocab_size and vocab_size != meta_vocab_size:
+        raise UserError(f"the model's vocab_size is {vocab_size} but the data's ({os.path.join(data_dir, 'meta.pkl')}) "
+                        f"is {meta_vocab_size}: they were made for different vocabularies")
     for split, n in n_tokens.items():
-        if n <= block_size:
-            raise UserError(f"{split}.bin has {n} tokens, too few for block_size {block_size}: use --block_size={n - 1} or less")
+        if n <= block_size:  # the hint fits both splits
+            raise UserError(f"{split}.bin has {n} tokens, too few for block_size {block_size}: use "
+                            f"--block_size={min(n_tokens.values()) - 1} or less")
         top = runtime.on_rank0(lambda: max(int(split_tokens(data_dir, split)[i:i + 2**26].max()) for i in range(0, n, 2**26)))
         if top >= vocab_size:
             raise UserError(f"{split}.bin holds token id {top} but the model's vocab_size is {vocab_size}: "

@@ -21,7 +21,7 @@ from torch.nn import functional as F
 import checkpoints
 import dataloader
 import runtime
-from configurator import UserError, configure
+from configurator import ANY, NON_NEGATIVE, POSITIVE, OneOf, OutPath, UserError, check, configure
 
 # -----------------------------------------------------------------------------
 init_from = 'resume'  # 'resume' (from out_dir/ckpt.pt), a gpt2 variant (e.g. 'gpt2-xl') or a local Hugging Face dir
@@ -39,6 +39,17 @@ allow_unsafe_pickle = False  # True: a Hugging Face directory may load pytorch_m
 # -----------------------------------------------------------------------------
 
 HELLASWAG_FIELDS = ('activity_label', 'ctx_a', 'ctx_b', 'endings', 'label')
+TASKS = ('hellaswag', 'val')
+
+
+def check_settings(c):
+    """Each setting's allowed values (configurator.check: bools need none), before anything is touched."""
+    check(c, dict(init_from=ANY, out_dir=ANY, tasks=ANY, hellaswag_path=ANY, hellaswag_limit=NON_NEGATIVE,
+                  val_path=ANY, batch_size=POSITIVE, out_json=OutPath(folder=False, optional=True), device=ANY,
+                  dtype=OneOf('auto', *runtime.DTYPES)))
+    task_list = [t.strip() for t in c['tasks'].split(',') if t.strip()]
+    if not task_list or not set(task_list) <= set(TASKS):
+        raise UserError(f"tasks must be hellaswag, val or hellaswag,val, got {c['tasks']!r}")
 
 
 def hellaswag_preprocess(text):
@@ -202,19 +213,18 @@ def val_loss(model, data, device, ctx=None, batch_size=8, progress=False):
 def main():
     from tokenizer import load_tokenizer
     task_list = [t.strip() for t in tasks.split(',') if t.strip()]
-    unknown = [t for t in task_list if t not in ('hellaswag', 'val')]
-    if unknown or not task_list:
-        raise UserError(f"unknown task(s) {', '.join(unknown) or '(none)'}: use --tasks=hellaswag, val or hellaswag,val")
-    rows = load_hellaswag(hellaswag_path, hellaswag_limit) if 'hellaswag' in task_list else None  # checked first
     dev = runtime.pick_device(device)
     run_dtype = runtime.pick_dtype(dtype, dev)
     runtime.allow_tf32(dev)
 
-    # model, and where its vocabulary and data are
+    # model, and where its vocabulary and data are; a model that cannot read HellaSwag is refused before the
+    # items are loaded (from the hub, which may take a while to answer)
     model, source = checkpoints.load_model(init_from, out_dir, allow_unsafe_pickle)
     data_dir, meta_path, what = source['data_dir'], source['meta_path'], source['what']
+    rows = None
     if 'hellaswag' in task_list:
         check_gpt2_tokenizer(model.config.vocab_size, meta_path, what)
+        rows = load_hellaswag(hellaswag_path, hellaswag_limit)
     model = runtime.inference_model(model, dev, run_dtype)  # its weights in dtype: no autocast
     if compile:
         model = torch.compile(model)  # model.config still reaches the GPT's config
@@ -231,6 +241,7 @@ def main():
             if not os.path.isfile(path):
                 raise UserError(f"{path} not found: prepare the dataset, or give --val_path=a val.bin or a text file")
             if path.endswith('.bin'):
+                dataloader.count_tokens(path)  # refuses an empty or odd-length file, which np.memmap cannot map
                 data = np.memmap(path, dtype=np.uint16, mode='r')
             else:
                 try:
@@ -262,4 +273,5 @@ def main():
 
 if __name__ == '__main__':
     config = configure(globals())
+    check_settings(config)
     main()

@@ -16,7 +16,7 @@ import matplotlib
 matplotlib.use('Agg')  # headless: no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 
-from configurator import UserError  # noqa: E402  (also prints UserError as one line)
+from configurator import ANY, OutPath, UserError, check  # noqa: E402  (also prints UserError as one line)
 
 # (title, x key, [(y key, rows, line style, legend suffix)]): rows 'train' are the logged iterations
 # (loss: that iteration's batch), 'eval' the evaluations (val_loss: eval_iters batches of val.bin)
@@ -82,6 +82,17 @@ def plot(out_dirs):
     return fig
 
 
+def check_settings(c):
+    """The settings' allowed values, before anything is touched: out a file of a format matplotlib writes."""
+    if not c['out_dirs']:
+        raise UserError("usage: python plot.py OUT_DIR [OUT_DIR ...] [--out=FILE]")
+    check(c, dict(out=OutPath(folder=False), out_dirs=ANY))
+    formats = matplotlib.figure.Figure().canvas.get_supported_filetypes()
+    if os.path.splitext(c['out'])[1][1:].lower() not in formats:
+        raise UserError(f"out must end in a format matplotlib writes ({', '.join('.' + f for f in sorted(formats))}), "
+                        f"got {c['out']!r}")
+
+
 def main(args):
     out = 'loss.png'
     out_dirs = []
@@ -92,13 +103,18 @@ def main(args):
             raise UserError(f"unknown option {arg}: usage: python plot.py OUT_DIR [OUT_DIR ...] [--out=FILE]")
         else:
             out_dirs.append(arg)
-    if not out_dirs:
-        raise UserError("usage: python plot.py OUT_DIR [OUT_DIR ...] [--out=FILE]")
+    check_settings(dict(out=out, out_dirs=out_dirs))
     fig = plot(out_dirs)
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    tmp = out + '.tmp.png'
-    fig.savefig(tmp, dpi=100)
-    os.replace(tmp, out)
+    tmp = out + '.tmp'
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        fig.savefig(tmp, dpi=100, format=os.path.splitext(out)[1][1:].lower())
+        os.replace(tmp, out)
+    except OSError as e:  # e.g. a full disk
+        raise UserError(f"cannot write {out} ({e.strerror}); a plot already there is as it was") from None
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
     print(out)
 
 

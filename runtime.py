@@ -192,14 +192,18 @@ def bfloat16_matmul_speed(device, n=256):
     return tuple(speeds)
 
 
-def bfloat16_native(device):
-    """(whether device runs bfloat16 matmuls natively, why we think so, in words). A GPU says so itself;
+def bfloat16_native(device, verbose=False):
+    """Whether device runs bfloat16 matmuls natively (verbose: and say why we think so). A GPU says so itself;
     elsewhere it is measured: CPUs without AVX-512 BF16 or AMX emulate them at ~1% of float32's speed,
     those with it run them at ~2x, so "at least half as fast" separates the two even on a busy machine."""
     if device_type(device) == 'cuda':
-        return torch.cuda.is_bf16_supported(including_emulation=False), torch.cuda.get_device_name(device)
-    bf16, fp32 = bfloat16_matmul_speed(device)
-    return 2 * bf16 >= fp32, f"256x256 matmuls: {bf16 / 1e9:.1f} GFLOP/s bfloat16, {fp32 / 1e9:.1f} float32"
+        native, why = torch.cuda.is_bf16_supported(including_emulation=False), torch.cuda.get_device_name(device)
+    else:
+        bf16, fp32 = bfloat16_matmul_speed(device)
+        native, why = 2 * bf16 >= fp32, f"256x256 matmuls: {bf16 / 1e9:.1f} GFLOP/s bfloat16, {fp32 / 1e9:.1f} float32"
+    if verbose:
+        print(f"bfloat16 matmuls are {'native' if native else 'emulated'} on {device} ({why})")
+    return native
 
 
 def init_distributed(device, timeout=600):
@@ -267,6 +271,19 @@ def on_rank0(compute):
     result = [compute() if dist.get_rank() == 0 else None]
     dist.broadcast_object_list(result, src=0)
     return result[0]
+
+
+def check_on_rank0(check):
+    """Run check() on rank 0 alone (without a process group: here); a UserError it raises is raised on every
+    process, so that they all stop together instead of waiting for rank 0 in the next collective."""
+    def run():
+        try:
+            check()
+        except UserError as e:
+            return str(e)
+    refused = on_rank0(run)
+    if refused:
+        raise UserError(refused)
 
 
 def mean_over_ranks(values):

@@ -10,7 +10,7 @@ import torch
 
 import checkpoints
 import runtime
-from configurator import UserError, configure
+from configurator import ANY, NON_NEGATIVE, POSITIVE, SEED, OneOf, UserError, check, configure
 from tokenizer import describe, load_tokenizer
 
 # -----------------------------------------------------------------------------
@@ -29,11 +29,17 @@ compile = False  # use PyTorch 2.0 to compile the model to be faster
 stream = False  # print each token as it is generated (samples are then drawn one at a time)
 kv_cache = True  # False: recompute the whole context for every token, as nanoGPT does
 # -----------------------------------------------------------------------------
-configure(globals())
-if max_new_tokens <= 0:
-    raise UserError(f"max_new_tokens must be positive, got {max_new_tokens}")
-if num_samples <= 0:
-    raise UserError(f"num_samples must be positive, got {num_samples}")
+config = configure(globals())
+
+
+def check_settings(c):
+    """Each setting's allowed values (configurator.check: bools need none), before anything is touched."""
+    check(c, dict(init_from=ANY, out_dir=ANY, start=ANY, num_samples=POSITIVE, max_new_tokens=POSITIVE,
+                  temperature=NON_NEGATIVE, top_k=NON_NEGATIVE, seed=SEED, device=ANY,
+                  dtype=OneOf('auto', *runtime.DTYPES)))
+
+
+check_settings(config)
 device = runtime.pick_device(device)
 dtype = runtime.pick_dtype(dtype, device)
 runtime.allow_tf32(device)

@@ -225,11 +225,16 @@ def data_tokenizer(data_dir):
         try:
             with open(path, encoding="utf-8") as f:
                 record = json.load(f)
-            known = record["tokenizer"] == "gpt2" or isinstance(record.get("chars"), str)
+            replacing = "replacing" in record
+            known = replacing or record["tokenizer"] == "gpt2" or isinstance(record.get("chars"), str)
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
             raise UserError(f"{path} is not a tokenizer record ({type(e).__name__}); prepare the data again") from None
+        if replacing:  # data/prepare_text.atomic_outputs' marker
+            raise UserError(f"{data_dir} holds a mix of two prepared sets: the prepare script that was replacing "
+                            "its files was interrupted; run it again")
         if not known:
             raise UserError(f"{path} names tokenizer {record['tokenizer']!r}, which this code does not know")
+        check_one_set(data_dir, record)
         return {k: record[k] for k in ("tokenizer", "vocab_size", "eot_token", "chars") if k in record}
     if not os.path.exists(os.path.join(data_dir, "meta.pkl")):
         return None
@@ -237,6 +242,27 @@ def data_tokenizer(data_dir):
         return char_record(load_meta(os.path.join(data_dir, "meta.pkl")))
     except UserError:  # no itos/stoi, or unreadable: train.py reads (and reports on) its vocab_size itself
         return None
+
+
+def check_one_set(data_dir, record):
+    """Refuse a folder whose files are not the set its record describes: a .bin of another token count than
+    the record's, or a meta.pkl of other characters (files copied in from elsewhere, or a set replaced by a
+    prepare script of before the marker, interrupted halfway)."""
+    def mixed(what):
+        return UserError(f"{data_dir} holds a mix of prepared sets: {what}; prepare the data again")
+    for split, n in (record.get("tokens") or {}).items():
+        bin_path = os.path.join(data_dir, f"{split}.bin")
+        if os.path.exists(bin_path) and os.path.getsize(bin_path) != 2 * n:
+            raise mixed(f"{split}.bin has {os.path.getsize(bin_path) // 2:,} tokens where {RECORD} counted {n:,}")
+    meta_path = os.path.join(data_dir, "meta.pkl")
+    if os.path.exists(meta_path):
+        try:
+            chars = char_record(load_meta(meta_path))["chars"]
+        except UserError:  # unreadable: train.py reads (and reports on) it itself
+            return
+        if chars != record.get("chars"):
+            raise mixed(f"meta.pkl's {len(chars)} characters are not the vocabulary of {RECORD} "
+                        f"({describe(record) if 'vocab_size' in record else 'unknown'})")
 
 
 def describe(record):

@@ -21,14 +21,12 @@ after a failure (docs/scale.md).
 
 A run writes out_dir/ckpt.pt (continue it with --init_from=resume) and out_dir/log.jsonl.
 """
-import functools
-import json
 import math
 import os
 import signal
-import tempfile
 import time
 
+import configurator  # noqa: F401  first: from here on a Ctrl-C, during the slow imports too, is one quiet line
 import torch
 
 import checkpoints
@@ -36,10 +34,9 @@ import dataloader
 import lora
 import runtime
 import tokenizer
-from configurator import UserError, configure
+from configurator import ANY, FRACTION, NON_NEGATIVE, POSITIVE, SEED, OneOf, OutPath, Range, UserError, check, configure
 from eval import check_gpt2_tokenizer, hellaswag_score, load_hellaswag
 from model import GPT, GPTConfig
-from tokenizer import load_meta
 
 # -----------------------------------------------------------------------------
 # default config values designed to train a gpt2 (124M) on OpenWebText
@@ -54,6 +51,7 @@ early_stop_patience = 0  # stop after this many evals without a new best val los
 eval_hellaswag = False  # also score HellaSwag at each eval (GPT-2 tokenizer only), sharded over the processes
 hellaswag_path = ''  # a local HellaSwag .jsonl; '' = Rowan/hellaswag's validation split from the hub
 init_from = 'scratch'  # 'scratch', 'resume' (out_dir/ckpt.pt), 'gpt2*', a Hugging Face dir, or a run's ckpt.pt/out_dir to start anew from
+overwrite = False  # True: a new run may replace the one whose ckpt.pt is in out_dir (at its first save)
 allow_unsafe_pickle = False  # True: a Hugging Face directory may load pytorch_model.bin, a pickle that can run code
 checkpoint_interval = 0  # also save a checkpoint every this many iterations, whatever the eval; 0: only at evals
 # wandb logging
@@ -107,23 +105,47 @@ seed = 1337
 config = configure(globals())  # config files and --key=value from the command line
 
 # -----------------------------------------------------------------------------
-# settings checks: what can be refused before anything is touched
-for key in ('batch_size', 'gradient_accumulation_steps', 'block_size', 'eval_iters', 'eval_interval', 'log_interval'):
-    if config[key] <= 0:
-        raise UserError(f"{key} must be at least 1, got {config[key]}")
-if early_stop_patience and checkpoint_interval:
-    raise UserError("early_stop_patience keeps the best model in ckpt.pt and checkpoint_interval overwrites it: "
-                    "use one of them")
-if optimizer not in ('adamw', 'muon'):
-    raise UserError(f"unknown optimizer '{optimizer}': use adamw or muon")
-if optimizer == 'muon' and learning_rate <= 0:
-    raise UserError(f"optimizer muon needs learning_rate > 0 (Muon's schedule is scaled from it), got {learning_rate}")
+# settings checks: every value is refused here, in one line, before anything is touched
+def check_settings(c):
+    """Each setting's allowed values (configurator.check: bools need none), then how they go together."""
+    check(c, dict(
+        out_dir=OutPath(folder=True), eval_interval=POSITIVE, log_interval=POSITIVE, eval_iters=POSITIVE,
+        early_stop_patience=NON_NEGATIVE, hellaswag_path=ANY, init_from=ANY, checkpoint_interval=NON_NEGATIVE,
+        wandb_project=ANY, wandb_run_name=ANY, dataset=ANY, data_dir=ANY, gradient_accumulation_steps=POSITIVE,
+        batch_size=POSITIVE, block_size=POSITIVE, data_order=OneOf('random', 'epoch'), n_layer=POSITIVE,
+        n_head=POSITIVE, n_embd=POSITIVE, dropout=FRACTION, learning_rate=NON_NEGATIVE, max_iters=NON_NEGATIVE,
+        weight_decay=NON_NEGATIVE, beta1=FRACTION, beta2=FRACTION, grad_clip=NON_NEGATIVE,
+        optimizer=OneOf('adamw', 'muon'), muon_learning_rate=NON_NEGATIVE, muon_momentum=FRACTION,
+        muon_weight_decay=NON_NEGATIVE, warmup_iters=NON_NEGATIVE, lr_decay_iters=NON_NEGATIVE, min_lr=NON_NEGATIVE,
+        device=ANY, dtype=OneOf('auto', 'float32', 'bfloat16', 'float16'), compile=OneOf(None, True, False),
+        freeze_layers=NON_NEGATIVE, lora_rank=NON_NEGATIVE, lora_alpha=Range(0, open_lo=True), lora_dropout=FRACTION,
+        lora_targets=ANY, dist_timeout=POSITIVE, seed=SEED))
+    if c['early_stop_patience'] and c['checkpoint_interval']:
+        raise UserError("early_stop_patience keeps the best model in ckpt.pt and checkpoint_interval overwrites it: "
+                        "use one of them")
+    if c['optimizer'] == 'muon' and c['learning_rate'] <= 0:
+        raise UserError(f"optimizer muon needs learning_rate > 0 (Muon's schedule is scaled from it), got {c['learning_rate']}")
+    if c['decay_lr'] and c['lr_decay_iters'] <= c['warmup_iters']:
+        raise UserError(f"lr_decay_iters ({c['lr_decay_iters']}) must be greater than warmup_iters ({c['warmup_iters']}): "
+                        "the learning rate decays between them (or --decay_lr=False)")
+    if c['decay_lr'] and c['min_lr'] > c['learning_rate']:
+        raise UserError(f"min_lr ({c['min_lr']}) must be at most learning_rate ({c['learning_rate']}): the learning "
+                        "rate decays from one to the other (or --decay_lr=False)")
+
+
+check_settings(config)
 lora_settings = lora.settings(lora_rank, lora_alpha, lora_dropout, lora_targets, optimizer, freeze_layers)
 
 # -----------------------------------------------------------------------------
 # devices, precision and processes
 ddp, rank, local_rank, world_size, device = runtime.init_distributed(runtime.pick_device(device), dist_timeout)
 master_process = rank == 0  # this process prints, logs and writes checkpoints
+ckpt_path = os.path.join(out_dir, 'ckpt.pt')
+restarted = runtime.restarted_with_checkpoint(ckpt_path)  # by torchrun after a failure: continue from ckpt.pt
+init_from = 'resume' if restarted else init_from
+# one run at a time in out_dir (rank 0 locks it for the job), and a new run never replaces an earlier one unasked
+runtime.check_on_rank0(lambda: (checkpoints.lock_out_dir(out_dir, wait=60 if restarted else 0),
+                                checkpoints.check_new_run(out_dir, init_from, overwrite)))
 dtype = runtime.pick_dtype(dtype, device, fsdp)
 compile = runtime.pick_compile(compile, device)
 config.update(device=device, dtype=dtype, compile=compile)
@@ -144,11 +166,6 @@ if master_process:
     print("config: " + ", ".join(f"{k}={v!r}" for k, v in config.items()))
     if runtime.shared_rendezvous_store():
         print("warning: a restart may fail to reconnect; launch with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (docs/scale.md)")
-    try:
-        os.makedirs(out_dir, exist_ok=True)
-        tempfile.TemporaryFile(dir=out_dir).close()
-    except OSError as e:
-        raise UserError(f"cannot write to out_dir {out_dir} ({e.strerror}); choose another with --out_dir=") from None
 runtime.seed_everything(seed + rank)  # each rank its own dropout masks
 runtime.allow_tf32(device)
 ctx = runtime.autocast_context(device, dtype)
@@ -159,11 +176,9 @@ scaler = torch.amp.GradScaler(device_type, enabled=(dtype == 'float16'))  # no-o
 data_dir = dataloader.find_dataset(dataset, data_dir)
 n_tokens = {split: dataloader.count_tokens(os.path.join(data_dir, f'{split}.bin')) for split in ('train', 'val')}
 meta_path = os.path.join(data_dir, 'meta.pkl')
-meta_vocab_size = None
-if os.path.exists(meta_path):
-    meta_vocab_size = load_meta(meta_path)['vocab_size']  # all training needs; sample.py reads the rest
-    if master_process:
-        print(f"found vocab_size = {meta_vocab_size} (inside {meta_path})")
+meta_vocab_size = dataloader.meta_vocab_size(data_dir)  # a char-level dataset's, from its meta.pkl; else None
+if meta_vocab_size and master_process:
+    print(f"found vocab_size = {meta_vocab_size} (inside {meta_path})")
 data_tokenizer = tokenizer.data_tokenizer(data_dir)  # what made the .bin files; None for older data folders
 sampler = dataloader.WindowSampler(data_order, seed)  # the window starts of each iteration's global batch
 
@@ -174,10 +189,7 @@ best_val_loss = 1e9
 model_args = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size,
                   bias=bias, vocab_size=None, dropout=dropout)
 shape_keys = ('n_layer', 'n_head', 'n_embd', 'block_size', 'bias', 'vocab_size')
-ckpt_path = os.path.join(out_dir, 'ckpt.pt')
 checkpoint = None
-if runtime.restarted_with_checkpoint(ckpt_path):
-    init_from = 'resume'  # torchrun restarted the job after a failure: continue from its last checkpoint
 try:
     if init_from == 'scratch':
         # a char-level dataset's vocab_size from meta.pkl, else GPT-2's 50257 padded up to 50304 for efficiency
@@ -193,6 +205,8 @@ try:
         checkpoints.check_checkpoint(checkpoint, source)
         # the checkpoint fixes the model's shape; dropout comes from this run's config
         model_args.update({k: checkpoint['model_args'][k] for k in shape_keys})
+        if init_from == 'resume':  # with settings that continue it: block_size, optimizer, LoRA
+            checkpoints.check_resumable(checkpoint, ckpt_path, block_size, optimizer, lora_settings)
         model = GPT(GPTConfig(**model_args, gelu=checkpoints.checkpoint_gelu(checkpoint)))
         try:
             model.load_state_dict(checkpoint['model'])  # nanoGPT's '_orig_mod.' prefixes are accepted
@@ -200,12 +214,7 @@ try:
             raise UserError(f"{source} does not match its model_args: {str(e).splitlines()[0]}") from None
         if init_from == 'resume':
             iter_num = checkpoint['iter_num']
-            trained_with = checkpoint.get('config', {}).get('optimizer', 'adamw')  # nanoGPT's: AdamW
-            if trained_with != optimizer:
-                raise UserError(f"{ckpt_path} was trained with optimizer {trained_with}: "
-                                f"resume it with --optimizer={trained_with}")
             best_val_loss = float(checkpoint.get('best_val_loss', best_val_loss))  # nanoGPT stores a tensor
-            lora.check_resume(checkpoint, lora_settings, ckpt_path)
     else:  # 'gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl' or a local Hugging Face directory
         model = checkpoints.load_pretrained(init_from, dropout, allow_unsafe_pickle)
         model_args.update({k: getattr(model.config, k) for k in shape_keys})
@@ -219,11 +228,8 @@ if block_size < model.config.block_size:
     model.crop_block_size(block_size)  # model surgery, e.g. GPT-2's 1024 positions down to block_size
     model_args['block_size'] = block_size
 block_size = model_args['block_size']
-if meta_vocab_size and model_args['vocab_size'] != meta_vocab_size:
-    raise UserError(f"the model's vocab_size is {model_args['vocab_size']} but the data's ({meta_path}) is {meta_vocab_size}: "
-                    "they were made for different vocabularies")
 tokens_per_iter = gradient_accumulation_steps * batch_size * block_size
-dataloader.check_fits(data_dir, n_tokens, block_size, model_args['vocab_size'])
+dataloader.check_fits(data_dir, n_tokens, block_size, model_args['vocab_size'], meta_vocab_size)
 if eval_hellaswag:
     check_gpt2_tokenizer(model_args['vocab_size'], meta_path, f"the dataset in {data_dir}")
     hellaswag_rows = load_hellaswag(hellaswag_path)
@@ -240,11 +246,8 @@ model, train_model = runtime.parallelize(raw_model, device, dtype, ddp, fsdp, ac
 
 # -----------------------------------------------------------------------------
 # optimizer, and the rest of the state a resumed run continues from
-muon_bf16 = False  # Muon's Newton-Schulz in bfloat16 only where the device runs it natively
-if optimizer == 'muon':
-    muon_bf16, why = runtime.bfloat16_native(device)
-    if master_process:
-        print(f"bfloat16 matmuls are {'native' if muon_bf16 else 'emulated'} on {device} ({why})")
+# Muon's Newton-Schulz in bfloat16 only where the device runs it natively
+muon_bf16 = optimizer == 'muon' and runtime.bfloat16_native(device, verbose=master_process)
 muon = dict(lr=muon_learning_rate, momentum=muon_momentum, weight_decay=muon_weight_decay)
 opt = raw_model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type, verbose=master_process,
                                      muon=muon if optimizer == 'muon' else None, muon_bf16=muon_bf16)
@@ -265,8 +268,8 @@ peak_flops = runtime.device_peak_flops(device, dtype)  # measured once, before t
 
 @torch.no_grad()
 def estimate_loss():
-    """Mean loss over eval_iters batches of each split, in eval mode. The batches come from their own
-    generator, reseeded every time: evaluations compare like with like and never shift the training stream."""
+    """Mean loss over eval_iters batches of each split, in eval mode (None: a stop signal ended it). Their batches
+    come from their own generator, reseeded every time: evaluations compare like with like, shift no stream."""
     out = {}
     model.eval()
     for split in ('train', 'val'):
@@ -274,6 +277,9 @@ def estimate_loss():
         ix = torch.randint(n_tokens[split] - block_size, (eval_iters, batch_size), generator=generator)
         losses = torch.zeros(eval_iters)
         for k in range(eval_iters):
+            # a stop signal (on any rank: they stop together, FSDP's forward needs them all) ends it within a batch
+            if runtime.mean_over_ranks(dict(stop=torch.tensor(float(stop_signal is not None), device=device)))['stop']:
+                return None
             X, Y = dataloader.get_batch(dataloader.split_tokens(data_dir, split), ix[k], block_size, device)  # (B, T) each
             with ctx:
                 logits, loss = model(X, Y)
@@ -320,43 +326,24 @@ def save_checkpoint():
                   **({'lora': lora_state} if lora_rank else {})}
     print(f"saving checkpoint to {out_dir}")
     checkpoints.save_checkpoint(checkpoint, ckpt_path)
+    run_log.commit()  # at the first save, the log kept in memory until now
 
 
 # -----------------------------------------------------------------------------
 # logging (one JSON object per line of log.jsonl for every logged and evaluated iteration, to plot runs
-# without wandb) and stop signals
-def truncate_log(path, iter_num):
-    """Keep only the rows of a log.jsonl (if there is one) of iterations before iter_num: later ones belong
-    to iterations that a resumed run is about to redo (none when starting fresh). Lines that are not
-    our rows, or were cut short by a kill, go too."""
-    def before(line):
-        try:
-            return json.loads(line)['iter'] < iter_num
-        except (ValueError, KeyError, TypeError, RecursionError):
-            return False
-    lines = []
-    if os.path.exists(path):
-        with open(path, errors='replace') as f:
-            lines = [line for line in f if before(line)]
-    with open(path, 'w') as f:
-        f.writelines(lines)
-
-
-def append_row(path, row):
-    """Append one JSON object (dict) as a line of a log.jsonl."""
-    with open(path, 'a') as f:
-        f.write(json.dumps(row) + '\n')
-
-
-
-log_path = os.path.join(out_dir, 'log.jsonl')
-log = functools.partial(append_row, log_path)
+# without wandb; kept in memory until the first save, so a run that ends before it leaves out_dir as it was)
+# and stop signals
+run_log = checkpoints.RunLog(os.path.join(out_dir, 'log.jsonl'), iter_num) if master_process else None
+log = run_log.append if master_process else None
 if master_process:
-    truncate_log(log_path, iter_num)  # rows of the iterations about to be redone after a resume
     print(f"tokens per iteration will be: {tokens_per_iter:,}")
     if wandb_log:
         import wandb
-        wandb.init(project=wandb_project, name=wandb_run_name, config=config, dir=out_dir)
+        try:
+            wandb.init(project=wandb_project, name=wandb_run_name, config=config, dir=out_dir)
+        except Exception as e:  # not logged in, no network, ...: wandb's own errors, of many kinds
+            raise UserError(f"wandb did not start ({checkpoints.reason(e)}): log in with wandb login, set "
+                            "WANDB_MODE=offline, or leave out --wandb_log=True") from None
 
 # SIGINT (Ctrl-C) or SIGTERM (preemption): finish the current step, save a checkpoint, exit
 stop_signal = None
@@ -365,6 +352,13 @@ stop_signal = None
 def request_stop(signum, frame):
     global stop_signal
     stop_signal = signal.Signals(signum).name
+
+
+def save_and_stop():
+    save_checkpoint()
+    if master_process:
+        print(f"{stop_signal or 'a stop signal'} received: saved a checkpoint at iter {iter_num} to {ckpt_path}; "
+              "continue with --init_from=resume")
 
 
 signal.signal(signal.SIGINT, request_stop)
@@ -392,6 +386,10 @@ while True:
     evaluated = improved = False
     if iter_num % eval_interval == 0 or iter_num == max_iters or eval_only:
         losses = estimate_loss()  # on every rank: FSDP's forward needs them all
+        if losses is None:  # stopped by a signal: save the state this iteration started from (eval_only: none)
+            if not eval_only:
+                save_and_stop()
+            break
         losses = runtime.on_rank0(lambda: losses)  # and all of them act on rank 0's numbers
         hellaswag = {}
         if eval_hellaswag:  # every rank scores its share
@@ -471,13 +469,11 @@ while True:
     local_iter_num += 1
 
     if stopping:
-        save_checkpoint()
-        if master_process:
-            print(f"{stop_signal or 'a stop signal'} received: saved a checkpoint at iter {iter_num} to {ckpt_path}; "
-                  "continue with --init_from=resume")
+        save_and_stop()
         break
 
 if master_process:
+    run_log.commit()  # a run that ended without saving (eval_only) writes its log too
     print(f"done: {local_iter_num} iterations in {time.time() - t_start:.1f} s, best val loss {best_val_loss:.4f}")
     if wandb_log:
         wandb.finish()

@@ -13,6 +13,7 @@ below, which is why they live in a module rather than inline.
 """
 import contextlib
 import glob
+import json
 import os
 import pickle
 import shutil
@@ -22,7 +23,7 @@ import urllib.request
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # repo root
-from configurator import UserError, configure
+from configurator import ANY, OneOf, Range, UserError, check, configure
 from tokenizer import RECORD, char_codec, char_meta, char_record, gpt2_encoding, gpt2_record, write_record
 
 # -----------------------------------------------------------------------------
@@ -104,37 +105,63 @@ def check_free_space(folder, needed, what):
 
 
 @contextlib.contextmanager
-def atomic_outputs(paths):
-    """Yield a temporary path (same directory, '.tmp' added) for each final path. Only when the block
-    finishes are they fsynced and renamed onto the final names, all together; if it fails or is
-    interrupted they are deleted, so a final name only ever holds a complete file from one run."""
+def atomic_outputs(paths, remove=()):
+    """Yield a temporary path (same directory, '.tmp' added) for each final path, one of them the tokenizer
+    record. Only when the block finishes are they fsynced and renamed onto the final names, and the files in
+    `remove` deleted, as one set: first a marker replaces the record ("being replaced"), then the other files
+    go into place, then the new record replaces the marker. An interruption at any point leaves the old set,
+    the new set, or the marker, which train.py refuses in one line (tokenizer.data_tokenizer), never a mix it
+    would train on. If the block fails or is interrupted the temporary files are deleted."""
     tmps = [p + ".tmp" for p in paths]
+    record = next(p for p in paths if os.path.basename(p) == RECORD)
+    folder = os.path.dirname(os.path.abspath(record))
+    replacing = False
     try:
         yield tmps
         for tmp in tmps:
             with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())  # the data is on disk before the rename makes it visible
+        with open(record + ".marker", "w", encoding="utf-8") as f:
+            json.dump({"replacing": "a prepare script was replacing these files and was interrupted"}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(record + ".marker", record)
+        fsync_dir(folder)  # the marker is in place before any file of the new set is
+        replacing = True
         for tmp, path in zip(tmps, paths):
-            os.replace(tmp, path)
-        dir_fd = os.open(os.path.dirname(os.path.abspath(paths[0])), os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)  # and the renames themselves survive a crash
-        finally:
-            os.close(dir_fd)
+            if path != record:
+                os.replace(tmp, path)
+        for path in remove:
+            if os.path.exists(path):
+                os.remove(path)
+        fsync_dir(folder)
+        os.replace(record + ".tmp", record)
+        fsync_dir(folder)  # and the renames themselves survive a crash
     except OSError as e:  # e.g. disk full
-        folder = os.path.dirname(os.path.abspath(paths[0]))
-        raise UserError(f"cannot write the output files in {folder}: {e.strerror or e}") from None
+        left = "partly replaced, which train.py refuses: prepare again" if replacing else "as they were"
+        raise UserError(f"cannot write the output files in {folder} ({e.strerror or e}); the files there are "
+                        f"{left}") from None
     finally:
-        for tmp in tmps:
+        for tmp in [*tmps, record + ".marker"]:
             if os.path.exists(tmp):
                 os.remove(tmp)
+
+
+def fsync_dir(folder):
+    dir_fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
 
 
 def write_outputs(out_dir, splits, meta=None):
     """Write each split (name -> token ids) as <name>.bin of uint16, the tokenizer record (GPT-2, or the
     char vocabulary when meta is given) and meta.pkl when given."""
     names = [f"{name}.bin" for name in splits] + [RECORD] + (["meta.pkl"] if meta is not None else [])
-    with atomic_outputs([os.path.join(out_dir, name) for name in names]) as tmps:
+    # a meta.pkl left by an earlier char-level run would make train.py and sample.py use its vocabulary
+    stale = [os.path.join(out_dir, "meta.pkl")] if meta is None else []
+    with atomic_outputs([os.path.join(out_dir, name) for name in names], remove=stale) as tmps:
         for tmp, ids in zip(tmps, splits.values()):
             with open(tmp, "wb") as f:
                 f.write(np.asarray(ids, dtype=np.uint16).tobytes())  # (ndarray.tofile loses the OS error)
@@ -143,9 +170,6 @@ def write_outputs(out_dir, splits, meta=None):
         if meta is not None:
             with open(tmps[-1], "wb") as f:
                 pickle.dump(meta, f)
-    if meta is None and os.path.exists(os.path.join(out_dir, "meta.pkl")):
-        # a meta.pkl left by an earlier char-level run would make train.py and sample.py use its vocabulary
-        os.remove(os.path.join(out_dir, "meta.pkl"))
 
 
 def train_hint(out_dir):
@@ -184,10 +208,18 @@ def prepare(text, out_dir, tokenizer="char", val_fraction=0.1):
     return {name: len(ids) for name, ids in splits.items()}
 
 
-if __name__ == "__main__":
-    configure(globals())
-    if not input:
+FRACTION_OF_TEXT = Range(0, 1, open_lo=True, open_hi=True)  # val_fraction, test_size: each split gets some
+
+
+def check_settings(c):
+    """Each setting's allowed values (configurator.check), before anything is touched."""
+    check(c, dict(input=ANY, out_dir=ANY, tokenizer=OneOf("char", "gpt2"), val_fraction=FRACTION_OF_TEXT))
+    if not c["input"]:
         raise UserError("say which text to prepare: --input=path/to/file.txt (or a folder of .txt files)")
+
+
+if __name__ == "__main__":
+    check_settings(configure(globals()))
     if not out_dir:
         name = os.path.splitext(os.path.basename(os.path.normpath(input)))[0]
         out_dir = os.path.join(os.path.dirname(os.path.abspath(__file__)), name)

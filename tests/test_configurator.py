@@ -70,3 +70,11 @@ def test_configure_updates_the_scope_in_place():
     config = configure(scope, ['--batch_size=4'])
     assert config == dict(batch_size=4, device='auto')
     assert scope['batch_size'] == 4 and scope['_hidden'] == 1
+
+
+def test_constants_are_not_settings():
+    # a script's CONSTANTS, and ROOT or RECORD imported from a module, cannot be changed from the command line
+    scope = dict(batch_size=12, ROOT='/repo', RECORD='tokenizer.json')
+    assert configure(scope, []) == dict(batch_size=12)
+    with pytest.raises(UserError, match="unknown config key 'ROOT'"):
+        configure(scope, ['--ROOT=/elsewhere'])

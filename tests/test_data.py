@@ -334,14 +334,14 @@ def test_prepare_text_errors(tmp_path, case):
         expected = ["cannot write to the output directory", str(out)]
     elif case == "bad_tokenizer":
         extra = ["--tokenizer=bpe"]
-        expected = ["--tokenizer must be 'char' or 'gpt2'"]
+        expected = ["tokenizer must be one of 'char', 'gpt2', got 'bpe'"]
     result = run("data/prepare_text.py", f"--input={source}", f"--out_dir={out}", *extra, cwd=tmp_path)
     assert_user_error(result, *expected)
     assert not (out / "train.bin").exists()
 
 
 def test_interrupted_write_leaves_no_train_bin(tmp_path):
-    final = [str(tmp_path / "train.bin"), str(tmp_path / "val.bin")]
+    final = [str(tmp_path / "train.bin"), str(tmp_path / "val.bin"), str(tmp_path / "tokenizer.json")]
     with pytest.raises(KeyboardInterrupt):
         with atomic_outputs(final) as tmps:
             with open(tmps[0], "wb") as f:
@@ -448,7 +448,7 @@ def test_openwebtext_errors(tmp_path, case):
         (tmp_path / "empty").mkdir()
         args, expected = [f"--source={tmp_path / 'empty'}"], ["must name files of one kind", "found 0 such files"]
     elif case == "bad_test_size":
-        args, expected = [f"--source={tmp_path / 'docs.jsonl'}", "--test_size=1.5"], ["--test_size=1.5", "(0, 1)"]
+        args, expected = [f"--source={tmp_path / 'docs.jsonl'}", "--test_size=1.5"], ["test_size must be between 0 and 1 (both excluded), got 1.5"]
     elif case == "unwritable_out_dir":
         (tmp_path / "a_file").write_text("")
         out = tmp_path / "a_file" / "out"

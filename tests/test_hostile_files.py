@@ -110,9 +110,10 @@ def damage(name, case, data, trained, marker):
     if name == 'ckpt_bad_model_args':
         return 'train.py', resume_from(case, trained, lambda c: c['model_args'].pop('n_head')), \
             "ckpt.pt is damaged or of a format this code does not know: model_args['n_head'] is None, not a positive int"
-    if name == 'ckpt_vocab_disagrees':  # a 65-character model on data of a 13-character vocabulary
+    if name == 'ckpt_vocab_disagrees':  # a 65-character model on nanoGPT's data (no record) of 13 characters
         (data / 'meta.pkl').write_bytes(pickle.dumps(tokenizer.char_meta('abcdefghij' * 8 + 'xyz')))
-        return 'train.py', resume_from(case, trained, lambda c: None), "the model's vocab_size is 65 but the data's"
+        (data / 'tokenizer.json').unlink()
+        return 'train.py', resume_from(case, trained, lambda c: None), "ckpt.pt uses the tokenizer char (65 characters"
     (case / 'hf').mkdir()
     if name == 'hf_bad_config':
         (case / 'hf' / 'config.json').write_text(HF_CONFIG[:-5])

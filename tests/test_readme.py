@@ -65,6 +65,10 @@ def adapt(command, hf_dir, corpus, fineweb, hellaswag):
             not a.startswith('--init_from=out-') else a for a in argv]  # out-*: a run of an earlier command
     if script == 'train.py':
         argv += TINY_TRAIN
+        if '--init_from=resume' not in argv:
+            # each command is an example on its own: a new run may replace what an earlier command trained in
+            # the same out_dir (which train.py refuses unless asked: docs/checkpoints.md)
+            argv.append('--overwrite=True')
         if '--init_from=resume' in argv:
             argv += ['--max_iters=6', '--lr_decay_iters=6']
         if 'finetune' in command and not any(a.startswith('--init_from=') for a in argv):

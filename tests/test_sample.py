@@ -144,7 +144,7 @@ def test_sample_errors(trained, tmp_path):
     assert_one_line_error(run('sample.py', f'--out_dir={empty}'), f'no checkpoint at {empty}', 'train one first')
     assert_one_line_error(run('sample.py', f'--out_dir={trained}', '--start=hello ☃ world§'),
                           'not in the', "'☃'", "'§'")
-    assert_one_line_error(run('sample.py', f'--out_dir={trained}', '--max_new_tokens=0'), 'max_new_tokens must be positive')
+    assert_one_line_error(run('sample.py', f'--out_dir={trained}', '--max_new_tokens=0'), 'max_new_tokens must be at least 1, got 0')
     unknown = tmp_path / 'unknown'
     unknown.mkdir()
     torch.save({'model': {}, 'model_args': {'n_layers': 2, 'width': 3}}, unknown / 'ckpt.pt')

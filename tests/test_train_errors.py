@@ -27,9 +27,10 @@ def snapshot(folder):
 
 
 def fails_with(train, out_dir, *args):
-    """Run train.py, expect a one-line user error, check out_dir is untouched; return the line."""
+    """Run train.py, expect a one-line user error, check out_dir is untouched; return the line. --overwrite=True:
+    even a run allowed to replace the earlier one touches nothing when it fails before its first save."""
     before = snapshot(out_dir)
-    line = error_line(train(f'--out_dir={out_dir}', *args, check=False))
+    line = error_line(train(f'--out_dir={out_dir}', '--overwrite=True', *args, check=False))
     assert snapshot(out_dir) == before
     return line
 
@@ -83,6 +84,12 @@ def test_validation_data_shorter_than_block(train, out_dir, tmp_path):
         'error: val.bin has 10 tokens, too few for block_size 32: use --block_size=9 or less'
 
 
+def test_too_little_data_hint_fits_both_splits(train, out_dir, tmp_path):
+    data = write_dataset(tmp_path / 'short', list(range(20)), list(range(10)))
+    assert fails_with(train, out_dir, f'--data_dir={data}') == \
+        'error: train.bin has 20 tokens, too few for block_size 32: use --block_size=9 or less'
+
+
 def test_token_id_beyond_vocabulary(train, out_dir, tmp_path):
     data = write_dataset(tmp_path / 'big_ids', [1, 2, 70] * 100, list(range(60)))
     assert fails_with(train, out_dir, f'--data_dir={data}') == \
@@ -92,7 +99,8 @@ def test_token_id_beyond_vocabulary(train, out_dir, tmp_path):
 def test_out_dir_not_writable(train, tmp_path):
     (tmp_path / 'a_file').write_text('')
     line = fails_with(train, tmp_path / 'a_file' / 'out')
-    assert line == f"error: cannot write to out_dir {tmp_path / 'a_file' / 'out'} (Not a directory); choose another with --out_dir="
+    assert line == f"error: out_dir must be a path for a folder: not an existing file, nor under a file, got " \
+                   f"'{tmp_path / 'a_file' / 'out'}'"
 
 
 def test_resume_without_checkpoint(train, tmp_path):

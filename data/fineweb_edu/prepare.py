@@ -28,8 +28,8 @@ from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled, Reposit
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))  # repo root
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # data/, for prepare_text
-from configurator import UserError, configure
-from prepare_text import atomic_outputs, check_free_space, check_out_dir, train_hint
+from configurator import ANY, NON_NEGATIVE, POSITIVE, UserError, check, configure
+from prepare_text import FRACTION_OF_TEXT, atomic_outputs, check_free_space, check_out_dir, train_hint
 from tokenizer import RECORD, gpt2_encoding, gpt2_record, write_record
 
 # -----------------------------------------------------------------------------
@@ -113,11 +113,10 @@ def interrupted(signum, frame):
 
 
 if __name__ == '__main__':
-    configure(globals())
-    if not 0 < test_size < 1:
-        raise UserError(f"--test_size must be between 0 and 1, not {test_size}")
-    if max_tokens < 0:
-        raise UserError(f"--max_tokens must be 0 (no limit) or positive, not {max_tokens}")
+    # every setting's allowed values, before anything is touched (the source is checked by reading it)
+    check(configure(globals()), dict(source=ANY, config=ANY, text_column=ANY, out_dir=ANY, max_tokens=NON_NEGATIVE,
+                                     test_size=FRACTION_OF_TEXT, batch_rows=POSITIVE, num_threads=POSITIVE,
+                                     reserve_gb=NON_NEGATIVE))
     check_out_dir(out_dir)
     enc = gpt2_encoding()
     local = os.path.exists(os.path.expanduser(source))
@@ -139,7 +138,7 @@ if __name__ == '__main__':
     t0 = time.time()
     counts, n_docs, full = {'train': 0, 'val': 0}, {'train': 0, 'val': 0}, False
     paths = [os.path.join(out_dir, name) for name in ('train.bin', 'val.bin', RECORD)]
-    with atomic_outputs(paths) as tmps:
+    with atomic_outputs(paths, remove=[os.path.join(out_dir, 'meta.pkl')]) as tmps:  # a char run's, stale
         with open(tmps[0], 'wb') as train_file, open(tmps[1], 'wb') as val_file:
             files = {'train': train_file, 'val': val_file}
             for k, (shard, size) in enumerate(shards):

@@ -40,8 +40,8 @@ from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))  # repo root
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # data/, for prepare_text
-from configurator import UserError, configure
-from prepare_text import atomic_outputs, check_free_space, check_out_dir, train_hint
+from configurator import ANY, NON_NEGATIVE, POSITIVE, SEED, UserError, check, configure
+from prepare_text import FRACTION_OF_TEXT, atomic_outputs, check_free_space, check_out_dir, train_hint
 from tokenizer import RECORD, gpt2_encoding, gpt2_record, write_record
 
 # -----------------------------------------------------------------------------
@@ -150,7 +150,10 @@ def load_source(source):
 
 
 if __name__ == '__main__':
-    configure(globals())
+    # every setting's allowed values, before anything is touched (the source is checked by loading it)
+    check(configure(globals()), dict(source=ANY, text_column=ANY, out_dir=ANY, num_proc=POSITIVE,
+                                     test_size=FRACTION_OF_TEXT, seed=SEED, chunk=POSITIVE, write_batch=POSITIVE,
+                                     reserve_gb=NON_NEGATIVE))
     check_out_dir(out_dir)
     enc = gpt2_encoding()
     t0 = time.time()
@@ -200,7 +203,7 @@ if __name__ == '__main__':
     datasets.disable_progress_bars()  # one bar per split below rather than one per chunk
     paths = [os.path.join(out_dir, f'{split}.bin') for split in splits] + [os.path.join(out_dir, RECORD)]
     counts = {}
-    with atomic_outputs(paths) as tmps:
+    with atomic_outputs(paths, remove=[os.path.join(out_dir, 'meta.pkl')]) as tmps:  # a char run's, stale
         for (split, docs), tmp in zip(splits.items(), tmps):
             n_tokens = 0
             with open(tmp, 'wb') as f, tqdm(total=len(docs), unit='doc', desc=f'tokenizing {split}') as bar:

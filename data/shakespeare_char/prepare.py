@@ -11,7 +11,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))  # repo root
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # data/, for prepare_text
-from configurator import configure
+from configurator import ANY, check, configure
 from prepare_text import check_out_dir, download_if_missing, prepare, read_text
 
 # -----------------------------------------------------------------------------
@@ -19,7 +19,7 @@ out_dir = os.path.dirname(os.path.abspath(__file__))  # where train.bin, val.bin
 input = ''  # the text; default: input.txt in out_dir, downloaded from url only when it is missing
 url = 'https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt'
 # -----------------------------------------------------------------------------
-configure(globals())
+check(configure(globals()), dict(out_dir=ANY, input=ANY, url=ANY))  # every setting's allowed values
 
 check_out_dir(out_dir)
 if not input:
