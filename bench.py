@@ -66,7 +66,8 @@ def check_settings(c):
                   n_layer=POSITIVE, n_head=POSITIVE, n_embd=POSITIVE, gelu=OneOf('exact', 'tanh'),
                   vocab_size=NON_NEGATIVE, dataset=ANY, seed=SEED, device=ANY, dtype=OneOf('auto', *runtime.DTYPES),
                   compile=OneOf(None, True, False), burnin=NON_NEGATIVE, iters=POSITIVE, rounds=POSITIVE,
-                  max_new_tokens=POSITIVE, profile_dir=OutPath(folder=True)))
+                  max_new_tokens=POSITIVE, profile_dir=OutPath(folder=True), freeze_layers=NON_NEGATIVE,
+                  lora_rank=POSITIVE, accumulation=POSITIVE))
     if c['n_embd'] % c['n_head']:
         raise UserError(f"n_embd ({c['n_embd']}) must be divisible by n_head ({c['n_head']})")
 

@@ -1,6 +1,7 @@
 """Finetuning a model pretrained here: init_from=<its out_dir> (its weights only, a fresh run on other data)
 and LoRA adapters (peft): only the adapters train, the checkpoint holds the merged weights nanoGPT reads,
 resume is exact (float16 and SIGTERM included), and two processes (DDP or FSDP) train like one."""
+import json
 import os
 import shutil
 import subprocess
@@ -11,6 +12,7 @@ import pytest
 import torch
 
 import lora
+import tokenizer
 from configurator import UserError
 from conftest import ROOT, SHAKESPEARE, error_line, read_log
 from dataloader import get_batch
@@ -40,6 +42,9 @@ def other_data(shakespeare_char, tmp_path_factory):
     os.replace(out / 'train.bin', out / 'tmp.bin')
     os.replace(out / 'val.bin', out / 'train.bin')
     os.replace(out / 'tmp.bin', out / 'val.bin')
+    record = json.loads((out / tokenizer.RECORD).read_text())
+    tokenizer.write_record(out / tokenizer.RECORD, {k: v for k, v in record.items() if k != 'tokens'},
+                           {split: os.path.getsize(out / f'{split}.bin') // 2 for split in ('train', 'val')})
     return str(out)
 
 
