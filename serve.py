@@ -188,7 +188,7 @@ def build_app(engine, served, encode, decode, block_size, vocab_size):
 
     @app.get('/health')
     async def health():
-        return dict(status='ok', model=served, **engine.stats())
+        return dict(status='ok', model=served, pid=os.getpid(), **engine.stats())
 
     @app.get('/v1/models')
     async def models():
