@@ -4,6 +4,7 @@ Serve a trained model over HTTP with OpenAI's completions API, and a page to try
     $ curl http://127.0.0.1:8000/v1/completions -H 'Content-Type: application/json' -d '{"prompt": "ROMEO:"}'
 Requests that arrive while others are generating join the running batch at the next step (docs/serve.md).
 """
+import collections
 import json
 import os
 import sys
@@ -204,10 +205,19 @@ def build_app(engine, served, encode, decode, block_size, vocab_size):
                              f"{{\"prompt\": \"Hello\", \"max_tokens\": 16}}") from None
         prompts, n, seed, stream, echo, include_usage, settings = parse_request(
             body, served, encode, block_size, vocab_size)
-        loop, events = asyncio.get_running_loop(), asyncio.Queue()
+        # the engine's thread appends to `events` and wakes this request's coroutine only when it has to (a
+        # stream's new text, a finished completion) and is not already woken: every wake-up is a switch of threads
+        loop, ready, events, waking = asyncio.get_running_loop(), asyncio.Event(), collections.deque(), [False]
+
+        def wake():
+            waking[0] = False
+            ready.set()
 
         def emit(index, text, finish, error=None):  # called on the engine's thread
-            loop.call_soon_threadsafe(events.put_nowait, (index, text, finish, error))
+            events.append((index, text, finish, error))
+            if (stream or finish is not None) and not waking[0]:
+                waking[0] = True
+                loop.call_soon_threadsafe(wake)
 
         base = seed if seed is not None else int.from_bytes(os.urandom(7), 'little')
         # choice i: prompt i // n, its own random generator seeded base + i (reproducible whatever else runs)
@@ -226,11 +236,14 @@ def build_app(engine, served, encode, decode, block_size, vocab_size):
                     yield i, prompt_texts[i // n], None
             left = len(rows)
             while left:
-                index, text, finish, error = await events.get()
-                if error:
-                    raise BadRequest(error, status=500, kind='server_error')
-                left -= finish is not None
-                yield index, text, finish
+                await ready.wait()
+                ready.clear()
+                while events:
+                    index, text, finish, error = events.popleft()
+                    if error:
+                        raise BadRequest(error, status=500, kind='server_error')
+                    left -= finish is not None
+                    yield index, text, finish
 
         def usage():
             completion = sum(len(row.new) for row in rows)
