@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch.distributed.tensor import DTensor
 
+import dataloader
 import runtime
 from configurator import ROOT, UserError, configure
 from model import GPT, GPTConfig
@@ -69,13 +70,13 @@ if not vocab_size:
 real_data = real_data and os.path.exists(data_path)
 print(f"data: {data_path if real_data else 'a fixed random batch'}, vocab_size {vocab_size}")
 if real_data:
-    runtime.count_tokens(data_path)  # refuses an empty or odd-length file, which np.memmap cannot map
+    dataloader.count_tokens(data_path)  # refuses an empty or odd-length file, which np.memmap cannot map
     data = np.memmap(data_path, dtype=np.uint16, mode='r')
 
 
 def get_batch():
     if real_data:
-        return runtime.get_batch(data, torch.randint(len(data) - block_size, (batch_size,)), block_size, device)
+        return dataloader.get_batch(data, torch.randint(len(data) - block_size, (batch_size,)), block_size, device)
     return fixed_x, fixed_y
 
 

@@ -18,6 +18,8 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
+import checkpoints
+import dataloader
 import runtime
 from configurator import UserError, configure
 
@@ -188,7 +190,7 @@ def val_loss(model, data, device, ctx, batch_size=8, progress=False):
     total = 0.0
     bar = tqdm(total=len(starts), desc='val', unit='window', disable=not progress)
     for i in range(0, len(starts), batch_size):
-        x, y = runtime.get_batch(data, starts[i:i + batch_size], block_size, device)  # (B, block_size)
+        x, y = dataloader.get_batch(data, starts[i:i + batch_size], block_size, device)  # (B, block_size)
         with ctx:
             _, loss = model(x, y)
         total += loss.item() * len(x)  # every window has block_size targets, so the mean of means is the mean
@@ -209,7 +211,7 @@ def main():
     runtime.allow_tf32(dev)
 
     # model, and where its vocabulary and data are
-    model, source = runtime.load_model(init_from, out_dir, allow_unsafe_pickle)
+    model, source = checkpoints.load_model(init_from, out_dir, allow_unsafe_pickle)
     data_dir, meta_path, what = source['data_dir'], source['meta_path'], source['what']
     if 'hellaswag' in task_list:
         check_gpt2_tokenizer(model.config.vocab_size, meta_path, what)

@@ -11,7 +11,6 @@ from scratch and for nanoGPT's checkpoints; GPT-2's tanh approximation for OpenA
 models finetuned from them, so each computes the function it was trained as (docs/checkpoints.md).
 """
 
-import json
 import math
 import os
 from dataclasses import dataclass
@@ -20,7 +19,6 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-import runtime
 from muon import Float32Muon, MuonAdamW
 
 PRETRAINED = ('gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl')  # OpenAI's 124M, 350M, 774M, 1558M
@@ -158,36 +156,30 @@ class GPTConfig:
     dropout: float = 0.0
     bias: bool = True  # True: bias in Linears and LayerNorms, like GPT-2. False: a bit better and faster
     # 'exact' (nanoGPT's) or 'tanh' (GPT-2's); saved beside model_args, not in them, so that
-    # nanoGPT's GPTConfig(**model_args) still reads our checkpoints (runtime.checkpoint_gelu)
+    # nanoGPT's GPTConfig(**model_args) still reads our checkpoints (checkpoints.checkpoint_gelu)
     gelu: str = 'exact'
 
 
-def check_hf_dir(path, allow_unsafe_pickle=False):
-    """ Raise ValueError unless path is a Hugging Face GPT-2 directory we load: config.json a JSON
-    object (of model_type gpt2, if it says), weights in safetensors, which hold only tensors. A
-    pytorch_model.bin is a pickle, and unpickling can run code, so it is loaded only on request. """
-    config_path = os.path.join(path, 'config.json')
-    try:
-        with open(config_path, 'rb') as f:
-            hf_config = json.loads(f.read())
-    except OSError as e:
-        raise ValueError(f"{path} is not a Hugging Face model directory: cannot read {config_path} ({e.strerror})") from None
-    except ValueError as e:  # json.JSONDecodeError and UnicodeDecodeError
-        raise ValueError(f"{config_path} is not valid JSON ({str(e).splitlines()[0]})") from None
-    if not isinstance(hf_config, dict) or hf_config.get('model_type', 'gpt2') != 'gpt2':
-        kind = hf_config.get('model_type') if isinstance(hf_config, dict) else type(hf_config).__name__
-        raise ValueError(f"{config_path} does not describe a GPT-2 model (model_type {kind!r})")
-    files = set(os.listdir(path))
-    if files & {'model.safetensors', 'model.safetensors.index.json'}:
-        return
-    if not files & {'pytorch_model.bin', 'pytorch_model.bin.index.json'}:
-        raise ValueError(f"{path} has no weights: expected model.safetensors next to config.json")
-    if not allow_unsafe_pickle:
-        raise ValueError(
-            f"{path} holds its weights only as pytorch_model.bin, a pickle, which is not loaded because loading "
-            f"a pickle can run code; if you trust it, convert it once with python -c \"from transformers import "
-            f"GPT2LMHeadModel as M; M.from_pretrained({path!r}, use_safetensors=False).save_pretrained({path!r})\" "
-            f"(writes model.safetensors), or load it as it is with --allow_unsafe_pickle=True")
+def check_same_keys(missing, unexpected, what):
+    """Refuse a conversion between models whose parameters differ (a changed architecture): copying only
+    the names both have would compute another function without a word."""
+    if missing or unexpected:
+        raise ValueError(f"this GPT's parameters differ from {what}: missing {', '.join(missing[:4]) or 'none'}; "
+                         f"unexpected {', '.join(unexpected[:4]) or 'none'} (a changed architecture: see docs/code.md)")
+
+
+@torch.no_grad()
+def check_same_function(model, model_hf, vocab_size, what):
+    """Refuse a conversion whose two models hold the same weights under the same names but compute other
+    logits: a change that kept every parameter (RMSNorm for LayerNorm, say) but not the function."""
+    idx = (torch.arange(min(8, model.config.block_size)) * 7919 % vocab_size)[None]  # (1, T) fixed token ids
+    modes = model.training, model_hf.training
+    ours = model.eval()(idx.to(model.lm_head.weight.device), idx.to(model.lm_head.weight.device))[0]
+    diff = (ours[..., :vocab_size].float().cpu() - model_hf.float().eval()(idx).logits[..., :vocab_size]).abs().max()
+    model.train(modes[0]), model_hf.train(modes[1])
+    if not diff <= 1e-3 * max(1.0, ours.abs().max().item()):
+        raise ValueError(f"this GPT computes another function than {what} with the same weights (logits differ by "
+                         f"up to {diff:.3g}): a changed architecture, see docs/code.md")
 
 
 class GPT(nn.Module):
@@ -209,7 +201,6 @@ class GPT(nn.Module):
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         # weight tying: the token embedding and the output projection share one matrix
-        # https://paperswithcode.com/method/weight-tying
         self.transformer.wte.weight = self.lm_head.weight
 
         # init all weights
@@ -297,15 +288,13 @@ class GPT(nn.Module):
         """ Load OpenAI's GPT-2 weights ('gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl') through
         transformers, or any GPT-2 model saved in Hugging Face format in a local directory
         (config.json + weights), which is how to work offline. Only dropout can be overridden.
-        Weights are read from safetensors only, unless allow_unsafe_pickle (see check_hf_dir). """
+        Weights are read from safetensors only, unless allow_unsafe_pickle (see checkpoints.check_hf_dir). """
         override_args = override_args or {}
         if any(k != 'dropout' for k in override_args):
             raise ValueError(f"only dropout can be overridden for a pretrained model, got {sorted(override_args)}")
         if model_type not in PRETRAINED and not os.path.isdir(model_type):
             raise ValueError(f"unknown pretrained model '{model_type}': use one of {', '.join(PRETRAINED)} "
                              "or a local directory holding a Hugging Face GPT-2 (config.json + model.safetensors)")
-        if os.path.isdir(model_type):
-            check_hf_dir(model_type, allow_unsafe_pickle)
         from transformers import GPT2LMHeadModel  # imported here: it takes seconds, and only this needs it
         print(f"loading weights from pretrained gpt: {model_type}")
         try:  # OpenAI's GPT-2 on the hub has model.safetensors too; None: safetensors if there, else the pickle
@@ -336,12 +325,14 @@ class GPT(nn.Module):
         model = GPT(config)
         sd = model.state_dict()
         sd_hf = model_hf.state_dict()
+        check_same_keys([k for k in sd if k not in sd_hf], [k for k in sd_hf if k not in sd], f"{model_type}'s weights")
         with torch.no_grad():
             for k in sd:
                 w = sd_hf[k].t() if k.endswith(CONV1D_WEIGHTS) else sd_hf[k]
                 if w.shape != sd[k].shape:
                     raise ValueError(f"{model_type}: {k} has shape {tuple(w.shape)}, expected {tuple(sd[k].shape)}")
                 sd[k].copy_(w)
+        check_same_function(model, model_hf, hf.vocab_size, f"{model_type}'s weights")
         return model
 
     def export_hf(self, path, vocab_size=None):
@@ -363,19 +354,28 @@ class GPT(nn.Module):
                                resid_pdrop=c.dropout, embd_pdrop=c.dropout, attn_pdrop=c.dropout,
                                layer_norm_epsilon=1e-5, tie_word_embeddings=True)
         model_hf = GPT2LMHeadModel(hf_config)
-        sd = self.state_dict()
+        sd, sd_hf = self.state_dict(), model_hf.state_dict()
+        zero_bias = [k for k in sd_hf if not c.bias and k.endswith('.bias') and k.replace('.bias', '.weight') in sd]
+        check_same_keys([k for k in sd_hf if k not in sd and k not in zero_bias], [k for k in sd if k not in sd_hf],
+                        "GPT-2's format")
         with torch.no_grad():
-            for k, v in model_hf.state_dict().items():
-                if k in sd:
-                    w = sd[k].t() if k.endswith(CONV1D_WEIGHTS) else sd[k]
-                    v.copy_(w[:vocab_size] if k in ('transformer.wte.weight', 'lm_head.weight') else w)
-                elif k.endswith('.bias') and k.replace('.bias', '.weight') in sd:
-                    v.zero_()  # bias=False model
+            for k, v in sd_hf.items():
+                if k in zero_bias:
+                    v.zero_()
+                    continue
+                w = sd[k].t() if k.endswith(CONV1D_WEIGHTS) else sd[k]
+                w = w[:vocab_size] if k in ('transformer.wte.weight', 'lm_head.weight') else w
+                if w.shape != v.shape:
+                    raise ValueError(f"GPT-2's format: {k} has shape {tuple(v.shape)}, this model's {tuple(w.shape)}")
+                v.copy_(w)
+        check_same_function(self, model_hf, vocab_size, "GPT-2's format")
         model_hf.save_pretrained(path)
 
-    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type, verbose=True, muon=None):
+    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type, verbose=True, muon=None,
+                             muon_bf16=False):
         """ AdamW for all parameters (nanoGPT), or with muon=dict(lr=, momentum=, weight_decay=): Muon for
-        the blocks' weight matrices and AdamW for the rest, as one muon.MuonAdamW. """
+        the blocks' weight matrices and AdamW for the rest, as one muon.MuonAdamW. muon_bf16: Newton-Schulz in
+        bfloat16 (torch.optim.Muon), for devices whose bfloat16 matmuls are native; else in float32. """
         # start with all of the candidate parameters that require grad
         param_dict = {pn: p for pn, p in self.named_parameters() if p.requires_grad}
         if muon is not None:
@@ -405,40 +405,27 @@ class GPT(nn.Module):
             print(f"num non-decayed parameter tensors: {len(nodecay_params)}, with {num_nodecay:,} parameters")
             print(f"using fused AdamW: {use_fused} ({device_type})")
         if muon is not None:
-            # torch's Muon runs Newton-Schulz in bfloat16: use it where bfloat16 matmuls are native. Measured off
-            # CUDA: CPUs without AVX-512 BF16 or AMX emulate them at ~1% of float32's speed, those with it run
-            # them at ~2x, so "at least half as fast" separates the two even on a busy machine
-            device = str(self.lm_head.weight.device)
-            if device_type == 'cuda':
-                native, why = torch.cuda.is_bf16_supported(including_emulation=False), torch.cuda.get_device_name()
-            else:
-                bf16, fp32 = runtime.bfloat16_matmul_speed(device)
-                native = 2 * bf16 >= fp32
-                why = f"256x256 matmuls: {bf16 / 1e9:.1f} GFLOP/s bfloat16, {fp32 / 1e9:.1f} float32"
-            muon_optimizer = (torch.optim.Muon if native else Float32Muon)(muon_params, nesterov=True, **muon)
+            # torch's Muon runs Newton-Schulz in bfloat16: where bfloat16 matmuls are emulated (CPUs without
+            # AVX-512 BF16 or AMX) that is ~100x slower, so the caller says (muon_bf16) which one to take
+            muon_optimizer = (torch.optim.Muon if muon_bf16 else Float32Muon)(muon_params, nesterov=True, **muon)
             if verbose:
-                num_muon = sum(p.numel() for p in muon_params)
-                path = ('torch.optim.Muon, Newton-Schulz in bfloat16' if native else
+                path = ('torch.optim.Muon, Newton-Schulz in bfloat16' if muon_bf16 else
                         'Float32Muon, Newton-Schulz in float32')
-                print(f"muon for {len(muon_params)} matrices with {num_muon:,} parameters: {path} ({why})")
+                print(f"muon for {len(muon_params)} matrices with {sum(p.numel() for p in muon_params):,} parameters: {path}")
             optimizer = MuonAdamW(muon_optimizer, optimizer, muon['lr'] / learning_rate)
         return optimizer
 
-    def estimate_mfu(self, fwdbwd_per_iter, dt, peak_flops=None):
-        """ model flops utilization (MFU): achieved flops over the device's peak flops.
-        peak_flops: see runtime.device_peak_flops, by default that of the weights' device in float32. """
+    def estimate_mfu(self, fwdbwd_per_iter, dt, peak_flops):
+        """ model flops utilization (MFU): achieved flops over peak_flops, the device's peak flops/s
+        (the caller measures or looks it up: runtime.device_peak_flops). """
         # first estimate the number of flops we do per iteration.
         # see PaLM paper Appendix B as ref: https://arxiv.org/abs/2204.02311
         N = self.get_num_params()
         cfg = self.config
         L, H, Q, T = cfg.n_layer, cfg.n_head, cfg.n_embd // cfg.n_head, cfg.block_size
         flops_per_token = 6 * N + 12 * L * H * Q * T
-        flops_per_fwdbwd = flops_per_token * T
-        flops_per_iter = flops_per_fwdbwd * fwdbwd_per_iter
-        flops_achieved = flops_per_iter * (1.0 / dt)  # per second
-        if peak_flops is None:
-            peak_flops = runtime.device_peak_flops(str(self.lm_head.weight.device))
-        return flops_achieved / peak_flops
+        flops_per_iter = flops_per_token * T * fwdbwd_per_iter
+        return flops_per_iter / dt / peak_flops  # achieved flops per second over the peak
 
     @torch.no_grad()
     def generate_tokens(self, idx, max_new_tokens, temperature=1.0, top_k=None, use_cache=True):

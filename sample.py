@@ -8,6 +8,7 @@ import time
 
 import torch
 
+import checkpoints
 import runtime
 from configurator import UserError, configure
 from tokenizer import describe, load_tokenizer
@@ -40,7 +41,7 @@ ctx = runtime.autocast_context(device, dtype)
 torch.manual_seed(seed)
 
 # model, and the tokenizer its text is read with
-model, source = runtime.load_model(init_from, out_dir, allow_unsafe_pickle)
+model, source = checkpoints.load_model(init_from, out_dir, allow_unsafe_pickle)
 meta_path, record = source['meta_path'], source['record']  # record: what made the training data, if recorded
 model.eval()
 model.to(device)

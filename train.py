@@ -22,17 +22,17 @@ after a failure (docs/scale.md).
 A run writes out_dir/ckpt.pt (continue it with --init_from=resume) and out_dir/log.jsonl.
 """
 import functools
-import glob
+import json
 import math
 import os
 import signal
 import tempfile
 import time
 
-import numpy as np
 import torch
-import torch.distributed as dist
 
+import checkpoints
+import dataloader
 import runtime
 import tokenizer
 from configurator import UserError, configure
@@ -99,22 +99,12 @@ dist_timeout = 600  # seconds a collective waits for a lost peer before failing 
 seed = 1337
 # -----------------------------------------------------------------------------
 config = configure(globals())  # config files and --key=value from the command line
-repo_dir = os.path.dirname(os.path.abspath(__file__))
 
-# devices, precision and processes, decided after the overrides
-ddp, rank, local_rank, world_size, device = runtime.init_distributed(runtime.pick_device(device), dist_timeout)
-master_process = rank == 0  # this process prints, logs and writes checkpoints
-dtype = runtime.pick_dtype(dtype, device, fsdp)
-compile = runtime.pick_compile(compile, device)
-config.update(device=device, dtype=dtype, compile=compile)
-device_type = runtime.device_type(device)
+# -----------------------------------------------------------------------------
+# settings checks: what can be refused before anything is touched
 for key in ('batch_size', 'gradient_accumulation_steps', 'block_size', 'eval_iters', 'eval_interval', 'log_interval'):
     if config[key] <= 0:
         raise UserError(f"{key} must be at least 1, got {config[key]}")
-if gradient_accumulation_steps % world_size != 0:
-    raise UserError(f"gradient_accumulation_steps ({gradient_accumulation_steps}) is the global count and must be "
-                    f"divisible by the number of processes ({world_size})")
-accum_steps = gradient_accumulation_steps // world_size  # micro-steps per process and iteration
 if early_stop_patience and checkpoint_interval:
     raise UserError("early_stop_patience keeps the best model in ckpt.pt and checkpoint_interval overwrites it: "
                     "use one of them")
@@ -122,6 +112,19 @@ if optimizer not in ('adamw', 'muon'):
     raise UserError(f"unknown optimizer '{optimizer}': use adamw or muon")
 if optimizer == 'muon' and learning_rate <= 0:
     raise UserError(f"optimizer muon needs learning_rate > 0 (Muon's schedule is scaled from it), got {learning_rate}")
+
+# -----------------------------------------------------------------------------
+# devices, precision and processes
+ddp, rank, local_rank, world_size, device = runtime.init_distributed(runtime.pick_device(device), dist_timeout)
+master_process = rank == 0  # this process prints, logs and writes checkpoints
+dtype = runtime.pick_dtype(dtype, device, fsdp)
+compile = runtime.pick_compile(compile, device)
+config.update(device=device, dtype=dtype, compile=compile)
+device_type = runtime.device_type(device)
+if gradient_accumulation_steps % world_size != 0:
+    raise UserError(f"gradient_accumulation_steps ({gradient_accumulation_steps}) is the global count and must be "
+                    f"divisible by the number of processes ({world_size})")
+accum_steps = gradient_accumulation_steps // world_size  # micro-steps per process and iteration
 if optimizer == 'muon' and fsdp and ddp:
     raise UserError("optimizer muon orthogonalizes whole weight matrices, which fsdp shards over the processes: "
                     "use --optimizer=adamw with --fsdp=True, or muon with DDP (--fsdp=False)")
@@ -140,20 +143,10 @@ runtime.allow_tf32(device)
 ctx = runtime.autocast_context(device, dtype)
 scaler = torch.amp.GradScaler(device_type, enabled=(dtype == 'float16'))  # no-op unless float16
 
+# -----------------------------------------------------------------------------
 # data: token ids as uint16 in train.bin and val.bin
-if not data_dir:
-    data_dir = os.path.join(repo_dir, 'data', dataset)
-    if not os.path.isdir(data_dir):
-        known = sorted(os.path.basename(os.path.dirname(p)) for p in glob.glob(os.path.join(repo_dir, 'data', '*', 'prepare.py')))
-        raise UserError(f"unknown dataset '{dataset}': the datasets are the folders of data/ ({', '.join(known)}), "
-                        "or point --data_dir at a folder with train.bin and val.bin")
-for split in ('train', 'val'):
-    if not os.path.isfile(os.path.join(data_dir, f'{split}.bin')):
-        prepare = os.path.join(repo_dir, 'data', dataset, 'prepare.py')
-        if not os.path.exists(prepare):  # a folder of the user's own text
-            prepare = os.path.join(repo_dir, 'data', 'prepare_text.py') + f" --input=<your text> --out_dir={data_dir}"
-        raise UserError(f"{split}.bin not found in {data_dir}: prepare the dataset first with python {prepare}")
-n_tokens = {split: runtime.count_tokens(os.path.join(data_dir, f'{split}.bin')) for split in ('train', 'val')}
+data_dir = dataloader.find_dataset(dataset, data_dir)
+n_tokens = {split: dataloader.count_tokens(os.path.join(data_dir, f'{split}.bin')) for split in ('train', 'val')}
 meta_path = os.path.join(data_dir, 'meta.pkl')
 meta_vocab_size = None
 if os.path.exists(meta_path):
@@ -161,17 +154,10 @@ if os.path.exists(meta_path):
     if master_process:
         print(f"found vocab_size = {meta_vocab_size} (inside {meta_path})")
 data_tokenizer = tokenizer.data_tokenizer(data_dir)  # what made the .bin files; None for older data folders
+sampler = dataloader.WindowSampler(data_order, seed)  # the window starts of each iteration's global batch
 
-
-def tokens(split):
-    # recreate the memmap every time: one kept open holds on to its pages and memory grows
-    return np.memmap(os.path.join(data_dir, f'{split}.bin'), dtype=np.uint16, mode='r')
-
-
-sampler = runtime.WindowSampler(data_order, seed)  # the window starts of each iteration's global batch
-
-
-# model init
+# -----------------------------------------------------------------------------
+# model: from scratch, from a checkpoint (resume) or from GPT-2's weights
 iter_num = 0
 best_val_loss = 1e9
 model_args = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size,
@@ -189,11 +175,11 @@ try:
     elif init_from == 'resume':
         if master_process:
             print(f"resuming training from {out_dir}")
-        checkpoint = runtime.load_checkpoint(ckpt_path, keys=('model', 'optimizer', 'model_args', 'iter_num'))
-        runtime.check_checkpoint(checkpoint, ckpt_path)
+        checkpoint = checkpoints.load_checkpoint(ckpt_path, keys=('model', 'optimizer', 'model_args', 'iter_num'))
+        checkpoints.check_checkpoint(checkpoint, ckpt_path)
         # the checkpoint fixes the model's shape; dropout comes from this run's config
         model_args.update({k: checkpoint['model_args'][k] for k in shape_keys})
-        model = GPT(GPTConfig(**model_args, gelu=runtime.checkpoint_gelu(checkpoint)))
+        model = GPT(GPTConfig(**model_args, gelu=checkpoints.checkpoint_gelu(checkpoint)))
         try:
             model.load_state_dict(checkpoint['model'])  # nanoGPT's '_orig_mod.' prefixes are accepted
         except RuntimeError as e:
@@ -205,7 +191,7 @@ try:
                             f"resume it with --optimizer={trained_with}")
         best_val_loss = float(checkpoint.get('best_val_loss', best_val_loss))  # nanoGPT stores a tensor
     else:  # 'gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl' or a local Hugging Face directory
-        model = GPT.from_pretrained(init_from, dict(dropout=dropout), allow_unsafe_pickle)
+        model = checkpoints.load_pretrained(init_from, dropout, allow_unsafe_pickle)
         model_args.update({k: getattr(model.config, k) for k in shape_keys})
 except (ValueError, OSError) as e:  # e.g. n_embd not divisible by n_head, unknown or unreachable GPT-2 weights
     raise UserError(str(e)) from None
@@ -221,14 +207,7 @@ if meta_vocab_size and model_args['vocab_size'] != meta_vocab_size:
     raise UserError(f"the model's vocab_size is {model_args['vocab_size']} but the data's ({meta_path}) is {meta_vocab_size}: "
                     "they were made for different vocabularies")
 tokens_per_iter = gradient_accumulation_steps * batch_size * block_size
-for split, n in n_tokens.items():
-    if n <= block_size:
-        raise UserError(f"{split}.bin has {n} tokens, too few for block_size {block_size}: use --block_size={n - 1} or less")
-    # a token id the model has no embedding for would crash mid-training: rank 0 scans, the others wait
-    top = runtime.on_rank0(lambda: max(int(tokens(split)[i:i + 2**26].max()) for i in range(0, n, 2**26)))
-    if top >= model_args['vocab_size']:
-        raise UserError(f"{split}.bin holds token id {top} but the model's vocab_size is {model_args['vocab_size']}: "
-                        "the data was prepared for another vocabulary")
+dataloader.check_fits(data_dir, n_tokens, block_size, model_args['vocab_size'])
 if eval_hellaswag:
     check_gpt2_tokenizer(model_args['vocab_size'], meta_path, f"the dataset in {data_dir}")
     hellaswag_rows = load_hellaswag(hellaswag_path)
@@ -241,12 +220,19 @@ if master_process and compile:
     print("compiling the model... (takes a ~minute)")
 model, train_model = runtime.parallelize(raw_model, device, dtype, ddp, fsdp, activation_checkpointing, compile)
 
+# -----------------------------------------------------------------------------
+# optimizer, and the rest of the state a resumed run continues from
+muon_bf16 = False  # Muon's Newton-Schulz in bfloat16 only where the device runs it natively
+if optimizer == 'muon':
+    muon_bf16, why = runtime.bfloat16_native(device)
+    if master_process:
+        print(f"bfloat16 matmuls are {'native' if muon_bf16 else 'emulated'} on {device} ({why})")
 muon = dict(lr=muon_learning_rate, momentum=muon_momentum, weight_decay=muon_weight_decay)
-optimizer = raw_model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type,
-                                           verbose=master_process, muon=muon if optimizer == 'muon' else None)
+opt = raw_model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type, verbose=master_process,
+                                     muon=muon if optimizer == 'muon' else None, muon_bf16=muon_bf16)
 rng_states = None
 if checkpoint is not None:
-    runtime.load_optimizer_state(raw_model, optimizer, checkpoint['optimizer'], ckpt_path)
+    checkpoints.load_optimizer_state(raw_model, opt, checkpoint['optimizer'], ckpt_path)
     if scaler.is_enabled() and checkpoint.get('scaler'):
         scaler.load_state_dict(checkpoint['scaler'])
     if 'sampler_state' in checkpoint:
@@ -270,7 +256,7 @@ def estimate_loss():
         ix = torch.randint(n_tokens[split] - block_size, (eval_iters, batch_size), generator=generator)
         losses = torch.zeros(eval_iters)
         for k in range(eval_iters):
-            X, Y = runtime.get_batch(tokens(split), ix[k], block_size, device)  # (B, T) each
+            X, Y = dataloader.get_batch(dataloader.split_tokens(data_dir, split), ix[k], block_size, device)  # (B, T) each
             with ctx:
                 logits, loss = model(X, Y)
             losses[k] = loss.item()
@@ -290,10 +276,20 @@ def get_lr(it):
     return min_lr + coeff * (learning_rate - min_lr)
 
 
+def save_due(evaluated, improved):
+    """The save policy (a stop signal saves whatever it says): every checkpoint_interval iterations, and after
+    an evaluation that found a new best val loss or, with always_save_checkpoint, after every evaluation;
+    never the state a run started from, nor with eval_only. With early stopping only a new best is saved,
+    so the checkpoint left is the best one."""
+    interval = checkpoint_interval > 0 and iter_num % checkpoint_interval == 0 and local_iter_num > 0
+    return interval or evaluated and iter_num > 0 and not eval_only and (
+        improved or always_save_checkpoint and not early_stop_patience)
+
+
 def save_checkpoint():
     """Every rank takes part (FSDP gathers the shards, each rank adds its RNG state); rank 0 writes."""
     rng_states = runtime.gather_to_rank0(runtime.rng_state())
-    model_state, optimizer_state = runtime.full_state(raw_model, optimizer)
+    model_state, optimizer_state = checkpoints.full_state(raw_model, opt)
     if not master_process:
         return
     checkpoint = {'model': model_state, 'optimizer': optimizer_state, 'model_args': model_args,
@@ -302,14 +298,40 @@ def save_checkpoint():
                   'gelu': raw_model.config.gelu, 'tokenizer': data_tokenizer,
                   'rng_states': rng_states, 'sampler_state': sampler.state_to_save, 'scaler': scaler.state_dict()}
     print(f"saving checkpoint to {out_dir}")
-    runtime.save_checkpoint(checkpoint, ckpt_path)
+    checkpoints.save_checkpoint(checkpoint, ckpt_path)
 
 
-# one JSON object per line for every logged and evaluated iteration, to plot runs without wandb
+# -----------------------------------------------------------------------------
+# logging (one JSON object per line of log.jsonl for every logged and evaluated iteration, to plot runs
+# without wandb) and stop signals
+def truncate_log(path, iter_num):
+    """Keep only the rows of a log.jsonl (if there is one) of iterations before iter_num: later ones belong
+    to iterations that a resumed run is about to redo (none when starting fresh). Lines that are not
+    our rows, or were cut short by a kill, go too."""
+    def before(line):
+        try:
+            return json.loads(line)['iter'] < iter_num
+        except (ValueError, KeyError, TypeError, RecursionError):
+            return False
+    lines = []
+    if os.path.exists(path):
+        with open(path, errors='replace') as f:
+            lines = [line for line in f if before(line)]
+    with open(path, 'w') as f:
+        f.writelines(lines)
+
+
+def append_row(path, row):
+    """Append one JSON object (dict) as a line of a log.jsonl."""
+    with open(path, 'a') as f:
+        f.write(json.dumps(row) + '\n')
+
+
+
 log_path = os.path.join(out_dir, 'log.jsonl')
-log = functools.partial(runtime.append_row, log_path)
+log = functools.partial(append_row, log_path)
 if master_process:
-    runtime.truncate_log(log_path, iter_num)  # rows of the iterations about to be redone after a resume
+    truncate_log(log_path, iter_num)  # rows of the iterations about to be redone after a resume
     print(f"tokens per iteration will be: {tokens_per_iter:,}")
     if wandb_log:
         import wandb
@@ -327,13 +349,14 @@ def request_stop(signum, frame):
 signal.signal(signal.SIGINT, request_stop)
 signal.signal(signal.SIGTERM, request_stop)
 
+# -----------------------------------------------------------------------------
 # training loop
 evals_since_best = 0  # for early stopping
 if rng_states and len(rng_states) == world_size:
     runtime.set_rng_state(rng_states[rank])  # last, so nothing above draws from the restored streams
 my_rows = slice(rank * accum_steps, (rank + 1) * accum_steps)  # this rank's micro-batches of each global batch
-batches = runtime.train_batches(os.path.join(data_dir, 'train.bin'), n_tokens['train'] - block_size, sampler,
-                                (gradient_accumulation_steps, batch_size), my_rows, block_size, device)
+batches = dataloader.train_batches(data_dir, n_tokens['train'] - block_size, sampler,
+                                   (gradient_accumulation_steps, batch_size), my_rows, block_size, device)
 X, Y = next(batches)  # fetch the very first batch
 t_start = t0 = time.time()
 local_iter_num = 0  # number of iterations in the lifetime of this process
@@ -341,11 +364,11 @@ running_mfu = -1.0
 while True:
     # determine and set the learning rate for this iteration
     lr = get_lr(iter_num) if decay_lr else learning_rate
-    for param_group in optimizer.param_groups:
+    for param_group in opt.param_groups:
         param_group['lr'] = lr * param_group.get('lr_scale', 1.0)  # Muon's groups have their own peak
 
-    # evaluate the loss on train/val sets and write checkpoints
-    save = checkpoint_interval > 0 and iter_num % checkpoint_interval == 0 and local_iter_num > 0
+    # once in a while: evaluate the loss on train/val sets (and HellaSwag)
+    evaluated = improved = False
     if iter_num % eval_interval == 0 or iter_num == max_iters or eval_only:
         losses = estimate_loss()  # on every rank: FSDP's forward needs them all
         losses = runtime.on_rank0(lambda: losses)  # and all of them act on rank 0's numbers
@@ -361,12 +384,10 @@ while True:
             if wandb_log:
                 wandb.log({"iter": iter_num, "train/loss": losses['train'], "val/loss": losses['val'],
                            "lr": lr, "mfu": running_mfu * 100, **{f"hellaswag/{k}": v for k, v in hellaswag.items()}})
-        improved = losses['val'] < best_val_loss
+        evaluated, improved = True, losses['val'] < best_val_loss
         best_val_loss = min(best_val_loss, losses['val'])
         evals_since_best = 0 if improved else evals_since_best + 1
-        # with early stopping only a new best is saved, so the checkpoint left is the best one
-        save |= iter_num > 0 and not eval_only and (improved or always_save_checkpoint and not early_stop_patience)
-    if save:
+    if save_due(evaluated, improved):
         save_checkpoint()
     if early_stop_patience and evals_since_best >= early_stop_patience:
         if master_process:
@@ -376,7 +397,7 @@ while True:
     if iter_num >= max_iters or eval_only:
         break
 
-    # forward backward update, with optional gradient accumulation to simulate larger batch size
+    # the training step: forward backward update, with gradient accumulation to simulate larger batch size
     loss_sum = torch.zeros((), device=device)
     for micro_step in range(accum_steps):
         # average the gradients over ranks only after the last micro-step; before it, accumulate locally
@@ -390,24 +411,21 @@ while True:
         # backward pass, with gradient scaling if training in fp16
         scaler.scale(loss).backward()
     # clip the gradient; its norm before clipping is logged, so it is measured even without clipping
-    scaler.unscale_(optimizer)  # a no-op unless float16
+    scaler.unscale_(opt)  # a no-op unless float16
     grad_norm = runtime.clip_grad_norm(model.parameters(), grad_clip or math.inf)  # a tensor: no host sync here
     # step the optimizer and scaler if training in fp16 (it skips steps whose gradients overflowed)
-    scaler.step(optimizer)
+    scaler.step(opt)
     scaler.update()
     # flush the gradients as soon as we can, no need for this memory anymore
-    optimizer.zero_grad(set_to_none=True)
-    # the iteration's one host sync, once its whole step is queued: the loss (averaged over ranks) for
-    # the log and the non-finite check, and whether any rank was asked to stop, so that all of them stop
-    # at the same iteration. full_like fills on the device (torch.tensor would be a blocking copy).
-    # grad_norm is the same on every rank (the gradients are already averaged), so the sum is world_size times it
-    stats = torch.stack([loss_sum, grad_norm.float(), torch.full_like(loss_sum, stop_signal is not None)])
-    if ddp:
-        dist.all_reduce(stats)
-    lossf, grad_normf, stopping = stats.tolist()
-    lossf, grad_normf = lossf / world_size, grad_normf / world_size
-    if not math.isfinite(lossf):  # checked before anything can be saved: checkpoints are written below
-        raise UserError(f"loss is {lossf} at iter {iter_num}: training diverged (try a lower learning_rate); "
+    opt.zero_grad(set_to_none=True)
+    # the iteration's one host sync, once its whole step is queued. To log another number, add it here as a
+    # 0-dim tensor on the device: it is averaged over the ranks and logged under its name (docs/code.md).
+    # 'stop' is whether any rank was asked to stop, so that all of them stop at the same iteration.
+    stats = runtime.mean_over_ranks(dict(loss=loss_sum, grad_norm=grad_norm,
+                                         stop=torch.full_like(loss_sum, stop_signal is not None)))
+    stopping = stats.pop('stop') > 0
+    if not math.isfinite(stats['loss']):  # checked before anything can be saved: checkpoints are written below
+        raise UserError(f"loss is {stats['loss']} at iter {iter_num}: training diverged (try a lower learning_rate); "
                         f"the last checkpoint in {out_dir}, if any, is untouched")
 
     # timing and logging
@@ -418,15 +436,16 @@ while True:
         if local_iter_num >= 5:  # let the training loop settle a bit
             mfu = raw_model.estimate_mfu(batch_size * accum_steps, dt, peak_flops)
             running_mfu = mfu if running_mfu == -1.0 else 0.9 * running_mfu + 0.1 * mfu
-        tokens_per_s = tokens_per_iter / dt
-        mfu_text = f"{running_mfu * 100:.2f}%" if running_mfu >= 0 else "n/a"  # measured from the 6th iteration
         epoch = sampler.epoch(sampler.state_to_save, n_tokens['train'] - block_size)  # None for data_order='random'
-        print(f"iter {iter_num}: loss {lossf:.4f}, lr {lr:.3e}, time {dt * 1000:.2f}ms, "
-              f"{tokens_per_s:,.0f} tok/s, mfu {mfu_text}" + ("" if epoch is None else f", epoch {epoch}"))
-        log(dict(iter=iter_num, loss=lossf, lr=lr, ms=dt * 1000, tokens_per_s=tokens_per_s, mfu=running_mfu,
-                 grad_norm=grad_normf, tokens=iter_num * tokens_per_iter, **({} if epoch is None else {'epoch': epoch})))
+        row = dict(iter=iter_num, **stats, lr=lr, ms=dt * 1000, tokens_per_s=tokens_per_iter / dt, mfu=running_mfu,
+                   tokens=iter_num * tokens_per_iter, **({} if epoch is None else {'epoch': epoch}))
+        mfu_text = f"{running_mfu * 100:.2f}%" if running_mfu >= 0 else "n/a"  # measured from the 6th iteration
+        print(f"iter {iter_num}: loss {row['loss']:.4f}, lr {lr:.3e}, time {row['ms']:.2f}ms, "
+              f"{row['tokens_per_s']:,.0f} tok/s, mfu {mfu_text}" + ("" if epoch is None else f", epoch {epoch}"))
+        log(row)
         if wandb_log:
-            wandb.log({"iter": iter_num, "train/loss_step": lossf, "grad_norm": grad_normf, "lr": lr})
+            wandb.log({"iter": iter_num, "train/loss_step": stats['loss'], "lr": lr,
+                       **{k: v for k, v in stats.items() if k != 'loss'}})
     iter_num += 1
     local_iter_num += 1
 

@@ -18,7 +18,8 @@ from torch.nn import functional as F
 from conftest import ROOT, SHAKESPEARE, TINY, TORCHRUN, error_line, free_port, hermetic_env, read_log
 
 sys.path.insert(0, ROOT)
-import runtime  # noqa: E402
+import checkpoints  # noqa: E402
+import dataloader  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 
 
@@ -109,7 +110,7 @@ def gpt2_run(tmp_path_factory):
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=240,
                             env=hermetic_env(MASTER_PORT=str(free_port())))
     assert result.returncode == 0, result.stdout + result.stderr
-    checkpoint = runtime.load_checkpoint(str(out / 'ckpt.pt'))
+    checkpoint = checkpoints.load_checkpoint(str(out / 'ckpt.pt'))
     model = GPT(GPTConfig(**checkpoint['model_args']))
     model.load_state_dict(checkpoint['model'])
     export = tmp / 'export'
@@ -119,6 +120,7 @@ def gpt2_run(tmp_path_factory):
                 checkpoint=checkpoint)
 
 
+@pytest.mark.compat
 def test_hellaswag_equals_reference_checkpoint_and_export(gpt2_run):
     g = gpt2_run
     # our scorer item by item == the independent reference on the exported model
@@ -161,7 +163,7 @@ def test_hellaswag_file_with_missing_fields(gpt2_run, tmp_path):
 
 def test_val_perplexity_equals_direct_computation(train, tmp_path, shakespeare_char):
     train('--max_iters=3', '--eval_interval=3', '--eval_iters=1', f'--out_dir={tmp_path}')
-    checkpoint = runtime.load_checkpoint(str(tmp_path / 'ckpt.pt'))
+    checkpoint = checkpoints.load_checkpoint(str(tmp_path / 'ckpt.pt'))
     model = GPT(GPTConfig(**checkpoint['model_args']))
     model.load_state_dict(checkpoint['model'])
     # every non-overlapping window of 33 tokens of val.bin, all at once, loss per token
@@ -212,7 +214,7 @@ def test_early_stopping_keeps_best_and_grad_norm_is_clip_grad_norm(train, tmp_pa
     last = max(evals)
     assert last == best + 3 * 20 < 1000  # stopped 3 evals after the best, long before max_iters
     assert f"early stopping at iter {last}: no new best val loss in 3 evals" in result.stdout
-    checkpoint = runtime.load_checkpoint(str(out / 'ckpt.pt'))
+    checkpoint = checkpoints.load_checkpoint(str(out / 'ckpt.pt'))
     assert checkpoint['iter_num'] == best and checkpoint['best_val_loss'] == evals[best]['val_loss']
     assert all('grad_norm' in r and 'tokens' in r for r in rows.values())
     # continue the best checkpoint for one iteration with clipping: the logged grad_norm is clip_grad_norm_'s
@@ -226,7 +228,7 @@ def test_early_stopping_keeps_best_and_grad_norm_is_clip_grad_norm(train, tmp_pa
     sampler.set_state(checkpoint['sampler_state'])
     block_size, batch_size = model.config.block_size, 4
     ix = torch.randint(400 - block_size, (1, batch_size), generator=sampler)
-    x, y = runtime.get_batch(np.fromfile(data / 'train.bin', dtype=np.uint16), ix[0], block_size, 'cpu')
+    x, y = dataloader.get_batch(np.fromfile(data / 'train.bin', dtype=np.uint16), ix[0], block_size, 'cpu')
     _, loss = model(x, y)
     loss.backward()
     expected = torch.nn.utils.clip_grad_norm_(model.parameters(), 0.1).item()

@@ -10,6 +10,7 @@ import sys
 import pytest
 import torch
 
+import checkpoints
 import runtime
 from conftest import ROOT, error_line, hermetic_env, read_log
 from configurator import UserError
@@ -61,7 +62,7 @@ def test_trains_compiled_in_mixed_precision(train, dtype, tmp_path):
     rows, evals = read_log(tmp_path)
     assert sorted(rows) == list(range(30)) and all(math.isfinite(r['loss']) for r in rows.values())
     assert evals[30]['val_loss'] < evals[0]['val_loss'] - 0.3
-    ckpt = runtime.load_checkpoint(str(tmp_path / 'ckpt.pt'), keys=('model', 'scaler', 'config'))
+    ckpt = checkpoints.load_checkpoint(str(tmp_path / 'ckpt.pt'), keys=('model', 'scaler', 'config'))
     assert ckpt['config']['dtype'] == dtype and ckpt['config']['compile'] is True
     assert not [k for k in ckpt['model'] if k.startswith('_orig_mod.')]
     assert (ckpt['scaler']['scale'] > 0) if dtype == 'float16' else ckpt['scaler'] == {}
@@ -90,7 +91,7 @@ def test_torchrun_with_nccl_matches_one_process(train, tmp_path):
     args = [*CUDA, '--dtype=float32', '--dropout=0', '--max_iters=10', '--eval_interval=5']
     train(*args, f'--out_dir={tmp_path / "single"}')
     train(*args, f'--out_dir={tmp_path / "ddp"}', torchrun=['--standalone', '--nproc_per_node=1'])
-    ckpt = runtime.load_checkpoint(str(tmp_path / 'ddp' / 'ckpt.pt'), keys=('config',))
+    ckpt = checkpoints.load_checkpoint(str(tmp_path / 'ddp' / 'ckpt.pt'), keys=('config',))
     assert ckpt['config']['device'] == 'cuda:0'  # the process group's own GPU (LOCAL_RANK), so nccl ran
     (rows, evals), (ref_rows, ref_evals) = read_log(tmp_path / 'ddp'), read_log(tmp_path / 'single')
     assert sorted(rows) == sorted(ref_rows) == list(range(10)) and sorted(evals) == [0, 5, 10]
@@ -105,7 +106,7 @@ def test_resume_on_the_gpu_continues_the_same_run(train, tmp_path):
     train(*args, '--max_iters=20', f'--out_dir={tmp_path / "straight"}')
     train(*args, '--max_iters=10', f'--out_dir={tmp_path / "split"}')
     train(*args, '--max_iters=20', '--init_from=resume', f'--out_dir={tmp_path / "split"}')
-    ckpt = runtime.load_checkpoint(str(tmp_path / 'split' / 'ckpt.pt'), keys=('rng_states',))
+    ckpt = checkpoints.load_checkpoint(str(tmp_path / 'split' / 'ckpt.pt'), keys=('rng_states',))
     assert len(ckpt['rng_states'][0]['cuda']) == torch.cuda.device_count()
     (rows, evals), (ref_rows, ref_evals) = read_log(tmp_path / 'split'), read_log(tmp_path / 'straight')
     assert sorted(rows) == sorted(ref_rows) == list(range(20))

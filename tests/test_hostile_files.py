@@ -12,6 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
+import checkpoints
 import runtime
 import tokenizer
 from configurator import UserError
@@ -200,6 +201,7 @@ def test_resume_drops_log_lines_that_are_not_ours(trained, tmp_path, train):
     assert rows[:-1] == kept and rows[-1]['iter'] == 2 and 'val_loss' in rows[-1]
 
 
+@pytest.mark.compat
 def test_hf_pickle_weights_load_only_when_allowed(tmp_path):
     from transformers import GPT2Config, GPT2LMHeadModel
     torch.manual_seed(0)
@@ -209,7 +211,7 @@ def test_hf_pickle_weights_load_only_when_allowed(tmp_path):
     shutil.copy(tmp_path / 'safe' / 'config.json', tmp_path / 'pickle')
     torch.save(hf.state_dict(), tmp_path / 'pickle' / 'pytorch_model.bin')
     with pytest.raises(ValueError, match=r"only as pytorch_model.bin.*use_safetensors=False.*allow_unsafe_pickle=True"):
-        GPT.from_pretrained(str(tmp_path / 'pickle'))
+        checkpoints.load_pretrained(str(tmp_path / 'pickle'))
     idx = torch.randint(0, 50, (2, 16))
     safe = GPT.from_pretrained(str(tmp_path / 'safe')).eval()
     unsafe = GPT.from_pretrained(str(tmp_path / 'pickle'), allow_unsafe_pickle=True).eval()
@@ -234,14 +236,14 @@ def test_checkpoint_loop_state_is_checked():
     good = {'model': model.state_dict(), 'model_args': dict(n_layer=1, n_head=2, n_embd=8, block_size=8, vocab_size=16,
                                                             bias=True, dropout=0.0),
             'iter_num': 3, 'rng_states': [runtime.rng_state()], 'sampler_state': torch.Generator().get_state()}
-    runtime.check_checkpoint(good, 'ckpt.pt')
+    checkpoints.check_checkpoint(good, 'ckpt.pt')
     before = torch.get_rng_state()
     for bad, message in [({'rng_states': [{'python': 1}]}, 'random state cannot be restored'),
                          ({'sampler_state': torch.zeros(3)}, 'random state cannot be restored'),
                          ({'iter_num': '3'}, "iter_num is '3'"),
                          ({'config': {'data_dir': 7}}, 'config is not a dict with dataset and data_dir')]:
         with pytest.raises(UserError, match=message):
-            runtime.check_checkpoint({**good, **bad}, 'ckpt.pt')
+            checkpoints.check_checkpoint({**good, **bad}, 'ckpt.pt')
     assert torch.equal(torch.get_rng_state(), before)  # checking restored nothing into this process
     optimizer = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), 'cpu', verbose=False)
     model(torch.zeros(1, 8, dtype=torch.long), torch.zeros(1, 8, dtype=torch.long))[1].backward()
@@ -250,7 +252,7 @@ def test_checkpoint_loop_state_is_checked():
     buffer = next(k for k, v in state['state'][0].items() if v.dim() > 0)  # e.g. AdamW's exp_avg
     state['state'][0][buffer] = torch.zeros(3, 3)
     with pytest.raises(UserError, match=rf"the optimizer's {buffer} has shape \(3, 3\) for a parameter of shape"):
-        runtime.load_optimizer_state(model, optimizer, state, 'ckpt.pt')
+        checkpoints.load_optimizer_state(model, optimizer, state, 'ckpt.pt')
     state['param_groups'] = state['param_groups'][:1]
     with pytest.raises(UserError, match="optimizer state is for other trainable parameters"):
-        runtime.load_optimizer_state(model, optimizer, state, 'ckpt.pt')
+        checkpoints.load_optimizer_state(model, optimizer, state, 'ckpt.pt')

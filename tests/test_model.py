@@ -9,6 +9,8 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
+import checkpoints
+import model as model_py
 import runtime
 from model import GPT, GPTConfig, KVCache
 
@@ -37,6 +39,7 @@ def hf_dir(tmp_path_factory):
     return path, hf.eval()
 
 
+@pytest.mark.compat
 def test_from_pretrained_local_dir_matches_transformers(hf_dir):
     path, hf = hf_dir
     model = GPT.from_pretrained(str(path)).eval()
@@ -52,6 +55,47 @@ def test_from_pretrained_local_dir_matches_transformers(hf_dir):
     ref_out = hf.generate(idx[:1, :4], max_new_tokens=8, do_sample=False, pad_token_id=0)
     assert torch.equal(out, ref_out)
 
+
+
+class RMSNorm(torch.nn.Module):
+    """A researcher's change: RMSNorm for LayerNorm, a gain and no bias."""
+
+    def __init__(self, ndim, bias):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.ones(ndim))
+
+    def forward(self, x):
+        return torch.nn.functional.rms_norm(x, self.weight.shape, self.weight, 1e-5)
+
+
+class RMSNormWithBias(RMSNorm):
+    """The same change with GPT-2's parameter names and shapes: only the function tells it apart."""
+
+    def __init__(self, ndim, bias):
+        super().__init__(ndim, bias)
+        self.bias = torch.nn.Parameter(torch.zeros(ndim)) if bias else None
+
+    def forward(self, x):
+        return super().forward(x) + (0 if self.bias is None else self.bias)
+
+
+@pytest.mark.compat
+@pytest.mark.parametrize("norm, imported, exported", [
+    (RMSNorm, "parameters differ from .*: missing none; unexpected transformer.h.0.ln_1.bias, ",
+     "parameters differ from GPT-2's format: missing transformer.h.0.ln_1.bias, "),
+    (RMSNormWithBias, "computes another function than .* with the same weights",
+     "computes another function than GPT-2's format with the same weights"),
+])
+def test_a_changed_architecture_is_refused_by_import_and_export(hf_dir, tmp_path, monkeypatch, norm, imported, exported):
+    path, _ = hf_dir
+    monkeypatch.setattr(model_py, 'LayerNorm', norm)
+    with pytest.raises(ValueError, match=imported) as refused:
+        GPT.from_pretrained(str(path))
+    assert '\n' not in str(refused.value)
+    export = tmp_path / 'export'
+    with pytest.raises(ValueError, match=exported) as refused:
+        tiny_gpt(bias=True).export_hf(str(export))
+    assert '\n' not in str(refused.value) and not export.exists()  # nothing written
 
 def test_from_pretrained_dropout_override_and_bad_args(hf_dir):
     path, _ = hf_dir
@@ -75,6 +119,7 @@ def test_from_pretrained_offline_error_names_model_and_local_dir(tmp_path):
 
 @pytest.mark.parametrize("bias, vocab_size, export_vocab, gelu, hf_name", [
     (True, 50, None, 'tanh', 'gelu_new'), (False, 64, 50, 'exact', 'gelu')])
+@pytest.mark.compat
 def test_export_roundtrip_through_transformers(tmp_path, bias, vocab_size, export_vocab, gelu, hf_name):
     model = tiny_gpt(bias=bias, vocab_size=vocab_size, gelu=gelu)
     with torch.no_grad():  # move every parameter off its init value so all of them are checked
@@ -96,6 +141,7 @@ def test_export_roundtrip_through_transformers(tmp_path, bias, vocab_size, expor
     assert torch.allclose(all_logits(again, idx), ref, atol=1e-5)
 
 
+@pytest.mark.compat
 def test_from_pretrained_refuses_an_activation_it_does_not_have(tmp_path):
     GPT2LMHeadModel(GPT2Config(vocab_size=50, n_positions=16, n_embd=32, n_layer=1, n_head=2,
                                activation_function='relu')).save_pretrained(tmp_path)
@@ -208,6 +254,7 @@ def test_temperature_zero_and_top_k():
     assert picks <= top2 and len(picks) == 2
 
 
+@pytest.mark.compat
 def test_nanogpt_checkpoint_with_orig_mod_prefix_loads(tmp_path):
     src = tiny_gpt(seed=3)
     model_args = dict(n_layer=2, n_head=2, n_embd=32, block_size=16, bias=True, vocab_size=50, dropout=0.0)
@@ -261,6 +308,7 @@ def nanogpt_logits(sd, args, idx):
     return layer_norm(x, 'transformer.ln_f') @ sd['lm_head.weight'].T
 
 
+@pytest.mark.compat
 @pytest.mark.parametrize("bias", [False, True])
 def test_nanogpt_checkpoint_computes_nanogpts_function(tmp_path, bias):
     model_args = dict(n_layer=2, n_head=2, n_embd=32, block_size=16, bias=bias, vocab_size=50, dropout=0.0)
@@ -273,24 +321,25 @@ def test_nanogpt_checkpoint_computes_nanogpts_function(tmp_path, bias):
                 "optimizer": optimizer.state_dict(), "model_args": model_args, "iter_num": 5,
                 "best_val_loss": torch.tensor(2.5), "config": {"dataset": "x", "init_from": "scratch"}},
                tmp_path / "ckpt.pt")
-    ckpt = runtime.load_checkpoint(str(tmp_path / "ckpt.pt"))
+    ckpt = checkpoints.load_checkpoint(str(tmp_path / "ckpt.pt"))
     idx = torch.randint(0, 50, (3, 16), generator=torch.Generator().manual_seed(2))
     # float64 on both sides, so only the function, not float32 rounding, can differ
     ref = nanogpt_logits({k: v.double() for k, v in ckpt["model"].items()}, model_args, idx)
-    for gelu, close in ((runtime.checkpoint_gelu(ckpt), True), ("tanh", False)):
+    for gelu, close in ((checkpoints.checkpoint_gelu(ckpt), True), ("tanh", False)):
         model = GPT(GPTConfig(**ckpt["model_args"], gelu=gelu))  # as sample.py and train.py build it
         model.load_state_dict(ckpt["model"])
         diff = (all_logits(model.double().eval(), idx) - ref).abs().max().item()
         assert (diff <= 1e-6) if close else (diff > 1e-4), (gelu, diff)  # tanh: the test can tell them apart
 
 
+@pytest.mark.compat
 def test_checkpoint_gelu_record_and_checkpoints_without_one():
-    assert runtime.checkpoint_gelu({"model_args": {}, "gelu": "tanh"}) == "tanh"
-    assert runtime.checkpoint_gelu({"model_args": {}, "gelu": "exact", "sampler_state": None}) == "exact"
+    assert checkpoints.checkpoint_gelu({"model_args": {}, "gelu": "tanh"}) == "tanh"
+    assert checkpoints.checkpoint_gelu({"model_args": {}, "gelu": "exact", "sampler_state": None}) == "exact"
     # nanoGPT's keys only: nanoGPT's nn.GELU(), even when finetuned from GPT-2
-    assert runtime.checkpoint_gelu({"model_args": {}, "config": {"init_from": "gpt2"}}) == "exact"
+    assert checkpoints.checkpoint_gelu({"model_args": {}, "config": {"init_from": "gpt2"}}) == "exact"
     # ours from before the record: this code trained every model with the tanh GELU then
-    assert runtime.checkpoint_gelu({"model_args": {}, "sampler_state": None, "config": {"init_from": "scratch"}}) == "tanh"
+    assert checkpoints.checkpoint_gelu({"model_args": {}, "sampler_state": None, "config": {"init_from": "scratch"}}) == "tanh"
     with pytest.raises(ValueError, match="gelu must be 'exact' or 'tanh', got 'relu'"):
         GPT(GPTConfig(**TINY, gelu="relu"))
 
@@ -298,6 +347,7 @@ def test_checkpoint_gelu_record_and_checkpoints_without_one():
 @pytest.mark.parametrize("name, shape, total", [
     ("gpt2", (12, 12, 768), 124_439_808), ("gpt2-medium", (24, 16, 1024), 354_823_168),
     ("gpt2-large", (36, 20, 1280), 774_030_080), ("gpt2-xl", (48, 25, 1600), 1_557_611_200)])
+@pytest.mark.compat
 def test_gpt2_parameter_counts(name, shape, total):
     with torch.device("meta"):
         model = GPT(GPTConfig(vocab_size=50257, block_size=1024, bias=True,
@@ -338,7 +388,7 @@ def test_estimate_mfu_formula():
     N, (L, H, Q, T) = model.get_num_params(), (2, 2, 16, 16)
     flops_per_iter = (6 * N + 12 * L * H * Q * T) * T * 8
     assert model.estimate_mfu(8, 0.5, peak_flops=1e9) == pytest.approx(flops_per_iter / 0.5 / 1e9)
-    assert 0 < model.estimate_mfu(8, 0.5) < 1  # CPU: against the measured matmul peak
+    assert 0 < model.estimate_mfu(8, 0.5, runtime.device_peak_flops('cpu')) < 1  # CPU: against the measured matmul peak
 
 
 def test_clear_errors():

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+import checkpoints
 import runtime
 from configurator import ROOT, UserError
 
@@ -52,7 +53,7 @@ def draws():
 def test_rng_state_round_trip_through_weights_only_checkpoint(tmp_path):
     runtime.seed_everything(3)
     np.random.randn()  # leaves a cached gaussian in numpy's state
-    runtime.save_checkpoint({'rng': runtime.rng_state()}, str(tmp_path / 'rng.pt'))
+    checkpoints.save_checkpoint({'rng': runtime.rng_state()}, str(tmp_path / 'rng.pt'))
     expected = draws()
     runtime.seed_everything(4)
     runtime.set_rng_state(torch.load(tmp_path / 'rng.pt', weights_only=True)['rng'])
@@ -61,27 +62,27 @@ def test_rng_state_round_trip_through_weights_only_checkpoint(tmp_path):
 
 def test_save_is_atomic(tmp_path, monkeypatch):
     path = str(tmp_path / 'ckpt.pt')
-    runtime.save_checkpoint({'iter_num': 1}, path)
+    checkpoints.save_checkpoint({'iter_num': 1}, path)
 
     def crash(obj, f):  # half a file written, then the process dies
         f.write(b'PK\x03\x04 partial')
         raise KeyboardInterrupt
     monkeypatch.setattr(torch, 'save', crash)
     with pytest.raises(KeyboardInterrupt):
-        runtime.save_checkpoint({'iter_num': 2}, path)
+        checkpoints.save_checkpoint({'iter_num': 2}, path)
     assert torch.load(path, weights_only=True) == {'iter_num': 1}
     assert os.listdir(tmp_path) == ['ckpt.pt']
 
 
 def test_load_errors(tmp_path):
     with pytest.raises(UserError, match=f"no checkpoint at {tmp_path / 'ckpt.pt'}: train one first"):
-        runtime.load_checkpoint(str(tmp_path / 'ckpt.pt'))
+        checkpoints.load_checkpoint(str(tmp_path / 'ckpt.pt'))
     (tmp_path / 'empty.pt').write_bytes(b'')
     with pytest.raises(UserError, match='is truncated or corrupt'):
-        runtime.load_checkpoint(str(tmp_path / 'empty.pt'))
+        checkpoints.load_checkpoint(str(tmp_path / 'empty.pt'))
     torch.save([1, 2], tmp_path / 'list.pt')
     with pytest.raises(UserError, match='is not a nanoGPT checkpoint: it has no model, model_args'):
-        runtime.load_checkpoint(str(tmp_path / 'list.pt'))
+        checkpoints.load_checkpoint(str(tmp_path / 'list.pt'))
 
 
 def test_single_process_helpers():
@@ -95,9 +96,9 @@ def test_checkpoints_are_memory_mapped(tmp_path):
     """Ours and nanoGPT's (a plain torch.save): the tensors load as views of the file, so rewriting the
     file's bytes in place shows through them; a copy in memory would keep the old values."""
     path = str(tmp_path / 'ckpt.pt')
-    for save in (runtime.save_checkpoint, torch.save):
+    for save in (checkpoints.save_checkpoint, torch.save):
         save({'model': {'w': torch.zeros(4096)}, 'model_args': {'n_layer': 1}}, path)
-        ckpt = runtime.load_checkpoint(path)
+        ckpt = checkpoints.load_checkpoint(path)
         torch.save({'model': {'w': torch.ones(4096)}, 'model_args': {'n_layer': 1}}, str(tmp_path / 'other.pt'))
         with open(path, 'r+b') as f:  # the same layout, other values: overwrite in place, same inode
             f.write((tmp_path / 'other.pt').read_bytes())
@@ -110,7 +111,7 @@ def test_start_up_leaves_fsdp_unimported_and_exit_keeps_atexit(tmp_path):
     # and are imported only where fsdp is used. exit_run() ends a single process without the slow final
     # garbage collection, but atexit handlers still run.
     marker = tmp_path / 'atexit-ran'
-    code = ("import atexit, sys, runtime, model, eval, tokenizer\n"
+    code = ("import atexit, sys, runtime, model, eval, tokenizer, checkpoints, dataloader\n"
             "assert 'torch.distributed.fsdp' not in sys.modules, 'fsdp imported at start-up'\n"
             "assert 'torch.distributed.checkpoint' not in sys.modules, 'state-dict helpers imported at start-up'\n"
             "assert not runtime.sharded(model.GPT(model.GPTConfig(n_layer=1, n_head=1, n_embd=8, block_size=4, vocab_size=8)))\n"

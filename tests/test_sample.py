@@ -76,6 +76,7 @@ def test_file_prompt_is_read(trained, tmp_path):
     assert text.startswith('JULIET:\nO Romeo') and len(text) == len('JULIET:\nO Romeo') + 5
 
 
+@pytest.mark.compat
 def test_nanogpt_format_checkpoint_with_gpt2_tokens(tmp_path):
     """A checkpoint as nanoGPT writes it (compiled keys, only its own keys, a BPE dataset)."""
     torch.manual_seed(0)

@@ -1,0 +1,257 @@
+"""
+The files a model is read from and written to. A checkpoint (ckpt.pt, nanoGPT's format plus our keys):
+writing it atomically, reading it safely (weights_only, memory-mapped) and checking it before anything is
+built from it, the compatibility patch for older files and nanoGPT's (their GELU), and gathering a sharded
+(FSDP) model's and optimizer's state into the full tensors a file holds, sharding it again on resume. A
+Hugging Face directory: checked before transformers reads it. And building the model that sample.py and
+eval.py run from either.
+"""
+import contextlib
+import json
+import os
+import sys
+import zipfile
+
+import torch
+import torch.distributed as dist
+
+import runtime
+from configurator import ROOT, UserError
+from model import GPT, GPTConfig
+
+def save_checkpoint(checkpoint, path):
+    """Write atomically: into a temporary file in the same directory, flushed and fsynced, then
+    renamed over path. A crash at any moment leaves either the old file or the new one, never half."""
+    tmp = path + '.tmp'
+    try:
+        with open(tmp, 'wb') as f:
+            torch.save(checkpoint, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    dir_fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)  # make the rename itself durable
+    finally:
+        os.close(dir_fd)
+
+
+def load_checkpoint(path, keys=('model', 'model_args')):
+    """Load a checkpoint (ours or nanoGPT's) to CPU with torch.load(weights_only=True), so loading
+    neither runs code from the file nor fills the GPU. The tensors are memory-mapped from the file
+    (mmap=True): pages are read when used and shared through the page cache, so 8 ranks resuming a
+    large model do not each hold a private copy of the whole file in memory. Raises UserError if it
+    is missing, truncated, corrupt, unsafe to load, or lacks any of `keys`."""
+    if not os.path.isfile(path):
+        raise UserError(f"no checkpoint at {path}: train one first (init_from='scratch'), "
+                        "or point --out_dir at the directory that holds ckpt.pt")
+    if not zipfile.is_zipfile(path):
+        raise UserError(f"checkpoint {path} is truncated or corrupt (not a complete PyTorch file); "
+                        f"delete it, or restore it from a copy")
+    try:
+        checkpoint = torch.load(path, map_location='cpu', weights_only=True, mmap=True)
+    except Exception as e:
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        if 'Weights only load failed' in reason:
+            raise UserError(f"checkpoint {path} holds pickled Python objects besides tensors and plain values, "
+                            "which are not loaded because loading them could run code") from None
+        raise UserError(f"checkpoint {path} is corrupt ({reason}); delete it, or restore it from a copy") from None
+    missing = [k for k in keys if not isinstance(checkpoint, dict) or k not in checkpoint]
+    if missing:
+        raise UserError(f"{path} is not a nanoGPT checkpoint: it has no {', '.join(missing)}")
+    return checkpoint
+
+
+def check_checkpoint(checkpoint, path):
+    """Check what train.py and sample.py take from a loaded checkpoint before anything is built from it,
+    so a damaged or foreign file ends in one line at start-up, not in a traceback mid-run (or in a
+    checkpoint saved over it). Keys that are absent are left to the caller (load_checkpoint's keys)."""
+    def bad(what):
+        return UserError(f"checkpoint {path} is damaged or of a format this code does not know: {what}")
+    args = checkpoint.get('model_args')
+    if args is not None:
+        if not isinstance(args, dict):
+            raise bad("model_args is not a dict")
+        for k in ('n_layer', 'n_head', 'n_embd', 'block_size', 'vocab_size'):
+            if type(args.get(k)) is not int or args[k] <= 0:
+                raise bad(f"model_args['{k}'] is {args.get(k)!r}, not a positive int")
+        if type(args.get('bias')) is not bool:
+            raise bad(f"model_args['bias'] is {args.get('bias')!r}, not True or False")
+    model = checkpoint.get('model')
+    if model is not None and not (isinstance(model, dict) and all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in model.items())):
+        raise bad("model is not a state dict (parameter names -> tensors)")
+    if 'iter_num' in checkpoint and (type(checkpoint['iter_num']) is not int or checkpoint['iter_num'] < 0):
+        raise bad(f"iter_num is {checkpoint['iter_num']!r}, not an int >= 0")
+    best = checkpoint.get('best_val_loss', 0.0)  # nanoGPT stores a 0-d tensor
+    if not (type(best) in (int, float) or isinstance(best, torch.Tensor) and best.numel() == 1):
+        raise bad(f"best_val_loss is {best!r}, not a number")
+    config = checkpoint.get('config', {})
+    if not isinstance(config, dict) or not all(isinstance(config.get(k, ''), str) for k in ('dataset', 'data_dir')):
+        raise bad("config is not a dict with dataset and data_dir as strings")
+    record = checkpoint.get('tokenizer')  # tokenizer.data_tokenizer's dict, or None
+    if record is not None and not (isinstance(record, dict) and type(record.get('vocab_size')) is int and (
+            record.get('tokenizer') == 'gpt2' or record.get('tokenizer') == 'char' and
+            isinstance(record.get('chars'), str) and len(record['chars']) == record['vocab_size'])):
+        raise bad("its tokenizer record is not a gpt2 or char record")
+    # the loop state is checked by restoring it (into a throwaway generator; the global RNGs are put back)
+    try:
+        sampler_state = checkpoint.get('sampler_state')  # WindowSampler.get_state(): a generator's, or a dict
+        if isinstance(sampler_state, dict):
+            if type(sampler_state.get('windows_drawn')) is not int or sampler_state['windows_drawn'] < 0:
+                raise ValueError("windows_drawn")
+        elif sampler_state is not None:
+            torch.Generator().set_state(sampler_state)
+        if checkpoint.get('rng_states') is not None:
+            saved = runtime.rng_state()
+            try:
+                for state in checkpoint['rng_states']:
+                    runtime.set_rng_state(state)
+            finally:
+                runtime.set_rng_state(saved)
+    except Exception as e:
+        raise bad(f"its random state cannot be restored ({type(e).__name__})") from None
+
+
+def checkpoint_gelu(checkpoint):
+    """The GELU a checkpoint's weights were trained with (GPTConfig.gelu): its 'gelu' record. Without
+    one, nanoGPT's checkpoints (no 'sampler_state') used the exact GELU, and older ones of ours the
+    tanh GELU, which this code gave every model before the record existed."""
+    if 'gelu' in checkpoint:
+        return checkpoint['gelu']
+    return 'tanh' if 'sampler_state' in checkpoint else 'exact'
+
+
+def check_hf_dir(path, allow_unsafe_pickle=False):
+    """ Raise ValueError unless path is a Hugging Face GPT-2 directory we load: config.json a JSON
+    object (of model_type gpt2, if it says), weights in safetensors, which hold only tensors. A
+    pytorch_model.bin is a pickle, and unpickling can run code, so it is loaded only on request. """
+    config_path = os.path.join(path, 'config.json')
+    try:
+        with open(config_path, 'rb') as f:
+            hf_config = json.loads(f.read())
+    except OSError as e:
+        raise ValueError(f"{path} is not a Hugging Face model directory: cannot read {config_path} ({e.strerror})") from None
+    except ValueError as e:  # json.JSONDecodeError and UnicodeDecodeError
+        raise ValueError(f"{config_path} is not valid JSON ({str(e).splitlines()[0]})") from None
+    if not isinstance(hf_config, dict) or hf_config.get('model_type', 'gpt2') != 'gpt2':
+        kind = hf_config.get('model_type') if isinstance(hf_config, dict) else type(hf_config).__name__
+        raise ValueError(f"{config_path} does not describe a GPT-2 model (model_type {kind!r})")
+    files = set(os.listdir(path))
+    if files & {'model.safetensors', 'model.safetensors.index.json'}:
+        return
+    if not files & {'pytorch_model.bin', 'pytorch_model.bin.index.json'}:
+        raise ValueError(f"{path} has no weights: expected model.safetensors next to config.json")
+    if not allow_unsafe_pickle:
+        raise ValueError(
+            f"{path} holds its weights only as pytorch_model.bin, a pickle, which is not loaded because loading "
+            f"a pickle can run code; if you trust it, convert it once with python -c \"from transformers import "
+            f"GPT2LMHeadModel as M; M.from_pretrained({path!r}, use_safetensors=False).save_pretrained({path!r})\" "
+            f"(writes model.safetensors), or load it as it is with --allow_unsafe_pickle=True")
+
+
+def load_pretrained(init_from, dropout=0.0, allow_unsafe_pickle=False):
+    """OpenAI's GPT-2 ('gpt2', 'gpt2-medium', ...) or a local Hugging Face directory, checked first, as a GPT
+    on CPU (GPT.from_pretrained). Raises ValueError or OSError, which the scripts print as one line."""
+    if os.path.isdir(init_from):
+        check_hf_dir(init_from, allow_unsafe_pickle)
+    return GPT.from_pretrained(init_from, dict(dropout=dropout), allow_unsafe_pickle)
+
+
+def load_model(init_from, out_dir, allow_unsafe_pickle=False):
+    """The model sample.py and eval.py run: out_dir/ckpt.pt (init_from='resume'), OpenAI's GPT-2 or a local
+    Hugging Face directory, on CPU. Returns (model, source) where source says where the model came from
+    and what reads its text: 'what' (for messages), 'data_dir' and 'meta_path' of the data it was trained
+    on (None when unknown) and 'record', the tokenizer record train.py stored (None when there is none)."""
+    if init_from != 'resume':
+        try:
+            with contextlib.redirect_stdout(sys.stderr):  # a script's stdout is for its results
+                model = load_pretrained(init_from, 0.0, allow_unsafe_pickle)
+        except (ValueError, OSError) as e:
+            raise UserError(str(e)) from None
+        return model, dict(what=init_from, data_dir=None, meta_path=None, record=None)
+    path = os.path.join(out_dir, 'ckpt.pt')
+    checkpoint = load_checkpoint(path)
+    check_checkpoint(checkpoint, path)
+    try:
+        model = GPT(GPTConfig(**checkpoint['model_args'], gelu=checkpoint_gelu(checkpoint)))
+        model.load_state_dict(checkpoint['model'])
+    except (TypeError, ValueError, RuntimeError) as e:
+        reason = str(e).strip().splitlines()[0]
+        raise UserError(f"{path} is a checkpoint of a format this code does not know ({reason})") from None
+    # a character-level dataset's vocabulary is in its meta.pkl (our train.py records where the data was)
+    train_config = checkpoint.get('config', {})
+    data_dir = meta_path = None
+    if 'dataset' in train_config:
+        data_dir = train_config.get('data_dir') or os.path.join(ROOT, 'data', train_config['dataset'])
+        meta_path = os.path.join(data_dir, 'meta.pkl')
+    return model, dict(what=f"{path} (iter {checkpoint.get('iter_num')})", data_dir=data_dir, meta_path=meta_path,
+                       record=checkpoint.get('tokenizer'))
+
+
+def parameter_names(model, optimizer):
+    """The name of each parameter of optimizer, in its param_groups order (a parameter's position there
+    is its key in optimizer.state_dict())."""
+    names = {p: name for name, p in model.named_parameters()}
+    return [names[p] for group in optimizer.param_groups for p in group['params']]
+
+
+def full_state(model, optimizer):
+    """(model state dict, optimizer state dict) as a single process writes them: full tensors, and the
+    optimizer state keyed by each parameter's position in optimizer.param_groups, so a checkpoint resumes
+    under any parallelism and world size. Under FSDP the shards are gathered into CPU memory on rank 0
+    (no GPU ever holds the full model) with torch's state-dict helpers; every rank must call it, and the
+    others get ({}, {}). Works for any torch.optim.Optimizer."""
+    if not runtime.sharded(model):
+        return model.state_dict(), optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    model_state = get_model_state_dict(model, options=options)
+    state = get_optimizer_state_dict(model, optimizer, options=options)  # {'state': {name: {...}}, ...}
+    if dist.get_rank() != 0:
+        return {}, {}
+    index = {name: i for i, name in enumerate(parameter_names(model, optimizer))}
+    # the hyperparameters are the same on every rank and unsharded: take them as torch writes them
+    return model_state, {'state': {index[name]: s for name, s in state['state'].items()},
+                         'param_groups': optimizer.state_dict()['param_groups']}
+
+
+def load_optimizer_state(model, optimizer, state, path):
+    """Load an optimizer state dict that full_state() wrote (in any parallelism and world size) into
+    optimizer, sharding it under FSDP. Refuses state for other trainable parameters (another freeze_layers)
+    or of other shapes: torch checks the groups' sizes, not the shapes of the moment buffers, which would
+    only fail at the first step."""
+    try:
+        if 'muon' in state:  # muon.MuonAdamW's: one state dict for each of its two optimizers
+            for part in ('muon', 'adamw'):
+                load_optimizer_state(model, getattr(optimizer, part), state[part], path)
+            return
+        sizes = [len(group['params']) for group in optimizer.param_groups]
+        if [len(group['params']) for group in state['param_groups']] != sizes:
+            raise UserError(f"the checkpoint's optimizer state is for other trainable parameters than this run's "
+                            f"({sizes} per group): was it trained with another freeze_layers?")
+        params = [p for group in optimizer.param_groups for p in group['params']]  # full shapes, also under FSDP
+        for i, saved in state['state'].items():
+            for name, v in saved.items():
+                if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape != params[i].shape:
+                    raise UserError(f"checkpoint {path}: the optimizer's {name} has shape {tuple(v.shape)} "
+                                    f"for a parameter of shape {tuple(params[i].shape)}")
+        if not runtime.sharded(model):
+            optimizer.load_state_dict(state)  # moves its tensors to the parameters' device
+            return
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+        names = parameter_names(model, optimizer)
+        state = {'state': {names[i]: s for i, s in state['state'].items()},
+                 'param_groups': [{**group, 'params': [names[i] for i in group['params']]}
+                                  for group in state['param_groups']]}
+        # every rank holds the full state (it read the checkpoint) and keeps its own shard of each tensor
+        set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+        for group, saved in zip(optimizer.param_groups, state['param_groups']):
+            group.update((k, v) for k, v in saved.items() if k != 'params')  # as saved: it makes tuples lists
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError, RuntimeError) as e:
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise UserError(f"checkpoint {path}: the optimizer state does not fit the model ({reason})") from None
