@@ -13,6 +13,7 @@ import uuid
 
 import torch
 
+import checkpoints
 import runtime
 from batching import Engine, Row
 from configurator import UserError, configure
@@ -282,7 +283,7 @@ def build_app(engine, served, encode, decode, block_size, vocab_size):
 
 def load(init_from, out_dir, allow_unsafe_pickle):
     """The model and its tokenizer, read as sample.py reads them: (model, encode, decode, eot token or None)."""
-    model, source = runtime.load_model(init_from, out_dir, allow_unsafe_pickle)
+    model, source = checkpoints.load_model(init_from, out_dir, allow_unsafe_pickle)
     meta_path, record = source['meta_path'], source['record']
     if model.config.vocab_size < 50257 and not record and not (meta_path and os.path.exists(meta_path)):
         raise UserError(f"this model has a {model.config.vocab_size}-token vocabulary but its meta.pkl was not found "
