@@ -117,8 +117,9 @@ def main():
               f"tokens/s: {batched / base:.2f}x; every batched completion equals the same request served alone")
         print(f"largest batch decoded: {httpx.get(f'{url}/health').json()['largest_batch']}")
 
-        server, sample = [], []
+        server, sample, latency = [], [], []
         for r in range(rounds):  # one request alone against sample.py (in turn, so they do not compete)
+            latency.append(timed(lambda: complete(url, prompts[0], 1))[1])
             reply, dt = timed(lambda: complete(url, prompts[0]))
             server.append(reply['usage']['completion_tokens'] / dt)
             speed, text = sample_py_speed(prompts[0])
@@ -128,7 +129,8 @@ def main():
             print(f"round {r + 1}, one request: serve.py {server[-1]:.0f} tokens/s (HTTP included), "
                   f"sample.py {sample[-1]:.0f} tokens/s")
         print(f"one request alone, median of {rounds}: serve.py {statistics.median(server):.0f} tokens/s, sample.py "
-              f"{statistics.median(sample):.0f} tokens/s: {statistics.median(server) / statistics.median(sample):.2f}x")
+              f"{statistics.median(sample):.0f} tokens/s: {statistics.median(server) / statistics.median(sample):.2f}x; "
+              f"a request of 1 token takes {statistics.median(latency) * 1000:.0f} ms (HTTP, prompt, hand-offs)")
 
         def request(i):
             reply = complete(url, PROMPTS[i % len(PROMPTS)], 1 + i % max_tokens, temperature=0.8, seed=i)
