@@ -173,6 +173,18 @@ def test_batched_completions_equal_each_served_alone(server):
     assert steps < 500 + 50
 
 
+def test_a_client_that_goes_away_frees_its_place(server):
+    before = httpx.get(f'{server}/health').json()
+    with httpx.stream('POST', f'{server}/v1/completions', timeout=60,
+                      json=dict(prompt='ROMEO:', max_tokens=500, stream=True)) as response:
+        next(line for line in response.iter_lines() if line)  # one token, then hang up
+    deadline = time.monotonic() + 60
+    while (health := httpx.get(f'{server}/health').json())['active'] and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert health['active'] == 0 and health['completed'] == before['completed']
+    assert health['steps'] - before['steps'] < 500
+
+
 BAD = [  # (body, status, the field named, a fragment of the message)
     (b'{"prompt": "ROMEO:", "max_tokens": ', 400, None, 'not valid JSON'),
     (b'["ROMEO:"]', 400, None, 'must be a JSON object'),
