@@ -1,8 +1,8 @@
 """
 Continuous batching for serve.py: completions that arrive while others are generating join the running
-batch at the next step and leave it when they finish. Each completion (a Row) has its own KV caches,
-position and random generator, so rows of different lengths share one forward pass: the weights are
-applied to all rows at once, attention runs row by row against each row's own cache.
+batch at the next step and leave it when they finish. Each completion (a Row) has its own slot in the
+key/value caches, position and random generator, so rows of different lengths share one forward pass: the
+weights are applied to all rows at once, and attention masks each row to its own length.
 
     engine = Engine(model, decode, eot, device, ctx, max_batch=16, max_waiting=256)
     engine.start()                       # a thread that runs the model
@@ -11,8 +11,8 @@ applied to all rows at once, attention runs row by row against each row's own ca
 A row is decoded with the same operations as sample.py's cached decoding (model.generate_tokens): the prompt
 in one forward pass, then one position per step, and a cache rebuilt from the last block_size // 2 tokens when
 it is full. Alone in the batch, a row computes bit for bit what sample.py computes; batched, its matrix
-products run as one (B, C) x (C, N) product whose blocking differs, so its logits differ in the last bits
-(docs/serve.md).
+products run as one (B, C) x (C, N) product whose blocking differs, and its attention is masked, so its
+logits differ in the last bits (docs/serve.md).
 """
 import collections
 import threading
@@ -33,31 +33,50 @@ class Row:
         self.max_tokens, self.temperature, self.top_p, self.top_k, self.stop = max_tokens, temperature, top_p, top_k, stop
         self.new = []  # generated token ids
         self.shown = 0  # characters of the completion already emitted
+        self.text, self.whole = '', 0  # the text of new[:whole], which ends with a whole character
         self.cache = self.generator = None
+        self.slot = None  # its place in the engine's K and V
         self.done = self.cancelled = False
 
 
-def attend(attn, x, caches):
-    """CausalSelfAttention for one new position of each row, x (B, 1, C), each row against its own cache."""
+def attend(attn, x, caches, K, V, slots, pos, mask, contiguous):
+    """CausalSelfAttention for one new position of each row, x (B, 1, C). Row b's keys and values are in slot
+    slots[b] of K and V (max_batch, nh, block_size, hs), its new ones going to position pos[b]; mask
+    (B, 1, 1, L) lets it see positions 0..pos[b] of the first L; contiguous: slots are 0..B-1. A row alone runs
+    the model's own cached step."""
     B, T, C = x.size()
     q, k, v = attn.c_attn(x).split(attn.n_embd, dim=2)  # one product for all rows
     q, k, v = (a.view(B, T, attn.n_head, C // attn.n_head).transpose(1, 2) for a in (q, k, v))  # (B, nh, 1, hs)
-    # row b attends to its own past: keys and values (1, nh, pos_b + 1, hs), a length for each row
-    y = torch.cat([F.scaled_dot_product_attention(q[b:b + 1], *cache.append(k[b:b + 1], v[b:b + 1], attn.block_size))
-                   for b, cache in enumerate(caches)])  # (B, nh, 1, hs)
+    if B == 1:
+        y = F.scaled_dot_product_attention(q, *caches[0].append(k, v, attn.block_size))
+    else:
+        K[slots, :, pos], V[slots, :, pos] = k[:, :, 0], v[:, :, 0]  # (B, nh, hs) at each row's position
+        for cache in caches:
+            cache.pos += 1
+        L = mask.size(-1)
+        if contiguous:  # the usual case: views, no copy
+            keys, values = K[:B, :, :L], V[:B, :, :L]
+        else:  # a row that joined or restarts this step reads its context alone and sits out
+            keys, values = K[:, :, :L].index_select(0, slots), V[:, :, :L].index_select(0, slots)
+        y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)  # (B, nh, 1, hs)
     y = y.transpose(1, 2).contiguous().view(B, T, C)
     return attn.resid_dropout(attn.c_proj(y))
 
 
-def decode_step(model, rows, device):
-    """Logits (B, vocab_size) of the next token of each row, feeding its last token at its own position:
-    GPT.forward and Block.forward for one position per row, with per-row positions and caches."""
+def decode_step(model, rows, K, V, device):
+    """Logits (B, vocab_size) of the next token of each row (in slot row.slot of the layers' K and V),
+    feeding its last token at its own position: GPT.forward and Block.forward for one position per row."""
     idx = torch.tensor([[row.new[-1]] for row in rows], device=device)  # (B, 1)
-    pos = torch.tensor([[row.cache[0].pos] for row in rows], device=device)  # (B, 1)
+    slots = torch.tensor([row.slot for row in rows], device=device)  # (B,), increasing
+    contiguous = rows[-1].slot == len(rows) - 1
+    pos = torch.tensor([row.cache[0].pos for row in rows], device=device)  # (B,)
+    longest = max(row.cache[0].pos for row in rows) + 1
+    mask = torch.arange(longest, device=device) <= pos[:, None, None, None]  # (B, 1, 1, L)
     t = model.transformer
-    x = t.drop(t.wte(idx) + t.wpe(pos))  # (B, 1, C)
+    x = t.drop(t.wte(idx) + t.wpe(pos[:, None]))  # (B, 1, C)
     for i, block in enumerate(t.h):
-        x = x + attend(block.attn, block.ln_1(x), [row.cache[i] for row in rows])
+        x = x + attend(block.attn, block.ln_1(x), [row.cache[i] for row in rows], K[i], V[i], slots, pos, mask,
+                         contiguous)
         x = x + block.mlp(block.ln_2(x))
     return model.lm_head(t.ln_f(x))[:, -1, :]
 
@@ -100,6 +119,7 @@ class Engine:
         self.waiting = collections.deque()
         self.active = []
         self.steps = self.largest_batch = self.completed = 0
+        self.K = self.V = None  # per layer (max_batch, nh, block_size, hs): slot b holds row b's keys, values
 
     def start(self):
         threading.Thread(target=self.run, name='engine', daemon=True).start()
@@ -129,9 +149,11 @@ class Engine:
                 while not self.waiting and not self.active:
                     self.lock.wait()
                 self.active = [row for row in self.active if not row.cancelled]
+                self.compact()
                 while self.waiting and len(self.active) < self.max_batch:
                     row = self.waiting.popleft()
                     if not row.cancelled:
+                        row.slot = len(self.active)
                         self.active.append(row)
             try:
                 with torch.no_grad(), self.ctx:
@@ -142,6 +164,29 @@ class Engine:
                     row.emit(row.index, '', 'error', f"generation failed: {type(e).__name__}: {e}")
                 self.active = []
 
+    def compact(self):
+        """Move the rows down to slots 0..B-1 after others left, so that a step reads K and V as views."""
+        for b, row in enumerate(self.active):
+            if row.slot != b:  # b < row.slot: slot b is free, its row has left or moved down already
+                for i, cache in enumerate(row.cache or []):
+                    self.K[i][b, :, :cache.pos] = self.K[i][row.slot, :, :cache.pos]
+                    self.V[i][b, :, :cache.pos] = self.V[i][row.slot, :, :cache.pos]
+                row.slot = b
+                self.point(row)
+
+    def point(self, row):
+        """Make the row's caches views of its slot in K and V."""
+        for i, cache in enumerate(row.cache or []):
+            cache.k, cache.v = self.K[i][row.slot:row.slot + 1], self.V[i][row.slot:row.slot + 1]
+
+    def allocate(self):
+        """K and V for max_batch rows, zeros (a masked position must hold a number: 0 x NaN is NaN)."""
+        attn = self.model.transformer.h[0].attn
+        dtype = attn.c_attn(torch.zeros(1, 1, attn.n_embd, device=self.device)).dtype  # autocast's, if on
+        shape = (self.max_batch, attn.n_head, self.block_size, attn.n_embd // attn.n_head)
+        self.K, self.V = ([torch.zeros(shape, dtype=dtype, device=self.device) for _ in self.model.transformer.h]
+                          for _ in range(2))
+
     def step(self):
         """One new token for every active row: a row without a cache (new, or its cache is full) reads its
         context alone, as sample.py does; the others advance together in one decode_step."""
@@ -150,13 +195,16 @@ class Engine:
             keep = self.block_size if row.cache is None else self.block_size // 2
             if row.generator is None:
                 row.generator = torch.Generator(device=self.device).manual_seed(row.seed)
+            if self.K is None:
+                self.allocate()
             row.cache = [KVCache() for _ in self.model.transformer.h]
+            self.point(row)
             idx = torch.tensor([(row.prompt + row.new)[-keep:]], device=self.device)  # (1, T)
             logits, _ = self.model(idx, kv_cache=row.cache)
             self.pick([row], logits[:, -1, :])
         rows = [row for row in self.active if row not in fresh]
         if rows:
-            self.pick(rows, decode_step(self.model, rows, self.device))
+            self.pick(rows, decode_step(self.model, rows, self.K, self.V, self.device))
         with self.lock:
             self.steps += 1
             self.largest_batch = max(self.largest_batch, len(rows))
@@ -176,7 +224,11 @@ class Engine:
             finish = 'stop'
         else:
             row.new.append(token)
-        text = self.decode(row.new)
+        # decoded from the last point where the text was whole (a BPE character can span tokens)
+        tail = self.decode(row.new[row.whole:])
+        text = row.text + tail
+        if not tail.endswith('\ufffd'):
+            row.text, row.whole = text, len(row.new)
         hits = [i for i in (text.find(s) for s in row.stop) if i >= 0]
         if hits:
             text, finish = text[:min(hits)], 'stop'
@@ -188,5 +240,4 @@ class Engine:
             row.shown = end
         if finish:
             row.done = True
-            row.cache = None  # frees its memory now
             self.completed += 1
