@@ -212,6 +212,8 @@ class Engine:
 
     def pick(self, rows, logits):
         """The next token of each row from its logits (B, vocab_size): the most likely one at temperature 0."""
+        if self.eot is not None:  # GPT-2's tokens end with <|endoftext|>: a padded vocabulary's rest is never drawn
+            logits = logits[:, :self.eot + 1]
         greedy = logits.argmax(dim=-1).tolist()
         for b, row in enumerate(rows):
             self.accept(row, greedy[b] if row.temperature == 0 else sample(row, logits[b:b + 1]))

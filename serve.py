@@ -310,7 +310,8 @@ def main():
     served = model_name or (os.path.basename(os.path.abspath(out_dir)) if init_from == 'resume' else init_from)
     engine = Engine(model, decode, eot, dev, ctx, max_batch, max_waiting)
     engine.start()
-    app = build_app(engine, served, encode, decode, model.config.block_size, model.config.vocab_size)
+    tokens = model.config.vocab_size if eot is None else eot + 1  # not the padding of a vocabulary of 50304
+    app = build_app(engine, served, encode, decode, model.config.block_size, tokens)
     print(f"serving {served} on http://{host}:{port} ({dev}, batches of up to {max_batch})", file=sys.stderr,
           flush=True)
     uvicorn.run(app, host=host, port=port, log_level='info', access_log=log_requests)
