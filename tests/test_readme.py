@@ -163,7 +163,7 @@ def test_every_readme_command_runs(sandbox):
         argv = [a.replace('29500', str(port)) for a in argv]
         if server:  # the commands after `python serve.py` talk to it, on its port
             argv = [a.replace('127.0.0.1:8000', f'127.0.0.1:{server[1]}') for a in argv]
-        if 'serve.py' in command:  # a server runs until the next one starts or the commands end
+        if 'serve.py' in map(os.path.basename, argv):  # a server runs until the next one starts or the commands end
             if server:
                 server[0].terminate()
                 server[0].wait(timeout=60)
