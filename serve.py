@@ -4,6 +4,7 @@ Serve a trained model over HTTP with OpenAI's completions API, and a page to try
     $ curl http://127.0.0.1:8000/v1/completions -H 'Content-Type: application/json' -d '{"prompt": "ROMEO:"}'
 Requests that arrive while others are generating join the running batch at the next step (docs/serve.md).
 """
+import asyncio
 import collections
 import json
 import os
@@ -12,6 +13,11 @@ import time
 import uuid
 
 import torch
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException
 
 import checkpoints
 import runtime
@@ -158,13 +164,6 @@ def parse_request(body, served, encode, block_size, vocab_size):
 
 def build_app(engine, served, encode, decode, block_size, vocab_size):
     """The FastAPI application: the completions and models endpoints, /health and the page at /."""
-    import asyncio
-
-    from fastapi import FastAPI, Request
-    from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
-    from starlette.exceptions import HTTPException
-
     app = FastAPI(title='nanoGPT completions', docs_url=None, redoc_url=None, openapi_url=None)
     with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'serve.html'), encoding='utf-8') as f:
         page = f.read()
@@ -295,7 +294,6 @@ def load(init_from, out_dir, allow_unsafe_pickle):
 
 
 def main():
-    import uvicorn
     check_settings()
     dev = runtime.pick_device(device)
     ctx = runtime.autocast_context(dev, runtime.pick_dtype(dtype, dev))
