@@ -94,7 +94,7 @@ def main():
     proc, url = start_server()
     try:
         prompts = [PROMPTS[i % len(PROMPTS)] for i in range(clients)]
-        complete(url, prompts[0], 8)  # warm-up
+        complete(url, prompts[0], min(8, max_tokens))  # warm-up
         alone_texts, speeds, pool = None, {'one at a time': [], 'together': []}, concurrent.futures.ThreadPoolExecutor(
             max(clients, load_clients))
         for r in range(rounds):
