@@ -5,12 +5,16 @@ and without the KV cache; `--mode=speed` times the faithful path (eager, float32
 (the --dtype and --compile given) on the same model and batches, in alternating blocks, and prints the
 ratio of the medians; on CUDA the faithful path runs with TF32 off, so it really is float32.
 `--mode=memory` counts the bytes of parameters, gradients and optimizer state after a step in one process
-and, launched by torchrun, in each rank's FSDP shards, and measures the peak memory of a forward+backward
-with and without activation checkpointing. Small shapes for a CPU: `python bench.py --n_layer=4
---n_head=4 --n_embd=128 --block_size=64 --batch_size=12 --dataset=shakespeare_char`.
+and, launched by torchrun, in each rank's FSDP shards, measures the peak memory of a forward+backward
+with and without activation checkpointing, and under torchrun what each FSDP rank holds between the
+micro-steps of gradient accumulation, reduce-scattering after every one or only the last. Small shapes
+for a CPU: `python bench.py --n_layer=4 --n_head=4 --n_embd=128 --block_size=64 --batch_size=12
+--dataset=shakespeare_char`.
 """
+import gc
 import os
 import time
+import warnings
 
 import numpy as np
 import torch
@@ -46,6 +50,7 @@ burnin = 10  # iterations before timing starts (compilation, allocator warm-up)
 iters = 20  # timed iterations (mode=speed: per block)
 rounds = 5  # mode=speed: timed blocks per path, alternating faithful and fast; the medians are compared
 max_new_tokens = 500  # mode=generate: tokens generated from a one-token prompt
+accumulation = 4  # mode=memory under torchrun: micro-steps of FSDP's gradient accumulation
 profile_dir = 'bench_log'  # where the profiler's TensorBoard trace goes
 # -----------------------------------------------------------------------------
 configure(globals())
@@ -92,15 +97,17 @@ print(f"number of parameters: {model.get_num_params() / 1e6:.2f}M")
 
 if mode == 'generate':
     # one-token prompt, as sample.py's default; the same seed for both so they draw alike
-    model.eval()
+    model = runtime.inference_model(model, device, dtype)  # as sample.py: its weights in dtype, no autocast
     if compile:  # as sample.py does: the forward pass itself, which generate() calls
         model.forward = torch.compile(model.forward)
     prompt = torch.zeros((1, 1), dtype=torch.long, device=device)
     rates = {}
     for use_cache in (True, False):
         torch.manual_seed(seed)
-        with torch.no_grad(), ctx:
-            model.generate(prompt, 8, use_cache=use_cache)  # warm-up
+        with torch.no_grad():
+            # warm-up: the whole generation once, so that with compile every graph (prefill, the steps before the
+            # cache position turns symbolic, the cache rebuild) is compiled before timing
+            model.generate(prompt, max_new_tokens, use_cache=use_cache)
             runtime.synchronize(device)
             t0 = time.perf_counter()
             model.generate(prompt, max_new_tokens, use_cache=use_cache)
@@ -112,13 +119,17 @@ if mode == 'generate':
     raise SystemExit(0)
 
 
-def step_memory(net, optimizer):
-    """One training step, then the bytes of this process's parameters, gradients and optimizer state,
-    counted from the tensors themselves (a DTensor by its local shard, the tied weight once)."""
+def forward_backward(net):
     X, Y = get_batch()
     with ctx:
         _, loss = net(X, Y)
     loss.backward()
+
+
+def step_memory(net, optimizer):
+    """One training step, then the bytes of this process's parameters, gradients and optimizer state,
+    counted from the tensors themselves (a DTensor by its local shard, the tied weight once)."""
+    forward_backward(net)
     optimizer.step()
 
     def nbytes(tensors):
@@ -128,22 +139,37 @@ def step_memory(net, optimizer):
             'optimizer state': nbytes(v for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v))}
 
 
-def peak_step_memory(net):
-    """Peak bytes allocated during one forward+backward above what was allocated before it: the CUDA
-    allocator's statistics, or on CPU the profiler's record of each operator's allocations and frees."""
-    X, Y = get_batch()
+def live_bytes():
+    """Bytes of the tensors this process holds: the CUDA allocator's count, or on CPU, whose allocator keeps
+    none (and whose profiler misses what gloo's threads free), the distinct storages of every tensor the
+    garbage collector tracks, gradients included (FSDP keeps unsharded ones on its own objects)."""
+    if runtime.device_type(device) == 'cuda':
+        torch.cuda.synchronize(device)
+        return torch.cuda.memory_allocated(device)
+    gc.collect()
+    storages = {}
+    with warnings.catch_warnings():  # touching some of torch's deprecated objects warns
+        warnings.simplefilter('ignore')
+        objects = [obj for obj in gc.get_objects() if isinstance(obj, torch.Tensor)]
+    for obj in objects:
+        if not isinstance(obj, DTensor):  # a DTensor's local shard is counted
+            for t in (obj, obj.grad):
+                if t is not None and not isinstance(t, DTensor):
+                    storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    return sum(storages.values())
+
+
+def peak_memory(run):
+    """Peak bytes allocated while run() runs above what was allocated before it: the CUDA allocator's
+    statistics, or on CPU the profiler's record of each operator's allocations and frees."""
     if runtime.device_type(device) == 'cuda':
         torch.cuda.synchronize(device)
         before = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
-        with ctx:
-            _, loss = net(X, Y)
-        loss.backward()
+        run()
         return torch.cuda.max_memory_allocated(device) - before
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
-        with ctx:
-            _, loss = net(X, Y)
-        loss.backward()
+        run()
     live = peak = 0
     for event in sorted(prof.events(), key=lambda e: e.time_range.start):
         live += event.self_cpu_memory_usage  # what the operator itself allocated minus what it freed
@@ -174,10 +200,26 @@ if mode == 'memory':
     for checkpointing in (False, True):
         net = GPT(gptconf)
         runtime.parallelize(net, device, dtype, False, activation_checkpointing=checkpointing)
-        peaks[checkpointing] = peak_step_memory(net)
+        peaks[checkpointing] = peak_memory(lambda: forward_backward(net))
     if rank == 0:
         print(f"peak memory of forward+backward, batch {batch_size} x {block_size}: without activation checkpointing "
               f"{peaks[False] / mib:.2f} MiB, with {peaks[True] / mib:.2f} MiB ({peaks[True] / peaks[False]:.2f}x)")
+    if distributed:  # FSDP with gradient accumulation: reduce-scatter after every micro-step, or only the last
+        held = {}
+        for every in (True, False):
+            net = GPT(gptconf)
+            runtime.parallelize(net, device, dtype, distributed, fsdp=True)
+            before, most = live_bytes(), 0
+            for micro_step in range(accumulation - 1):  # the gradients each rank holds until the last one
+                runtime.set_gradient_sync(net, False, every)
+                forward_backward(net)
+                most = max(most, live_bytes() - before)
+            held[every] = runtime.gather_to_rank0(most)
+            del net
+        for r in range(world_size if rank == 0 else 0):
+            print(f"FSDP rank {r} of {world_size}, memory held between {accumulation} micro-steps: reduce-scatter after "
+                  f"every micro-step {held[True][r] / mib:.2f} MiB, only after the last {held[False][r] / mib:.2f} MiB "
+                  f"({held[False][r] / held[True][r]:.2f}x)")
     raise SystemExit(0)
 
 

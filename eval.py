@@ -179,7 +179,7 @@ def check_gpt2_tokenizer(vocab_size, meta_path, what):
 
 
 @torch.no_grad()
-def val_loss(model, data, device, ctx, batch_size=8, progress=False):
+def val_loss(model, data, device, ctx=None, batch_size=8, progress=False):
     """Mean loss over every non-overlapping window of block_size + 1 tokens of data (a uint16 array), each
     window once: every token but the first and a tail shorter than a window is predicted exactly once."""
     from tqdm import tqdm
@@ -191,7 +191,7 @@ def val_loss(model, data, device, ctx, batch_size=8, progress=False):
     bar = tqdm(total=len(starts), desc='val', unit='window', disable=not progress)
     for i in range(0, len(starts), batch_size):
         x, y = dataloader.get_batch(data, starts[i:i + batch_size], block_size, device)  # (B, block_size)
-        with ctx:
+        with ctx or nullcontext():
             _, loss = model(x, y)
         total += loss.item() * len(x)  # every window has block_size targets, so the mean of means is the mean
         bar.update(len(x))
@@ -207,7 +207,7 @@ def main():
         raise UserError(f"unknown task(s) {', '.join(unknown) or '(none)'}: use --tasks=hellaswag, val or hellaswag,val")
     rows = load_hellaswag(hellaswag_path, hellaswag_limit) if 'hellaswag' in task_list else None  # checked first
     dev = runtime.pick_device(device)
-    ctx = runtime.autocast_context(dev, runtime.pick_dtype(dtype, dev))
+    run_dtype = runtime.pick_dtype(dtype, dev)
     runtime.allow_tf32(dev)
 
     # model, and where its vocabulary and data are
@@ -215,15 +215,14 @@ def main():
     data_dir, meta_path, what = source['data_dir'], source['meta_path'], source['what']
     if 'hellaswag' in task_list:
         check_gpt2_tokenizer(model.config.vocab_size, meta_path, what)
-    model.eval()
-    model.to(dev)
+    model = runtime.inference_model(model, dev, run_dtype)  # its weights in dtype: no autocast
     if compile:
         model = torch.compile(model)  # model.config still reaches the GPT's config
 
     results = {}
     for task in task_list:
         if task == 'hellaswag':
-            r = results['hellaswag'] = hellaswag_score(model, rows, dev, ctx, batch_size, progress=True)
+            r = results['hellaswag'] = hellaswag_score(model, rows, dev, None, batch_size, progress=True)
             print(f"hellaswag: acc {r['acc']:.4f}, acc_norm {r['acc_norm']:.4f} ({r['items']} items)", flush=True)
         else:
             path = val_path or (data_dir and os.path.join(data_dir, 'val.bin'))
@@ -244,7 +243,7 @@ def main():
             if len(data) and int(data.max()) >= model.config.vocab_size:
                 raise UserError(f"{path} holds token id {int(data.max())} but the model's vocab_size is "
                                 f"{model.config.vocab_size}: the data was prepared for another vocabulary")
-            r = results['val'] = val_loss(model, data, dev, ctx, batch_size, progress=True)
+            r = results['val'] = val_loss(model, data, dev, batch_size=batch_size, progress=True)
             r['perplexity'] = float(np.exp(r['loss']))
             r['path'] = os.path.abspath(path)
             print(f"val: loss {r['loss']:.4f}, perplexity {r['perplexity']:.3f} ({r['windows']} windows of "

@@ -251,7 +251,8 @@ class GPT(nn.Module):
         if targets is not None:
             # if we are given some desired targets also calculate the loss
             logits = self.lm_head(x)
-            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
+            # in float32 also for a model run in bfloat16 (runtime.inference_model); autocast does so itself
+            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
         else:
             # inference-time mini-optimization: only forward the lm_head on the very last position
             logits = self.lm_head(x[:, [-1], :])  # note: using list [-1] to preserve the time dim
@@ -448,7 +449,7 @@ class GPT(nn.Module):
                 logits, _ = self(idx[:, -keep:], kv_cache=cache)
             else:
                 logits, _ = self(idx[:, -1:], kv_cache=cache)
-            logits = logits[:, -1, :]  # (b, vocab_size)
+            logits = logits[:, -1, :].float()  # (b, vocab_size), in float32 also from a bfloat16 model
             if temperature == 0:
                 idx_next = logits.argmax(dim=-1, keepdim=True)  # greedy
             else:

@@ -45,8 +45,10 @@ class MuonAdamW:
     """ Muon for the blocks' weight matrices and AdamW for everything else, stepped as one optimizer.
     param_groups lists the groups of both; each has an 'lr_scale', its peak learning rate over AdamW's,
     so the training loop's schedule (group['lr'] = lr * group['lr_scale']) moves all of them together.
-    state_dict() nests both, so a checkpoint keeps one 'optimizer' entry. GradScaler works with it:
-    it only needs param_groups and step(). """
+    state_dict() nests both, so a checkpoint keeps one 'optimizer' entry. GradScaler works with it
+    (it only needs param_groups and step()), but reads its overflow flag on the host, a second sync per
+    iteration: it has no _step_supports_amp_scaling, as torch's Muon cannot skip a step by a flag on the
+    device, so train.py refuses float16 with Muon. """
 
     def __init__(self, muon, adamw, muon_lr_scale):
         self.muon, self.adamw = muon, adamw

@@ -96,6 +96,14 @@ def autocast_context(device, dtype):
     return torch.autocast(device_type=device_type(device), dtype=DTYPES[dtype])
 
 
+def inference_model(model, device, dtype):
+    """model in eval mode on device with its weights in dtype, for sampling and evaluation without autocast.
+    Under autocast, compiled decoding would convert every weight to dtype at every token: eager autocast
+    caches its casts, a compiled graph cannot. Converted once, LayerNorms and the residual stream run in
+    dtype too (the logits are upcast for sampling and the loss); training keeps float32 weights."""
+    return model.eval().to(device=device, dtype=DTYPES[dtype])
+
+
 def allow_tf32(device, allowed=True):
     """Let float32 matmuls and convolutions use TF32 tensor cores, or not (CUDA only; a no-op elsewhere)."""
     if device_type(device) == 'cuda':
@@ -120,34 +128,37 @@ def synchronize(device):
         torch.mps.synchronize()
 
 
-# dense (no sparsity) bfloat16/float16 tensor-core peaks from NVIDIA's datasheets, per GPU, matched against
-# torch.cuda.get_device_name() in this order, first match wins ('NVIDIA H100 80GB HBM3' is the SXM card);
-# T4 and V100 have no bfloat16, so theirs is the float16 peak
+# dense (no sparsity) peaks from NVIDIA's datasheets, per GPU: (bfloat16/float16 tensor cores, float32), matched
+# against torch.cuda.get_device_name() in this order, first match wins ('NVIDIA H100 80GB HBM3' is the SXM card).
+# float32 is TF32's tensor-core peak, which float32 matmuls reach because train.py allows TF32; T4 and V100 have
+# neither bfloat16 nor TF32, so theirs are the float16 and the plain float32 peaks
 PEAK_FLOPS = (
-    (r'H100.*(PCIe|PCI-E)', 756e12), (r'H100.*NVL', 835e12), (r'H100', 989e12),
-    (r'H200.*NVL', 835e12), (r'H200', 989e12),
-    (r'A100', 312e12),  # 40 GB and 80 GB, SXM and PCIe alike
-    (r'L40S', 362e12), (r'\bL4\b', 121e12), (r'\bA10\b', 125e12),  # not the A10G, which is not an A10
-    (r'\bT4\b', 65e12),
-    (r'V100S', 130e12), (r'V100.*PCIE', 112e12), (r'V100', 125e12),  # V100 SXM2
+    (r'H100.*(PCIe|PCI-E)', 756e12, 378e12), (r'H100.*NVL', 835e12, 418e12), (r'H100', 989e12, 495e12),
+    (r'H200.*NVL', 835e12, 418e12), (r'H200', 989e12, 495e12),
+    (r'A100', 312e12, 156e12),  # 40 GB and 80 GB, SXM and PCIe alike
+    (r'L40S', 362e12, 183e12), (r'\bL4\b', 121e12, 60e12), (r'\bA10\b', 125e12, 62.5e12),  # not the A10G
+    (r'\bT4\b', 65e12, 8.1e12),
+    (r'V100S', 130e12, 16.4e12), (r'V100.*PCIE', 112e12, 14e12), (r'V100', 125e12, 15.7e12),  # V100 SXM2
 )
 
 
-def table_peak_flops(gpu_name):
-    """The PEAK_FLOPS entry for a GPU's name, or None for a GPU that is not in the table."""
-    return next((flops for pattern, flops in PEAK_FLOPS if re.search(pattern, gpu_name, re.IGNORECASE)), None)
+def table_peak_flops(gpu_name, dtype='bfloat16'):
+    """The PEAK_FLOPS entry for a GPU's name and a training dtype, or None for a GPU that is not in the table."""
+    entry = next((entry for entry in PEAK_FLOPS if re.search(entry[0], gpu_name, re.IGNORECASE)), None)
+    return entry and entry[2 if dtype == 'float32' else 1]
 
 
 @functools.cache
 def device_peak_flops(device, dtype='float32'):
     """Peak flops/s of a device ('cuda:0', 'cpu', ...) for training in dtype: the table above for known
-    GPUs; on other GPUs the measured throughput of 4096x4096 matmuls in dtype (the training runs its
-    matmuls in it, and smaller ones leave a GPU's tensor cores half idle); on CPU and MPS that of
-    1024x1024 float32 matmuls (their bfloat16 is emulated or slower, and what they sustain is float32).
-    The operands are constant, so measuring draws nothing from the random streams."""
+    GPUs (its float32 column for float32, its bfloat16/float16 one otherwise); on other GPUs the measured
+    throughput of 4096x4096 matmuls in dtype (the training runs its matmuls in it, and smaller ones leave a
+    GPU's tensor cores half idle); on CPU and MPS that of 1024x1024 float32 matmuls (their bfloat16 is
+    emulated or slower, and what they sustain is float32). The operands are constant, so measuring draws
+    nothing from the random streams."""
     device = torch.device(device)
     if device.type == 'cuda':
-        return table_peak_flops(torch.cuda.get_device_name(device)) or matmul_flops(device, dtype, 4096)
+        return table_peak_flops(torch.cuda.get_device_name(device), dtype) or matmul_flops(device, dtype, 4096)
     return matmul_flops(device, 'float32', 1024)
 
 
@@ -295,12 +306,18 @@ def shared_rendezvous_store():
 
 def parallelize(model, device, dtype, distributed, fsdp=False, activation_checkpointing=False, compile=False):
     """Apply, from outside the GPT and in torchtitan's order, what makes it train here: activation
-    checkpointing of each Block, torch.compile, then data parallelism over the processes: FSDP2
-    (fully_shard on each Block, then on the root, which keeps the embeddings, ln_f and the tied
-    lm_head) or DDP. Without a process group fsdp is a no-op: one process has nothing to shard.
-    The GPT is modified in place (under FSDP its parameters become DTensor shards, each rank holding
-    1/world_size of every tensor along dim 0); it stays what the optimizer steps and full_state()
-    saves. Returns (model, train_model): what evaluation calls and what training calls."""
+    checkpointing of each Block, torch.compile, then data parallelism over the processes: FSDP2 or DDP.
+    Without a process group fsdp is a no-op: one process has nothing to shard. compile: False, True
+    (inductor) or another torch.compile backend (the tests count graphs with one).
+    Under FSDP each Block's attention and MLP are one unit, gathered only while the Block runs, and the
+    root keeps the embeddings (and so the tied lm_head) and every LayerNorm, gathered for the whole
+    forward and backward. FSDP computes what autocast does under DDP: the matmul weights are gathered in
+    the training dtype (autocast would cast them so anyway), the rest in float32, so the residual stream,
+    the norms and the loss stay in float32; gradients are averaged in float32. The GPT is modified in
+    place (under FSDP its parameters become DTensor shards, each rank holding 1/world_size of every
+    tensor along dim 0); it stays what the optimizer steps and full_state() saves.
+    Returns (model, train_model): what evaluation calls and what training calls."""
+    compiler = compile and functools.partial(torch.compile, backend='inductor' if compile is True else compile)
     if activation_checkpointing:
         for block in model.transformer.h:
             # keep only the Block's input in forward and recompute its activations in backward (dropout
@@ -309,32 +326,47 @@ def parallelize(model, device, dtype, distributed, fsdp=False, activation_checkp
             block.forward = functools.partial(recompute, block.forward, use_reentrant=False)
     if fsdp and distributed:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+        from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-        # compute in the training dtype, average gradients in float32 (a no-op when training in float32)
-        mp_policy = MixedPrecisionPolicy(param_dtype=DTYPES[dtype], reduce_dtype=torch.float32)
+        # the run's own device: without a mesh fully_shard builds one on torch's accelerator, CUDA on any
+        # machine that has a GPU, whatever --device says, and moves the weights there (pytorch#132471)
+        mesh = init_device_mesh(device_type(device), (dist.get_world_size(),))
+        # one policy per FSDP unit, so the LayerNorm gains and the embeddings are not rounded to bfloat16 as
+        # the matmul weights are; autocast casts the matmuls' inputs, as without FSDP
+        matmuls = MixedPrecisionPolicy(param_dtype=DTYPES[dtype], reduce_dtype=torch.float32, cast_forward_inputs=False)
+        rest = MixedPrecisionPolicy(reduce_dtype=torch.float32)
         full = model.state_dict() if dist.get_rank() == 0 else {}  # CPU tensors
         for block in model.transformer.h:
-            fully_shard(block, mp_policy=mp_policy)  # a Block's weights are gathered only while it runs
-        fully_shard(model, mp_policy=mp_policy)  # moves each rank's shards (and only them) to its device
+            if compiler:
+                # Dynamo does not trace FSDP's hooks, and a graph break in the root's loop over the Blocks
+                # would make it skip the root's forward, and with activation checkpointing everything: so
+                # compile what runs inside the hooks, and leave the root (embeddings, lm_head, loss) eager
+                block.attn.forward, block.mlp.forward = compiler(block.attn.forward), compiler(block.mlp.forward)
+            fully_shard([block.attn, block.mlp], mesh=mesh, mp_policy=matmuls)
+        # each rank moves every full tensor to its device, then keeps its own shard and frees the rest
+        fully_shard(model, mesh=mesh, mp_policy=rest)
         # every rank starts from rank 0's weights (as DDP does; seeded per rank, their random inits differ),
         # sent one tensor at a time, each rank keeping its shard
         set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
-    else:
-        model.to(device)
-    model = train_model = torch.compile(model) if compile else model
-    if distributed and not fsdp:
+        return model, model
+    model.to(device)
+    model = train_model = compiler(model) if compiler else model
+    if distributed:
         train_model = DDP(model, device_ids=[torch.device(device).index] if device_type(device) == 'cuda' else None)
     return model, train_model
 
 
-def set_gradient_sync(train_model, sync):
-    """Whether this micro-step's backward averages the gradients over processes (DDP, FSDP). Before the
-    last micro-step of an iteration they accumulate locally (under FSDP: unsharded, at full size)."""
+def set_gradient_sync(train_model, last_micro_step, fsdp_every_micro_step=True):
+    """Whether this micro-step's backward averages the gradients over processes. DDP: only after the last
+    micro-step of an iteration; before it they accumulate locally. FSDP: after every micro-step by default,
+    a reduce-scatter each time, so that every rank only ever keeps its shard of the gradients; with
+    fsdp_every_micro_step=False only after the last, each rank holding full-size float32 gradients until
+    then, which costs most of FSDP's saving on memory for less communication (docs/scale.md)."""
     module = getattr(train_model, '_orig_mod', train_model)  # under torch.compile
     if isinstance(module, DDP):
-        module.require_backward_grad_sync = sync
+        module.require_backward_grad_sync = last_micro_step
     elif sharded(module):
-        module.set_requires_gradient_sync(sync)
+        module.set_requires_gradient_sync(last_micro_step or fsdp_every_micro_step)
 
 
 def sharded(module):

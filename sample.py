@@ -37,14 +37,12 @@ if num_samples <= 0:
 device = runtime.pick_device(device)
 dtype = runtime.pick_dtype(dtype, device)
 runtime.allow_tf32(device)
-ctx = runtime.autocast_context(device, dtype)
 torch.manual_seed(seed)
 
 # model, and the tokenizer its text is read with
 model, source = checkpoints.load_model(init_from, out_dir, allow_unsafe_pickle)
 meta_path, record = source['meta_path'], source['record']  # record: what made the training data, if recorded
-model.eval()
-model.to(device)
+model = runtime.inference_model(model, device, dtype)  # its weights in dtype: no autocast
 if compile:
     # generate() calls self(...), so compile the forward pass itself, not a wrapper around the module
     model.forward = torch.compile(model.forward)
@@ -89,7 +87,7 @@ def stream_sample(x):
 
 # run generation
 t0 = time.perf_counter()
-with torch.no_grad(), ctx:
+with torch.no_grad():
     if stream:
         for k in range(num_samples):
             stream_sample(x)

@@ -93,6 +93,7 @@ device = 'auto'  # 'auto' (cuda, else mps, else cpu), 'cpu', 'cuda', 'cuda:1', '
 dtype = 'auto'  # 'auto' (bfloat16, float16 on GPUs without it, float32 on cpu/mps), 'float32', 'bfloat16', 'float16'
 compile = None  # use PyTorch 2.0 to compile the model to be faster; None: on CUDA only
 fsdp = False  # under torchrun, shard parameters, gradients and optimizer state (FSDP2) instead of DDP
+fsdp_reduce_every_micro_step = True  # FSDP: reduce-scatter gradients after each micro-step (memory), else only the last
 activation_checkpointing = False  # recompute each Block's activations in backward: less memory, ~1/3 more compute
 freeze_layers = 0  # finetune only above this: embeddings (so the tied lm_head) and the lowest N Blocks stay fixed
 dist_timeout = 600  # seconds a collective waits for a lost peer before failing (torchrun can then restart)
@@ -125,6 +126,10 @@ if gradient_accumulation_steps % world_size != 0:
     raise UserError(f"gradient_accumulation_steps ({gradient_accumulation_steps}) is the global count and must be "
                     f"divisible by the number of processes ({world_size})")
 accum_steps = gradient_accumulation_steps // world_size  # micro-steps per process and iteration
+if optimizer == 'muon' and dtype == 'float16':
+    raise UserError("optimizer muon with float16 is not supported: GradScaler skips an overflowed step without a host "
+                    "sync only for optimizers that take its overflow flag, which Muon does not (a second sync every "
+                    "iteration); use --dtype=bfloat16 (a GPU from Ampere on) or float32, or --optimizer=adamw")
 if optimizer == 'muon' and fsdp and ddp:
     raise UserError("optimizer muon orthogonalizes whole weight matrices, which fsdp shards over the processes: "
                     "use --optimizer=adamw with --fsdp=True, or muon with DDP (--fsdp=False)")
@@ -400,8 +405,8 @@ while True:
     # the training step: forward backward update, with gradient accumulation to simulate larger batch size
     loss_sum = torch.zeros((), device=device)
     for micro_step in range(accum_steps):
-        # average the gradients over ranks only after the last micro-step; before it, accumulate locally
-        runtime.set_gradient_sync(train_model, micro_step == accum_steps - 1)
+        # DDP averages the gradients over ranks only after the last micro-step; FSDP by default after each
+        runtime.set_gradient_sync(train_model, micro_step == accum_steps - 1, fsdp_reduce_every_micro_step)
         with ctx:
             logits, loss = train_model(X, Y)  # logits (B, T, vocab_size), loss a scalar
             loss = loss / accum_steps  # scale the loss to account for gradient accumulation

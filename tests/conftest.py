@@ -17,22 +17,33 @@ TINY = ['--n_layer=2', '--n_head=2', '--n_embd=32', '--block_size=32', '--batch_
         '--gradient_accumulation_steps=1', '--bias=False', '--device=cpu', '--compile=False']
 
 
+def too_few_gpus(item):
+    """For a test marked gpus(n), which needs n CUDA GPUs: the reason to skip it here, or None."""
+    marker = item.get_closest_marker('gpus')
+    if marker and torch.cuda.is_available() and torch.cuda.device_count() < marker.args[0]:
+        return f"needs {marker.args[0]} CUDA GPUs, this machine has {torch.cuda.device_count()}"
+
+
 def pytest_collection_modifyitems(config, items):
-    """Tests marked gpu need a CUDA GPU: without one they are skipped, the only tests that may skip."""
-    if not torch.cuda.is_available():
-        for item in items:
-            if 'gpu' in item.keywords:
-                item.add_marker(pytest.mark.skip(reason='needs a CUDA GPU (on one: python -m pytest -q -m gpu)'))
+    """Tests marked gpu need a CUDA GPU: without one they are skipped, the only tests that may skip; those
+    marked gpus(n) too on a machine with fewer than n GPUs."""
+    for item in items:
+        if 'gpu' in item.keywords and not torch.cuda.is_available():
+            item.add_marker(pytest.mark.skip(reason='needs a CUDA GPU (on one: python -m pytest -q -m gpu)'))
+        elif too_few_gpus(item):
+            item.add_marker(pytest.mark.skip(reason=too_few_gpus(item)))
 
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
     """A skip is a failure in CI (CI=true, which .ci/run sets), except for gpu tests on a machine without
-    CUDA, and so is a gpu test skipped on a machine with CUDA: a missing data file must not pass unnoticed."""
+    CUDA, and so is a gpu test skipped on a machine with CUDA (unless it needs more GPUs than there are): a
+    missing data file must not pass unnoticed."""
     outcome = yield
     report = outcome.get_result()
     gpu = 'gpu' in item.keywords
-    if report.skipped and (gpu and torch.cuda.is_available() or not gpu and os.environ.get('CI') == 'true'):
+    if report.skipped and (gpu and torch.cuda.is_available() and not too_few_gpus(item) or
+                           not gpu and os.environ.get('CI') == 'true'):
         report.outcome = 'failed'
         report.longrepr = f"skipped where nothing may skip: {report.longrepr}"
 

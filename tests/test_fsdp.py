@@ -1,7 +1,8 @@
 """FSDP2 on CPU (gloo) through torchrun: two processes train like one with the same global batch
-(with and without accumulation, activation checkpointing and frozen layers), one checkpoint format
-that resumes under any parallelism bitwise, frozen layers that stay put, and a worker killed with
-SIGKILL that torchrun restarts and that resumes by itself."""
+(with and without accumulation, activation checkpointing and frozen layers; in bfloat16 as DDP does),
+one checkpoint format that resumes under any parallelism bitwise, frozen layers that stay put, a worker
+killed with SIGKILL that torchrun restarts and that resumes by itself, and what torch.compile compiles."""
+import json
 import os
 import re
 import shutil
@@ -162,6 +163,77 @@ def test_sigkilled_worker_restarts_and_resumes(train_command, fsdp_frozen, tmp_p
     assert [(r['iter'], r['loss']) for r in rows.values()] == [(r['iter'], r['loss']) for r in ref_rows.values()]
 
 
+def max_loss_difference(a, b):
+    (rows, _), (ref_rows, _) = read_log(a), read_log(b)
+    assert sorted(rows) == sorted(ref_rows)
+    return max(abs(rows[it]['loss'] - ref_rows[it]['loss']) for it in rows)
+
+
+def test_fsdp_in_bfloat16_trains_like_ddp(train, tmp_path):
+    # FSDP is a memory choice, not a numerics one: in bfloat16 it computes what autocast computes under DDP
+    # (matmuls in bfloat16; the residual stream, norms and loss in float32). Without gradient clipping,
+    # whose norm FSDP sums over shards in another order (a difference of its own, which float32 shows too)
+    args = [*RUN, *NO_ACCUMULATION, '--dtype=bfloat16', '--n_embd=64', '--max_iters=40', '--eval_interval=40',
+            '--lr_decay_iters=40', '--grad_clip=0']
+    for name, extra, torchrun in (('single', [], None), ('ddp', [], TWO), ('fsdp', ['--fsdp=True'], TWO)):
+        train(*args, *extra, f'--out_dir={tmp_path / name}', torchrun=torchrun)
+    ddp = max_loss_difference(tmp_path / 'ddp', tmp_path / 'single')
+    assert max_loss_difference(tmp_path / 'fsdp', tmp_path / 'single') <= 3 * ddp + 0.005
+
+
+# what torch.compile makes of the FSDP model, counted with a backend that runs Dynamo's graphs as they are
+COMPILE_PROBE = """
+import json, sys
+import torch, torch.distributed as dist
+from torch._dynamo.utils import counters
+import runtime
+from model import GPT, GPTConfig
+dist.init_process_group('gloo')
+linears = [0]  # Linear layers run inside compiled graphs
+
+def backend(gm, example_inputs):
+    n = sum(node.target is torch._C._nn.linear for node in gm.graph.nodes)
+    def run(*args):
+        linears[0] += n
+        return gm.forward(*args)
+    return run
+
+result = {}
+for checkpointing in (False, True):
+    torch._dynamo.reset()
+    counters.clear()
+    model = GPT(GPTConfig(n_layer=3, n_head=2, n_embd=32, block_size=16, vocab_size=65, dropout=0.0))
+    runtime.parallelize(model, 'cpu', 'float32', True, fsdp=True, activation_checkpointing=checkpointing,
+                        compile=backend)
+    forwards = []
+    for _ in range(3):
+        linears[0] = 0
+        x = torch.randint(65, (2, 16))
+        _, loss = model(x, x)
+        forwards.append(linears[0])
+        loss.backward()
+    result[checkpointing] = dict(forwards=forwards, graphs=counters['stats']['unique_graphs'],
+                                 breaks=sum(counters['graph_break'].values()))
+with open(f'rank{dist.get_rank()}.json', 'w') as f:
+    json.dump(result, f)
+dist.destroy_process_group()
+"""
+
+
+def test_fsdp_compiles_every_block(tmp_path):
+    # with and without activation checkpointing: every Block's four Linear layers run compiled in every
+    # forward (lm_head, the embeddings and the loss run eager), in two graphs (attention and MLP, shared
+    # by all Blocks) and without graph breaks
+    script = tmp_path / 'probe.py'
+    script.write_text(COMPILE_PROBE)
+    result = subprocess.run([TORCHRUN, *TWO, str(script)], capture_output=True, text=True, timeout=240,
+                            env=hermetic_env(PYTHONPATH=ROOT), cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    for rank in (0, 1):
+        for checkpointing, counts in json.loads((tmp_path / f'rank{rank}.json').read_text()).items():
+            assert counts == dict(forwards=[4 * 3] * 3, graphs=2, breaks=0), checkpointing
+
+
 @pytest.mark.parametrize('args, message', [
     (['--freeze_layers=3'], "error: freeze_layers must be between 0 and n_layer (2), got 3"),
     (['--fsdp=True', '--dtype=float16'], "error: fsdp with float16 is not supported"),
@@ -197,3 +269,10 @@ def test_memory_script(tmp_path):
     without, with_ = map(float, re.search(r'without activation checkpointing ([\d.]+) MiB, with ([\d.]+) MiB',
                                           result.stdout).groups())
     assert with_ < 0.7 * without
+    # with gradient accumulation, reduce-scattering after every micro-step keeps only each rank's shard of the
+    # gradients between micro-steps, where syncing only after the last keeps them whole
+    for rank in (0, 1):
+        every, last = map(float, re.search(rf'FSDP rank {rank} of 2, memory held between 4 micro-steps: reduce-scatter '
+                                           r'after every micro-step ([\d.]+) MiB, only after the last ([\d.]+) MiB',
+                                           result.stdout).groups())
+        assert last == pytest.approx(2 * every, rel=0.05)

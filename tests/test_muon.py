@@ -44,9 +44,11 @@ def straight(train, tmp_path_factory):
     return str(out)
 
 
-def test_float32_newton_schulz_is_torchs_muon_in_float32():
+@pytest.mark.parametrize('device', ['cpu', pytest.param('cuda', marks=pytest.mark.gpu)])
+def test_float32_newton_schulz_is_torchs_muon_in_float32(device):
+    # on CUDA torch's bfloat16 Newton-Schulz runs on tensor cores, which round otherwise than a CPU
     torch.manual_seed(0)
-    params = [torch.randn(96, 32), torch.randn(32, 64)]  # a tall and a wide matrix
+    params = [torch.randn(96, 32, device=device), torch.randn(32, 64, device=device)]  # a tall and a wide matrix
     grads = [[torch.randn_like(p) for p in params] for _ in range(3)]
     updates = {}
     for cls in (torch.optim.Muon, Float32Muon):
@@ -141,6 +143,9 @@ def test_finetune_gpt2_weights(train, tmp_path):
 def test_errors(train, straight, tmp_path):
     line = error_line(train('--optimizer=sgd', f'--out_dir={tmp_path}', check=False))
     assert line == "error: unknown optimizer 'sgd': use adamw or muon"
+    # GradScaler would read its overflow flag on the host for MuonAdamW: a second sync in every iteration
+    line = error_line(train('--optimizer=muon', '--dtype=float16', f'--out_dir={tmp_path}', check=False))
+    assert line.startswith("error: optimizer muon with float16 is not supported") and '--dtype=bfloat16' in line
     before = open(os.path.join(straight, 'ckpt.pt'), 'rb').read()
     line = error_line(train('--optimizer=adamw', '--init_from=resume', f'--out_dir={straight}', check=False))
     assert line.endswith("ckpt.pt was trained with optimizer muon: resume it with --optimizer=muon")
