@@ -4,7 +4,7 @@ batch at the next step and leave it when they finish. Each completion (a Row) ha
 key/value caches, position and random generator, so rows of different lengths share one forward pass: the
 weights are applied to all rows at once, and attention masks each row to its own length.
 
-    engine = Engine(model, decode, eot, device, ctx, max_batch=16, max_waiting=256)
+    engine = Engine(model, decode, eot, device, max_batch=16, max_waiting=256)
     engine.start()                       # a thread that runs the model
     engine.submit([Row(0, ids, seed, emit, max_tokens=16, ...)])   # emit(index, text, finish_reason, error)
 
@@ -111,8 +111,8 @@ class Engine:
     """The model's thread: admits waiting rows into the batch, decodes one token of every active row per
     step, and reports text to each row's emit as it becomes final."""
 
-    def __init__(self, model, decode, eot, device, ctx, max_batch, max_waiting):
-        self.model, self.decode, self.eot, self.device, self.ctx = model, decode, eot, device, ctx
+    def __init__(self, model, decode, eot, device, max_batch, max_waiting):
+        self.model, self.decode, self.eot, self.device = model, decode, eot, device
         self.max_batch, self.max_waiting = max_batch, max_waiting
         self.block_size = model.config.block_size
         self.lock = threading.Condition()
@@ -156,7 +156,7 @@ class Engine:
                         row.slot = len(self.active)
                         self.active.append(row)
             try:
-                with torch.no_grad(), self.ctx:
+                with torch.no_grad():
                     self.step()
             except Exception as e:  # e.g. out of memory: fail these requests, keep serving the next ones
                 traceback.print_exc()
@@ -182,7 +182,7 @@ class Engine:
     def allocate(self):
         """K and V for max_batch rows, zeros (a masked position must hold a number: 0 x NaN is NaN)."""
         attn = self.model.transformer.h[0].attn
-        dtype = attn.c_attn(torch.zeros(1, 1, attn.n_embd, device=self.device)).dtype  # autocast's, if on
+        dtype = attn.c_attn.weight.dtype  # runtime.inference_model's
         shape = (self.max_batch, attn.n_head, self.block_size, attn.n_embd // attn.n_head)
         self.K, self.V = ([torch.zeros(shape, dtype=dtype, device=self.device) for _ in self.model.transformer.h]
                           for _ in range(2))
@@ -212,6 +212,7 @@ class Engine:
 
     def pick(self, rows, logits):
         """The next token of each row from its logits (B, vocab_size): the most likely one at temperature 0."""
+        logits = logits.float()  # as sample.py's, also from a bfloat16 model
         if self.eot is not None:  # GPT-2's tokens end with <|endoftext|>: a padded vocabulary's rest is never drawn
             logits = logits[:, :self.eot + 1]
         greedy = logits.argmax(dim=-1).tolist()

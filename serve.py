@@ -296,17 +296,15 @@ def load(init_from, out_dir, allow_unsafe_pickle):
 def main():
     check_settings()
     dev = runtime.pick_device(device)
-    ctx = runtime.autocast_context(dev, runtime.pick_dtype(dtype, dev))
     runtime.allow_tf32(dev)
     model, encode, decode, eot = load(init_from, out_dir, allow_unsafe_pickle)
-    model.eval()
-    model.to(dev)
+    model = runtime.inference_model(model, dev, runtime.pick_dtype(dtype, dev))  # its weights in dtype, as sample.py
     if compile:
         model.forward = torch.compile(model.forward, dynamic=True)
         for block in model.transformer.h:
             block.mlp.forward = torch.compile(block.mlp.forward, dynamic=True)
     served = model_name or (os.path.basename(os.path.abspath(out_dir)) if init_from == 'resume' else init_from)
-    engine = Engine(model, decode, eot, dev, ctx, max_batch, max_waiting)
+    engine = Engine(model, decode, eot, dev, max_batch, max_waiting)
     engine.start()
     tokens = model.config.vocab_size if eot is None else eot + 1  # not the padding of a vocabulary of 50304
     app = build_app(engine, served, encode, decode, model.config.block_size, tokens)
