@@ -7,9 +7,10 @@ ratio of the medians; on CUDA the faithful path runs with TF32 off, so it really
 `--mode=memory` counts the bytes of parameters, gradients and optimizer state after a step in one process
 and, launched by torchrun, in each rank's FSDP shards, measures the peak memory of a forward+backward
 with and without activation checkpointing, and under torchrun what each FSDP rank holds between the
-micro-steps of gradient accumulation, reduce-scattering after every one or only the last. Small shapes
-for a CPU: `python bench.py --n_layer=4 --n_head=4 --n_embd=128 --block_size=64 --batch_size=12
---dataset=shakespeare_char`.
+micro-steps of gradient accumulation, reduce-scattering after every one or only the last; and, for
+finetuning, the same bytes with freeze_layers and with LoRA adapters, then the same arithmetic for GPT-2's
+sizes. Small shapes for a CPU: `python bench.py --n_layer=4 --n_head=4 --n_embd=128 --block_size=64
+--batch_size=12 --dataset=shakespeare_char`.
 """
 import gc
 import os
@@ -21,6 +22,7 @@ import torch
 from torch.distributed.tensor import DTensor
 
 import dataloader
+import lora
 import runtime
 from configurator import ROOT, UserError, configure
 from model import GPT, GPTConfig
@@ -30,7 +32,9 @@ from tokenizer import load_meta
 mode = 'train'  # 'train': time forward+backward+update; 'generate': tokens/s with and without the KV cache;
 # 'speed': the faithful path (eager, float32, no TF32) against --dtype/--compile, alternating blocks of iters;
 # 'memory': bytes of parameters + gradients + optimizer state (per FSDP rank under torchrun), and the
-# peak memory of a step with and without activation checkpointing
+# peak memory of a step with and without activation checkpointing, and finetuning with these:
+freeze_layers = 0  # mode=memory: the lowest Blocks frozen; 0 = three quarters of them
+lora_rank = 8  # mode=memory: LoRA adapters of this rank on c_attn, c_proj and c_fc (train.py's default targets)
 batch_size = 12
 block_size = 1024
 n_layer = 12
@@ -220,6 +224,42 @@ if mode == 'memory':
             print(f"FSDP rank {r} of {world_size}, memory held between {accumulation} micro-steps: reduce-scatter after "
                   f"every micro-step {held[True][r] / mib:.2f} MiB, only after the last {held[False][r] / mib:.2f} MiB "
                   f"({held[False][r] / held[True][r]:.2f}x)")
+    # finetuning in one process: all weights, the top Blocks only, or LoRA adapters (train.py's settings)
+    adapters = lora.settings(lora_rank, 2.0 * lora_rank, 0.0, 'c_attn,c_proj,c_fc', 'adamw', 0)
+
+    def finetuned(config, how):
+        net = GPT(config)
+        if how == 'freeze_layers':
+            net.freeze(freeze_layers or config.n_layer * 3 // 4)
+        elif how == 'lora':
+            lora.add_adapters(net, adapters)
+        return net
+
+    def arithmetic(net):
+        """float32 weights (4 bytes each), and for each trainable one a gradient (4) and AdamW's moments (8)."""
+        trainable, total = lora.count_trainable(net)
+        return 4 * total + 12 * trainable, trainable, total
+
+    hows = ('full', 'freeze_layers', 'lora')
+    for how in hows:
+        net = finetuned(gptconf, how).to(device)
+        size = step_memory(net, net.configure_optimizers(**opt_args))
+        expected, trainable, total = arithmetic(net)
+        if rank == 0:
+            print(f"finetuning, {how}: {trainable:,} of {total:,} parameters trainable ({100 * trainable / total:.2f}%); "
+                  + ", ".join(f"{k} {v / mib:.2f} MiB" for k, v in size.items()) + f", total "
+                  f"{sum(size.values()) / mib:.2f} MiB (arithmetic: {expected / mib:.2f} MiB)")
+    if rank == 0:
+        print(f"the same arithmetic for GPT-2's shapes (meta tensors), GiB per process; freeze_layers: the lowest 3/4 "
+              f"of the Blocks; LoRA rank {lora_rank}:")
+        for name, (layers, width) in dict(gpt2=(12, 768), gpt2_medium=(24, 1024), gpt2_large=(36, 1280),
+                                          gpt2_xl=(48, 1600)).items():
+            config = GPTConfig(n_layer=layers, n_head=width // 64, n_embd=width, block_size=1024, vocab_size=50257,
+                               bias=True, gelu='tanh')
+            with torch.device('meta'):
+                sizes = {how: arithmetic(finetuned(config, how)) for how in hows}
+            print(f"{name}: " + ", ".join(f"{how} {b / 2**30:.1f} GiB ({t / n:.2%} trainable)"
+                                          for how, (b, t, n) in sizes.items()))
     raise SystemExit(0)
 
 

@@ -126,6 +126,20 @@ def checkpoint_gelu(checkpoint):
     return 'tanh' if 'sampler_state' in checkpoint else 'exact'
 
 
+def checkpoint_file(init_from):
+    """The ckpt.pt that init_from names when it is a path (the file itself, or an out_dir holding one), or None
+    for a GPT-2 name or a Hugging Face directory (config.json). A path that holds neither is refused."""
+    if os.path.isfile(init_from):
+        return init_from
+    if os.path.isfile(os.path.join(init_from, 'ckpt.pt')):
+        return os.path.join(init_from, 'ckpt.pt')
+    if os.path.isdir(init_from) and not os.path.exists(os.path.join(init_from, 'config.json')) or (
+            not os.path.exists(init_from) and (os.sep in init_from or init_from.endswith('.pt'))):
+        raise UserError(f"init_from={init_from}: no checkpoint there; give a ckpt.pt, the out_dir of a run "
+                        "(holding ckpt.pt) or a Hugging Face directory (config.json + model.safetensors)")
+    return None
+
+
 def check_hf_dir(path, allow_unsafe_pickle=False):
     """ Raise ValueError unless path is a Hugging Face GPT-2 directory we load: config.json a JSON
     object (of model_type gpt2, if it says), weights in safetensors, which hold only tensors. A
@@ -233,7 +247,8 @@ def load_optimizer_state(model, optimizer, state, path):
         sizes = [len(group['params']) for group in optimizer.param_groups]
         if [len(group['params']) for group in state['param_groups']] != sizes:
             raise UserError(f"the checkpoint's optimizer state is for other trainable parameters than this run's "
-                            f"({sizes} per group): was it trained with another freeze_layers?")
+                            f"({sizes} per group): was it trained with another freeze_layers? To finetune its "
+                            f"weights with other settings, start a new run with --init_from={path}")
         params = [p for group in optimizer.param_groups for p in group['params']]  # full shapes, also under FSDP
         for i, saved in state['state'].items():
             for name, v in saved.items():

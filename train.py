@@ -33,6 +33,7 @@ import torch
 
 import checkpoints
 import dataloader
+import lora
 import runtime
 import tokenizer
 from configurator import UserError, configure
@@ -52,7 +53,7 @@ always_save_checkpoint = True  # if True, always save a checkpoint after each ev
 early_stop_patience = 0  # stop after this many evals without a new best val loss, keeping the best checkpoint (0 = off)
 eval_hellaswag = False  # also score HellaSwag at each eval (GPT-2 tokenizer only), sharded over the processes
 hellaswag_path = ''  # a local HellaSwag .jsonl; '' = Rowan/hellaswag's validation split from the hub
-init_from = 'scratch'  # 'scratch', 'resume' (out_dir/ckpt.pt), 'gpt2*' or a local Hugging Face directory
+init_from = 'scratch'  # 'scratch', 'resume' (out_dir/ckpt.pt), 'gpt2*', a Hugging Face dir, or a run's ckpt.pt/out_dir to start anew from
 allow_unsafe_pickle = False  # True: a Hugging Face directory may load pytorch_model.bin, a pickle that can run code
 checkpoint_interval = 0  # also save a checkpoint every this many iterations, whatever the eval; 0: only at evals
 # wandb logging
@@ -96,6 +97,10 @@ fsdp = False  # under torchrun, shard parameters, gradients and optimizer state 
 fsdp_reduce_every_micro_step = True  # FSDP: reduce-scatter gradients after each micro-step (memory), else only the last
 activation_checkpointing = False  # recompute each Block's activations in backward: less memory, ~1/3 more compute
 freeze_layers = 0  # finetune only above this: embeddings (so the tied lm_head) and the lowest N Blocks stay fixed
+lora_rank = 0  # LoRA: train rank-r adapters (peft) of lora_targets, every base weight frozen; 0 = off (docs/finetuning.md)
+lora_alpha = 16.0  # the adapters' output is scaled by lora_alpha / lora_rank
+lora_dropout = 0.0  # dropout on the adapters' input
+lora_targets = 'c_attn,c_proj,c_fc'  # the Blocks' nn.Linear layers that get adapters: c_attn, c_proj, c_fc, attn.c_proj, mlp.c_proj
 dist_timeout = 600  # seconds a collective waits for a lost peer before failing (torchrun can then restart)
 seed = 1337
 # -----------------------------------------------------------------------------
@@ -113,6 +118,7 @@ if optimizer not in ('adamw', 'muon'):
     raise UserError(f"unknown optimizer '{optimizer}': use adamw or muon")
 if optimizer == 'muon' and learning_rate <= 0:
     raise UserError(f"optimizer muon needs learning_rate > 0 (Muon's schedule is scaled from it), got {learning_rate}")
+lora_settings = lora.settings(lora_rank, lora_alpha, lora_dropout, lora_targets, optimizer, freeze_layers)
 
 # -----------------------------------------------------------------------------
 # devices, precision and processes
@@ -162,7 +168,7 @@ data_tokenizer = tokenizer.data_tokenizer(data_dir)  # what made the .bin files;
 sampler = dataloader.WindowSampler(data_order, seed)  # the window starts of each iteration's global batch
 
 # -----------------------------------------------------------------------------
-# model: from scratch, from a checkpoint (resume) or from GPT-2's weights
+# model: from scratch, from a checkpoint (resume, or the weights of another run) or from GPT-2's weights
 iter_num = 0
 best_val_loss = 1e9
 model_args = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size,
@@ -177,24 +183,29 @@ try:
         # a char-level dataset's vocab_size from meta.pkl, else GPT-2's 50257 padded up to 50304 for efficiency
         model_args['vocab_size'] = meta_vocab_size or 50304
         model = GPT(GPTConfig(**model_args))
-    elif init_from == 'resume':
+    elif init_from == 'resume' or checkpoints.checkpoint_file(init_from):
+        # resume: out_dir/ckpt.pt and its loop state; a path: a run's (merged) weights only, for a fresh run here
+        source = ckpt_path if init_from == 'resume' else checkpoints.checkpoint_file(init_from)
         if master_process:
-            print(f"resuming training from {out_dir}")
-        checkpoint = checkpoints.load_checkpoint(ckpt_path, keys=('model', 'optimizer', 'model_args', 'iter_num'))
-        checkpoints.check_checkpoint(checkpoint, ckpt_path)
+            print(f"resuming training from {out_dir}" if init_from == 'resume' else f"starting from the weights of {source}")
+        needed = ('model', 'optimizer', 'model_args', 'iter_num') if init_from == 'resume' else ('model', 'model_args')
+        checkpoint = checkpoints.load_checkpoint(source, keys=needed)
+        checkpoints.check_checkpoint(checkpoint, source)
         # the checkpoint fixes the model's shape; dropout comes from this run's config
         model_args.update({k: checkpoint['model_args'][k] for k in shape_keys})
         model = GPT(GPTConfig(**model_args, gelu=checkpoints.checkpoint_gelu(checkpoint)))
         try:
             model.load_state_dict(checkpoint['model'])  # nanoGPT's '_orig_mod.' prefixes are accepted
         except RuntimeError as e:
-            raise UserError(f"{ckpt_path} does not match its model_args: {str(e).splitlines()[0]}") from None
-        iter_num = checkpoint['iter_num']
-        trained_with = checkpoint.get('config', {}).get('optimizer', 'adamw')  # nanoGPT's: AdamW
-        if trained_with != optimizer:
-            raise UserError(f"{ckpt_path} was trained with optimizer {trained_with}: "
-                            f"resume it with --optimizer={trained_with}")
-        best_val_loss = float(checkpoint.get('best_val_loss', best_val_loss))  # nanoGPT stores a tensor
+            raise UserError(f"{source} does not match its model_args: {str(e).splitlines()[0]}") from None
+        if init_from == 'resume':
+            iter_num = checkpoint['iter_num']
+            trained_with = checkpoint.get('config', {}).get('optimizer', 'adamw')  # nanoGPT's: AdamW
+            if trained_with != optimizer:
+                raise UserError(f"{ckpt_path} was trained with optimizer {trained_with}: "
+                                f"resume it with --optimizer={trained_with}")
+            best_val_loss = float(checkpoint.get('best_val_loss', best_val_loss))  # nanoGPT stores a tensor
+            lora.check_resume(checkpoint, lora_settings, ckpt_path)
     else:  # 'gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl' or a local Hugging Face directory
         model = checkpoints.load_pretrained(init_from, dropout, allow_unsafe_pickle)
         model_args.update({k: getattr(model.config, k) for k in shape_keys})
@@ -202,7 +213,7 @@ except (ValueError, OSError) as e:  # e.g. n_embd not divisible by n_head, unkno
     raise UserError(str(e)) from None
 if init_from != 'scratch':  # resuming or finetuning: the data must be in the model's own tokens
     trained_on = checkpoint.get('tokenizer') if checkpoint is not None else tokenizer.pretrained_record(model.config)
-    tokenizer.check_same(trained_on, data_tokenizer, ckpt_path if checkpoint is not None else init_from, data_dir)
+    tokenizer.check_same(trained_on, data_tokenizer, source if checkpoint is not None else init_from, data_dir)
     data_tokenizer = data_tokenizer or trained_on
 if block_size < model.config.block_size:
     model.crop_block_size(block_size)  # model surgery, e.g. GPT-2's 1024 positions down to block_size
@@ -220,6 +231,8 @@ if not 0 <= freeze_layers <= model.config.n_layer:
     raise UserError(f"freeze_layers must be between 0 and n_layer ({model.config.n_layer}), got {freeze_layers}")
 if freeze_layers:
     model.freeze(freeze_layers)
+if lora_rank:  # LoRA: peft's adapters in the targeted layers, the rest frozen; a resume restores them (lora.py)
+    lora.add_adapters(model, lora_settings, checkpoint if init_from == 'resume' else None, verbose=master_process)
 raw_model = model  # what checkpoints save: no torch.compile or DDP wrappers, so no '_orig_mod.' prefixes
 if master_process and compile:
     print("compiling the model... (takes a ~minute)")
@@ -236,7 +249,7 @@ muon = dict(lr=muon_learning_rate, momentum=muon_momentum, weight_decay=muon_wei
 opt = raw_model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type, verbose=master_process,
                                      muon=muon if optimizer == 'muon' else None, muon_bf16=muon_bf16)
 rng_states = None
-if checkpoint is not None:
+if init_from == 'resume':
     checkpoints.load_optimizer_state(raw_model, opt, checkpoint['optimizer'], ckpt_path)
     if scaler.is_enabled() and checkpoint.get('scaler'):
         scaler.load_state_dict(checkpoint['scaler'])
@@ -246,7 +259,7 @@ if checkpoint is not None:
     if len(rng_states or ()) != world_size and master_process:
         print("note: the checkpoint has no random state for this number of processes (from nanoGPT, or another "
               "world size): dropout masks will differ from an uninterrupted run")
-    checkpoint = None  # free the memory
+checkpoint = None  # free the memory
 peak_flops = runtime.device_peak_flops(device, dtype)  # measured once, before the loop, so it skews no iteration's timing
 
 
@@ -297,11 +310,14 @@ def save_checkpoint():
     model_state, optimizer_state = checkpoints.full_state(raw_model, opt)
     if not master_process:
         return
+    if lora_rank:  # 'model' gets the merged weights (what sample.py reads), 'lora' what resuming needs
+        model_state, lora_state = lora.split_state(model_state, lora_settings)
     checkpoint = {'model': model_state, 'optimizer': optimizer_state, 'model_args': model_args,
                   'iter_num': iter_num, 'best_val_loss': best_val_loss, 'config': config,
                   # beyond nanoGPT's keys: the model's GELU and tokenizer, and what continuing exactly needs
                   'gelu': raw_model.config.gelu, 'tokenizer': data_tokenizer,
-                  'rng_states': rng_states, 'sampler_state': sampler.state_to_save, 'scaler': scaler.state_dict()}
+                  'rng_states': rng_states, 'sampler_state': sampler.state_to_save, 'scaler': scaler.state_dict(),
+                  **({'lora': lora_state} if lora_rank else {})}
     print(f"saving checkpoint to {out_dir}")
     checkpoints.save_checkpoint(checkpoint, ckpt_path)
 

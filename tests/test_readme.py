@@ -62,8 +62,8 @@ def adapt(command, hf_dir, corpus, fineweb, hellaswag):
     elif argv[0] == 'python':
         argv[0] = sys.executable
     script = next((os.path.basename(a) for a in argv if a.endswith('.py')), None)  # None: curl, python -c
-    argv = [f'--init_from={hf_dir}' if a.startswith('--init_from=') and a != '--init_from=resume' else a
-            for a in argv]
+    argv = [f'--init_from={hf_dir}' if a.startswith('--init_from=') and a != '--init_from=resume' and
+            not a.startswith('--init_from=out-') else a for a in argv]  # out-*: a run of an earlier command
     if script == 'train.py':
         argv += TINY_TRAIN
         if '--init_from=resume' in argv:
