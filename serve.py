@@ -22,7 +22,7 @@ from starlette.exceptions import HTTPException
 import checkpoints
 import runtime
 from batching import Engine, Row
-from configurator import UserError, configure
+from configurator import ANY, NON_NEGATIVE, POSITIVE, OneOf, Range, UserError, check, configure
 from tokenizer import load_tokenizer
 
 # -----------------------------------------------------------------------------
@@ -58,13 +58,11 @@ class BadRequest(Exception):
         return {'error': {'message': self.message, 'type': self.kind, 'param': self.param, 'code': self.code}}
 
 
-def check_settings():
-    for name, value, low in (('port', port, 1), ('max_batch', max_batch, 1), ('max_waiting', max_waiting, 0),
-                             ('max_tokens_limit', max_tokens_limit, 1), ('max_choices', max_choices, 1)):
-        if value < low:
-            raise UserError(f"--{name} must be at least {low}, got {value}")
-    if port > 65535:
-        raise UserError(f"--port must be at most 65535, got {port}")
+def check_settings(c):
+    """Each setting's allowed values (configurator.check: bools need none), before anything is touched."""
+    check(c, dict(init_from=ANY, out_dir=ANY, model_name=ANY, host=ANY, port=Range(1, 65535), device=ANY,
+                  dtype=OneOf('auto', *runtime.DTYPES), max_batch=POSITIVE, max_waiting=NON_NEGATIVE,
+                  max_tokens_limit=POSITIVE, max_choices=POSITIVE))
 
 
 def number(body, key, default, low, high, integer=False, low_open=False):
@@ -293,8 +291,8 @@ def load(init_from, out_dir, allow_unsafe_pickle):
     return model, encode, decode, eot
 
 
-def main():
-    check_settings()
+def main(config):
+    check_settings(config)
     dev = runtime.pick_device(device)
     runtime.allow_tf32(dev)
     model, encode, decode, eot = load(init_from, out_dir, allow_unsafe_pickle)
@@ -314,5 +312,4 @@ def main():
 
 
 if __name__ == '__main__':
-    configure(globals())
-    main()
+    main(configure(globals()))

@@ -288,5 +288,5 @@ def test_start_up_errors_are_one_line(tmp_path):
         return subprocess.run([sys.executable, os.path.join(ROOT, 'serve.py'), '--device=cpu', *args],
                               capture_output=True, text=True, env=hermetic_env(), timeout=120)
     assert 'no checkpoint at' in error_line(run(f'--out_dir={tmp_path}', '--max_batch=2'))
-    assert '--max_batch must be at least 1' in error_line(run(f'--out_dir={tmp_path}', '--max_batch=0'))
+    assert 'max_batch must be at least 1, got 0' in error_line(run(f'--out_dir={tmp_path}', '--max_batch=0'))
 
