@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 
+import httpx
 import pytest
 
 from conftest import ROOT, SHAKESPEARE, TORCHRUN, free_port, hermetic_env
@@ -60,7 +61,7 @@ def adapt(command, hf_dir, corpus, fineweb, hellaswag):
         argv = [TORCHRUN] + [re.sub(r'--nproc_per_node=\d+', '--nproc_per_node=2', a) for a in argv[1:]]
     elif argv[0] == 'python':
         argv[0] = sys.executable
-    script = next(os.path.basename(a) for a in argv if a.endswith('.py'))
+    script = next((os.path.basename(a) for a in argv if a.endswith('.py')), None)  # None: curl, python -c
     argv = [f'--init_from={hf_dir}' if a.startswith('--init_from=') and a != '--init_from=resume' and
             not a.startswith('--init_from=out-') else a for a in argv]  # out-*: a run of an earlier command
     if script == 'train.py':
@@ -78,6 +79,10 @@ def adapt(command, hf_dir, corpus, fineweb, hellaswag):
         argv += ['--device=cpu', '--num_samples=1', '--max_new_tokens=5']
     elif script == 'bench.py':
         argv += [*TINY_MODEL, '--device=cpu', '--burnin=1', '--iters=2', '--max_new_tokens=10']
+    elif script == 'serve.py':
+        argv += ['--device=cpu']
+    elif script == 'bench_serve.py':
+        argv += ['--rounds=1', '--max_tokens=5', '--clients=2', '--load_requests=4', '--load_clients=2']
     elif script == 'eval.py':
         argv += ['--device=cpu', f'--hellaswag_path={hellaswag}']
     elif command.startswith('python data/openwebtext/prepare.py'):
@@ -88,6 +93,22 @@ def adapt(command, hf_dir, corpus, fineweb, hellaswag):
     if node:
         argv = [a.replace('10.0.0.1', '127.0.0.1') for a in argv]
     return argv, env, node and int(node.group(1))
+
+
+def start_server(argv, cwd, env):
+    """serve.py started with argv on a free port, once it answers: (process, port)."""
+    port = free_port()
+    proc = subprocess.Popen([*argv, f'--port={port}'], cwd=cwd, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while proc.poll() is None and time.monotonic() < deadline:
+        try:
+            httpx.get(f'http://127.0.0.1:{port}/health', timeout=1)
+            return proc, port
+        except httpx.TransportError:
+            time.sleep(0.05)
+    proc.kill()
+    raise AssertionError(f"{' '.join(argv)} did not answer: {proc.communicate()[1][-3000:]}")
 
 
 @pytest.fixture
@@ -136,7 +157,7 @@ def sandbox(tmp_path):
 def test_every_readme_command_runs(sandbox):
     repo, *inputs = sandbox
     env = hermetic_env(WANDB_DIR=str(repo))
-    ran, seen, port, first_node = [], set(), free_port(), None
+    ran, seen, port, first_node, server = [], set(), free_port(), None, None
     for command in readme_commands():
         argv, extra_env, node = adapt(command, *inputs)
         if effective(argv) in seen:
@@ -144,6 +165,15 @@ def test_every_readme_command_runs(sandbox):
             # or settings (max_iters, ...) that the tiny model overrides
         seen.add(effective(argv))
         argv = [a.replace('29500', str(port)) for a in argv]
+        if server:  # the commands after `python serve.py` talk to it, on its port
+            argv = [a.replace('127.0.0.1:8000', f'127.0.0.1:{server[1]}') for a in argv]
+        if 'serve.py' in map(os.path.basename, argv):  # a server runs until the next one starts or the commands end
+            if server:
+                server[0].terminate()
+                server[0].wait(timeout=60)
+            server = start_server(argv, repo, {**env, **extra_env})
+            ran.append(command)
+            continue
         if node == 0:  # the first node of a two-node launch waits for the second
             first_node = subprocess.Popen(argv, cwd=repo, env={**env, **extra_env}, stdout=subprocess.PIPE,
                                           stderr=subprocess.STDOUT, text=True)
@@ -158,6 +188,9 @@ def test_every_readme_command_runs(sandbox):
             assert first_node.returncode == 0, f"node 0 of: {command}\n{output[-3000:]}"
             assert 'step 4: train loss' in output  # rank 0 of node 0 evaluated and printed
         ran.append(command)
+    if server:
+        server[0].terminate()
+        assert 'Traceback' not in server[0].communicate(timeout=60)[1]
     # the commands did what the README says they do
     assert (repo / 'data' / 'shakespeare_char' / 'meta.pkl').exists()
     assert (repo / 'data' / 'openwebtext' / 'val.bin').exists()

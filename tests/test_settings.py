@@ -20,7 +20,7 @@ from configurator import OneOf, OutPath, Range, UserError
 from conftest import ROOT, error_line, hermetic_env
 from test_out_dir import snapshot
 
-SCRIPTS = ['train.py', 'sample.py', 'eval.py', 'bench.py']
+SCRIPTS = ['train.py', 'sample.py', 'eval.py', 'bench.py', 'serve.py']
 
 
 class Reached(Exception):
