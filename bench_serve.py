@@ -58,9 +58,14 @@ def start_server():
     raise UserError(f"serve.py did not start: {proc.stderr.read().strip()}")
 
 
+# one client for every request, as an application keeps one: httpx.post() would build a client (and its SSL
+# context) per call, which costs the benchmark's process more than the server takes to answer a short request
+CLIENT = httpx.Client(timeout=600, limits=httpx.Limits(max_connections=max(clients, load_clients)))
+
+
 def complete(url, prompt, tokens=max_tokens, temperature=0, **extra):
-    response = httpx.post(f'{url}/v1/completions', timeout=600,
-                          json=dict(prompt=prompt, max_tokens=tokens, temperature=temperature, **extra))
+    response = CLIENT.post(f'{url}/v1/completions',
+                           json=dict(prompt=prompt, max_tokens=tokens, temperature=temperature, **extra))
     if response.status_code != 200:
         raise UserError(f"the server answered {response.status_code}: {response.text}")
     return response.json()
