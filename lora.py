@@ -20,11 +20,9 @@ ADAPTER = 'default'  # peft's name for the one adapter each layer holds
 
 
 def settings(rank, alpha, dropout, targets, optimizer, freeze_layers):
-    """train.py's LoRA settings as a checkpoint records them (None for rank 0), checked: UserError for bad
-    values and for what LoRA does not combine with."""
+    """train.py's LoRA settings as a checkpoint records them (None for rank 0), checked: UserError for targets it
+    does not know and for what LoRA does not combine with (each value's range: train.py's check_settings)."""
     names = [t.strip() for t in targets.split(',') if t.strip()]
-    if rank < 0:
-        raise UserError(f"lora_rank must be 0 (off) or more, got {rank}")
     if rank == 0:
         return None
     if optimizer != 'adamw':
@@ -33,10 +31,6 @@ def settings(rank, alpha, dropout, targets, optimizer, freeze_layers):
     if freeze_layers:
         raise UserError("lora_rank freezes every base weight already, and freeze_layers has nothing left to do: "
                         "use one of them")
-    if alpha <= 0:
-        raise UserError(f"lora_alpha must be > 0 (the adapters' output is scaled by lora_alpha / lora_rank), got {alpha}")
-    if not 0 <= dropout < 1:
-        raise UserError(f"lora_dropout must be in [0, 1), got {dropout}")
     if not names or any(t not in TARGETS for t in names):
         raise UserError(f"lora_targets must be a comma-separated list of {', '.join(TARGETS)}; got {targets!r}")
     return dict(rank=rank, alpha=float(alpha), dropout=float(dropout), targets=sorted(set(names)))
