@@ -16,6 +16,7 @@ Mistakes a user can make raise UserError; importing this module installs an exce
 prints such an error as a single line (no traceback) and exits with status 1, and a Ctrl-C that no
 handler caught as the line "interrupted".
 """
+
 import ast
 import difflib
 import math
@@ -27,7 +28,8 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 
 
 class UserError(Exception):
-    """An error caused by the user's input or environment, printed as one line without a traceback."""
+    """An error caused by the user's input or environment, printed as one line without a
+    traceback."""
 
 
 def _excepthook(exc_type, exc, tb, _default=sys.excepthook):
@@ -44,7 +46,11 @@ sys.excepthook = _excepthook
 
 def _unknown_key(key, known):
     close = difflib.get_close_matches(key, known, n=3, cutoff=0.5)
-    hint = f"; did you mean {', '.join(close)}?" if close else f"; known keys: {', '.join(sorted(known))}"
+    hint = (
+        f"; did you mean {', '.join(close)}?"
+        if close
+        else f"; known keys: {', '.join(sorted(known))}"
+    )
     return UserError(f"unknown config key '{key}'{hint}")
 
 
@@ -67,11 +73,14 @@ def _find_config_file(path):
     for candidate in (path, os.path.join(ROOT, path)):
         if os.path.isfile(candidate):
             return candidate
-    raise UserError(f"config file not found: {path} (looked in the current directory and in {ROOT})")
+    raise UserError(
+        f"config file not found: {path} (looked in the current directory and in {ROOT})"
+    )
 
 
 def override(defaults, args):
-    """Return a copy of `defaults` (name -> value) with config files and --key=value in `args` applied."""
+    """Return a copy of `defaults` (name -> value) with config files and --key=value in `args`
+    applied."""
     config = dict(defaults)
     for arg in args:
         if not arg.startswith("--"):
@@ -82,11 +91,16 @@ def override(defaults, args):
                     exec(compile(f.read(), path, "exec"), scope)
             except SyntaxError as e:
                 raise UserError(f"config file {path} line {e.lineno}: {e.msg}") from None
-            except Exception as e:  # the file's own code failed, e.g. a NameError or a failed import
-                lines = [f.lineno for f in traceback.extract_tb(e.__traceback__) if f.filename == path]
+            # the file's own code failed, e.g. a NameError or a failed import
+            except Exception as e:
+                lines = [
+                    f.lineno for f in traceback.extract_tb(e.__traceback__) if f.filename == path
+                ]
                 where = f" line {lines[-1]}" if lines else ""
                 reason = (str(e).strip().splitlines() or [""])[0]
-                raise UserError(f"config file {path}{where}: {type(e).__name__}: {reason}") from None
+                raise UserError(
+                    f"config file {path}{where}: {type(e).__name__}: {reason}"
+                ) from None
             for key, value in scope.items():
                 if key.startswith("_") or type(value).__name__ == "module":
                     continue
@@ -104,38 +118,60 @@ def override(defaults, args):
 
 
 def configure(scope, args=None):
-    """Apply sys.argv[1:] (or `args`) to the simple-typed variables of `scope` (a script's globals()) but
-    _private ones and CONSTANTS (ROOT or RECORD imported from a module are not settings), update them in
+    """Apply sys.argv[1:] (or `args`) to the simple-typed variables of `scope` (a script's
+    globals()) but _private ones and CONSTANTS (ROOT or RECORD imported from a module are not
+    settings), update them in
     place and return the resolved config as a dict."""
-    keys = [k for k, v in scope.items()
-            if not k.startswith("_") and not k.isupper() and (v is None or isinstance(v, (int, float, bool, str)))]
+    keys = [
+        k
+        for k, v in scope.items()
+        if not k.startswith("_")
+        and not k.isupper()
+        and (v is None or isinstance(v, (int, float, bool, str)))
+    ]
     config = override({k: scope[k] for k in keys}, sys.argv[1:] if args is None else args)
     scope.update(config)
     return config
 
 
 # -----------------------------------------------------------------------------
-# Settings checks. Each script names every setting's allowed values in one dict right below its defaults,
-# SETTINGS = {name: rule}, and checks them in one function right after configure(), before it touches
-# anything: configure() has checked the types, check_settings() checks the values against these rules.
+# Settings checks. Each script names every setting's allowed values in one dict right below its
+# defaults, SETTINGS = {name: rule}, and checks them in one function right after configure(), before
+# it touches anything: configure() has checked the types, check_settings() checks the values against
+# these rules.
+
 
 class Range:
-    """A finite number from lo to hi (None: no bound), lo itself excluded when open_lo, hi when open_hi."""
+    """A finite number from lo to hi (None: no bound), lo itself excluded when open_lo, hi when
+    open_hi."""
 
     def __init__(self, lo=None, hi=None, open_lo=False, open_hi=False):
         self.lo, self.hi, self.open_lo, self.open_hi = lo, hi, open_lo, open_hi
 
     def allows(self, value):
-        return (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-                and (self.lo is None or (value > self.lo if self.open_lo else value >= self.lo))
-                and (self.hi is None or (value < self.hi if self.open_hi else value <= self.hi)))
+        return (
+            isinstance(value, (int, float))
+            and not isinstance(value, bool)
+            and math.isfinite(value)
+            and (self.lo is None or (value > self.lo if self.open_lo else value >= self.lo))
+            and (self.hi is None or (value < self.hi if self.open_hi else value <= self.hi))
+        )
 
     def __str__(self):
         if self.hi is None:
             return f"{'above' if self.open_lo else 'at least'} {self.lo}"
-        excluded = [str(end) for end, open_end in ((self.lo, self.open_lo), (self.hi, self.open_hi)) if open_end]
-        return f"between {self.lo} and {self.hi}" + (" (both excluded)" if len(excluded) == 2 else
-                                                     f" ({excluded[0]} excluded)" if excluded else "")
+        excluded = [
+            str(end)
+            for end, open_end in ((self.lo, self.open_lo), (self.hi, self.open_hi))
+            if open_end
+        ]
+        return f"between {self.lo} and {self.hi}" + (
+            " (both excluded)"
+            if len(excluded) == 2
+            else f" ({excluded[0]} excluded)"
+            if excluded
+            else ""
+        )
 
 
 class OneOf:
@@ -152,7 +188,8 @@ class OneOf:
 
 
 class OutPath:
-    """Where a script writes a folder (folder=True) or a file: not a thing of the other kind, nor under a
+    """Where a script writes a folder (folder=True) or a file: not a thing of the other kind, nor
+    under a
     file; '' (the script's default place) when optional. Checked without creating anything."""
 
     def __init__(self, folder, optional=False):
@@ -169,12 +206,15 @@ class OutPath:
         return os.path.isdir(path)
 
     def __str__(self):
-        return f"a path for a {'folder' if self.folder else 'file'}: not an existing " \
-               f"{'file' if self.folder else 'folder'}, nor under a file"
+        return (
+            f"a path for a {'folder' if self.folder else 'file'}: not an existing "
+            f"{'file' if self.folder else 'folder'}, nor under a file"
+        )
 
 
 class Anything:
-    """Any value of the default's type (configure() checked it): a name, a path read later, a prompt."""
+    """Any value of the default's type (configure() checked it): a name, a path read later, a
+    prompt."""
 
     def allows(self, value):
         return True
@@ -188,9 +228,11 @@ SEED = Range(0, 2**31 - 1)  # numpy's seeds end at 2**32 - 1, and each process a
 
 
 def check(config, rules):
-    """Refuse (one line naming the setting, its value and what is allowed) the first value of config that its
-    rule does not allow. Every setting needs a rule (ANY for those any value of their type suits), so a new
-    setting cannot go unchecked by accident; bools need none, configure() allows only True and False."""
+    """Refuse (one line naming the setting, its value and what is allowed) the first value of config
+    that its rule does not allow. Every setting needs a rule (ANY for those any value of their type
+    suits), so a new
+    setting cannot go unchecked by accident; bools need none, configure() allows only True and
+    False."""
     unruled = [k for k, v in config.items() if k not in rules and type(v) is not bool]
     assert not unruled, f"settings without a rule: {unruled}"
     for key, rule in rules.items():

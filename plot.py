@@ -1,12 +1,13 @@
 """
 Plot training runs from their log.jsonl: train and val loss against iterations and against tokens,
-learning rate, tokens/s and gradient norm (and HellaSwag acc_norm when it was evaluated), several runs
-overlaid with their out_dir as the legend, into one PNG.
+learning rate, tokens/s and gradient norm (and HellaSwag acc_norm when it was evaluated), several
+runs overlaid with their out_dir as the legend, into one PNG.
 $ python plot.py out-shakespeare-char-cpu
 $ python plot.py out-a out-b --out=compare.png
-A last line cut short by a kill is skipped silently; any other line that is not JSON is skipped with a
-one-line warning on stderr, so a damaged log still plots what it holds.
+A last line cut short by a kill is skipped silently; any other line that is not JSON is skipped with
+a one-line warning on stderr, so a damaged log still plots what it holds.
 """
+
 import json
 import os
 import sys
@@ -21,8 +22,16 @@ from configurator import ANY, OutPath, UserError, check  # noqa: E402  (also pri
 # (title, x key, [(y key, rows, line style, legend suffix)]): rows 'train' are the logged iterations
 # (loss: that iteration's batch), 'eval' the evaluations (val_loss: eval_iters batches of val.bin)
 PANELS = [
-    ('loss vs iterations', 'iter', [('loss', 'train', '-', ' train'), ('val_loss', 'eval', 'o--', ' val')]),
-    ('loss vs tokens', 'tokens', [('loss', 'train', '-', ' train'), ('val_loss', 'eval', 'o--', ' val')]),
+    (
+        'loss vs iterations',
+        'iter',
+        [('loss', 'train', '-', ' train'), ('val_loss', 'eval', 'o--', ' val')],
+    ),
+    (
+        'loss vs tokens',
+        'tokens',
+        [('loss', 'train', '-', ' train'), ('val_loss', 'eval', 'o--', ' val')],
+    ),
     ('learning rate', 'iter', [('lr', 'train', '-', '')]),
     ('tokens/s', 'iter', [('tokens_per_s', 'train', '-', '')]),
     ('gradient norm (before clipping)', 'iter', [('grad_norm', 'train', '-', '')]),
@@ -47,18 +56,23 @@ def read_log(out_dir):
             row = None
         if isinstance(row, dict) and 'iter' in row:
             rows.append(row)
-        elif n < len(lines):  # the last line, with no newline after it, is a write cut short by a kill
+        # the last line, with no newline after it, is a write cut short by a kill
+        elif n < len(lines):
             bad.append(n)
     if bad:
-        print(f"warning: {path}: skipped {len(bad)} line(s) that are not log rows (line {', '.join(map(str, bad[:5]))}"
-              f"{' ...' if len(bad) > 5 else ''})", file=sys.stderr)
+        print(
+            f"warning: {path}: skipped {len(bad)} line(s) that are not log rows (line {', '.join(map(str, bad[:5]))}"
+            f"{' ...' if len(bad) > 5 else ''})",
+            file=sys.stderr,
+        )
     if not rows:
         raise UserError(f"{path} has no logged rows yet")
     return [r for r in rows if 'loss' in r], [r for r in rows if 'val_loss' in r]
 
 
 def plot(out_dirs):
-    """A matplotlib Figure with one axis per panel (in PANELS' order); a run's lines are labelled with its
+    """A matplotlib Figure with one axis per panel (in PANELS' order); a run's lines are labelled
+    with its
     out_dir, and ' train' or ' val' on the loss panels."""
     logs = {out_dir: read_log(out_dir) for out_dir in out_dirs}
     fig, axes = plt.subplots(2, 3, figsize=(16, 9))
@@ -66,10 +80,21 @@ def plot(out_dirs):
     for ax, (title, x_key, series) in zip(axes.flat, PANELS):
         for i, (out_dir, (train_rows, eval_rows)) in enumerate(logs.items()):
             for y_key, which, style, suffix in series:
-                rows = [r for r in (train_rows if which == 'train' else eval_rows) if x_key in r and y_key in r]
+                rows = [
+                    r
+                    for r in (train_rows if which == 'train' else eval_rows)
+                    if x_key in r and y_key in r
+                ]
                 if rows:
-                    ax.plot([r[x_key] for r in rows], [r[y_key] for r in rows], style, color=colors[i % len(colors)],
-                            label=out_dir + suffix, markersize=3, linewidth=1)
+                    ax.plot(
+                        [r[x_key] for r in rows],
+                        [r[y_key] for r in rows],
+                        style,
+                        color=colors[i % len(colors)],
+                        label=out_dir + suffix,
+                        markersize=3,
+                        linewidth=1,
+                    )
         ax.set_title(title)
         ax.set_xlabel(x_key)
         if ax.lines:
@@ -83,14 +108,17 @@ def plot(out_dirs):
 
 
 def check_settings(c):
-    """The settings' allowed values, before anything is touched: out a file of a format matplotlib writes."""
+    """The settings' allowed values, before anything is touched: out a file of a format matplotlib
+    writes."""
     if not c['out_dirs']:
         raise UserError("usage: python plot.py OUT_DIR [OUT_DIR ...] [--out=FILE]")
     check(c, dict(out=OutPath(folder=False), out_dirs=ANY))
     formats = matplotlib.figure.Figure().canvas.get_supported_filetypes()
     if os.path.splitext(c['out'])[1][1:].lower() not in formats:
-        raise UserError(f"out must end in a format matplotlib writes ({', '.join('.' + f for f in sorted(formats))}), "
-                        f"got {c['out']!r}")
+        raise UserError(
+            f"out must end in a format matplotlib writes ({', '.join('.' + f for f in sorted(formats))}), "
+            f"got {c['out']!r}"
+        )
 
 
 def main(args):
@@ -98,9 +126,11 @@ def main(args):
     out_dirs = []
     for arg in args:
         if arg.startswith('--out='):
-            out = arg[len('--out='):]
+            out = arg[len('--out=') :]
         elif arg.startswith('-'):
-            raise UserError(f"unknown option {arg}: usage: python plot.py OUT_DIR [OUT_DIR ...] [--out=FILE]")
+            raise UserError(
+                f"unknown option {arg}: usage: python plot.py OUT_DIR [OUT_DIR ...] [--out=FILE]"
+            )
         else:
             out_dirs.append(arg)
     check_settings(dict(out=out, out_dirs=out_dirs))
@@ -111,7 +141,9 @@ def main(args):
         fig.savefig(tmp, dpi=100, format=os.path.splitext(out)[1][1:].lower())
         os.replace(tmp, out)
     except OSError as e:  # e.g. a full disk
-        raise UserError(f"cannot write {out} ({e.strerror}); a plot already there is as it was") from None
+        raise UserError(
+            f"cannot write {out} ({e.strerror}); a plot already there is as it was"
+        ) from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)

@@ -2,29 +2,35 @@
 Sample from a trained model: `python sample.py --out_dir=out-shakespeare-char`,
 or from OpenAI's GPT-2: `python sample.py --init_from=gpt2-xl --start="What is the answer?"`.
 """
+
 import os
 import sys
 import time
 
 import torch
 
-import checkpoints
-import runtime
+from nanogpt import checkpoints
+from nanogpt import runtime
 from configurator import ANY, NON_NEGATIVE, POSITIVE, SEED, OneOf, UserError, check, configure
-from tokenizer import describe, load_tokenizer
+from nanogpt.tokenizer import describe, load_tokenizer
 
 # -----------------------------------------------------------------------------
-init_from = 'resume'  # 'resume' (from out_dir/ckpt.pt), a gpt2 variant (e.g. 'gpt2-xl') or a local Hugging Face dir
+# 'resume' (from out_dir/ckpt.pt), a gpt2 variant (e.g. 'gpt2-xl') or a local Hugging Face dir
+init_from = 'resume'
 out_dir = 'out'  # ignored if init_from is not 'resume'
-allow_unsafe_pickle = False  # True: a Hugging Face directory may load pytorch_model.bin, a pickle that can run code
+# True: a Hugging Face directory may load pytorch_model.bin, a pickle that can run code
+allow_unsafe_pickle = False
 start = "\n"  # or "<|endoftext|>" or etc. Can also specify a file, use as: "FILE:prompt.txt"
 num_samples = 10  # number of samples to draw
 max_new_tokens = 500  # number of tokens generated in each sample
-temperature = 0.8  # 1.0 = no change, < 1.0 = less random, > 1.0 = more random, 0 = always the most likely token
-top_k = 200  # retain only the top_k most likely tokens, clamp others to have 0 probability (0: no limit)
+# 1.0 = no change, < 1.0 = less random, > 1.0 = more random, 0 = always the most likely token
+temperature = 0.8
+# retain only the top_k most likely tokens, clamp others to have 0 probability (0: no limit)
+top_k = 200
 seed = 1337
 device = 'auto'  # 'auto' (cuda, else mps, else cpu), 'cpu', 'cuda', 'cuda:1', 'mps'
-dtype = 'auto'  # 'auto' (bfloat16 or float16 on GPUs, float32 elsewhere), 'float32', 'bfloat16', 'float16'
+# 'auto' (bfloat16 or float16 on GPUs, float32 elsewhere), 'float32', 'bfloat16', 'float16'
+dtype = 'auto'
 compile = False  # use PyTorch 2.0 to compile the model to be faster
 stream = False  # print each token as it is generated (samples are then drawn one at a time)
 kv_cache = True  # False: recompute the whole context for every token, as nanoGPT does
@@ -33,10 +39,23 @@ config = configure(globals())
 
 
 def check_settings(c):
-    """Each setting's allowed values (configurator.check: bools need none), before anything is touched."""
-    check(c, dict(init_from=ANY, out_dir=ANY, start=ANY, num_samples=POSITIVE, max_new_tokens=POSITIVE,
-                  temperature=NON_NEGATIVE, top_k=NON_NEGATIVE, seed=SEED, device=ANY,
-                  dtype=OneOf('auto', *runtime.DTYPES)))
+    """Each setting's allowed values (configurator.check: bools need none), before anything is
+    touched."""
+    check(
+        c,
+        dict(
+            init_from=ANY,
+            out_dir=ANY,
+            start=ANY,
+            num_samples=POSITIVE,
+            max_new_tokens=POSITIVE,
+            temperature=NON_NEGATIVE,
+            top_k=NON_NEGATIVE,
+            seed=SEED,
+            device=ANY,
+            dtype=OneOf('auto', *runtime.DTYPES),
+        ),
+    )
 
 
 check_settings(config)
@@ -47,26 +66,34 @@ torch.manual_seed(seed)
 
 # model, and the tokenizer its text is read with
 model, source = checkpoints.load_model(init_from, out_dir, allow_unsafe_pickle)
-meta_path, record = source['meta_path'], source['record']  # record: what made the training data, if recorded
+# record: what made the training data, if recorded
+meta_path, record = source['meta_path'], source['record']
 model = runtime.inference_model(model, device, dtype)  # its weights in dtype: no autocast
 if compile:
-    # generate() calls self(...), so compile the forward pass itself, not a wrapper around the module
+    # generate() calls self(...), so compile the forward pass itself, not a wrapper around the
+    # module
     model.forward = torch.compile(model.forward)
 
 # encode the beginning of the prompt
 if model.config.vocab_size < 50257 and not record and not (meta_path and os.path.exists(meta_path)):
-    raise UserError(f"this model has a {model.config.vocab_size}-token vocabulary but its meta.pkl was not found "
-                    f"(looked for {meta_path}); prepare that dataset again with its data/<name>/prepare.py")
+    raise UserError(
+        f"this model has a {model.config.vocab_size}-token vocabulary but its meta.pkl was not found "
+        f"(looked for {meta_path}); prepare that dataset again with its data/<name>/prepare.py"
+    )
 encode, decode = load_tokenizer(meta_path, record, model.config.vocab_size)
 if start.startswith('FILE:'):
     try:
         with open(start[5:], 'r', encoding='utf-8') as f:
             start = f.read()
     except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"cannot read the prompt file {start[5:]}: {getattr(e, 'strerror', None) or e}") from None
+        raise UserError(
+            f"cannot read the prompt file {start[5:]}: {getattr(e, 'strerror', None) or e}"
+        ) from None
 start_ids = encode(start)
 if not start_ids:
-    raise UserError("the prompt is empty: give at least one character with --start=... (the default is a newline)")
+    raise UserError(
+        "the prompt is empty: give at least one character with --start=... (the default is a newline)"
+    )
 x = torch.tensor(start_ids, dtype=torch.long, device=device)[None, ...]  # (1, T)
 # what is not a sample goes to stderr, after any error about the prompt
 if record:
@@ -82,7 +109,9 @@ def stream_sample(x):
     character, so text is printed only up to the last complete character."""
     print(start, end='', flush=True)
     tokens, shown = [], 0
-    for token in model.generate_tokens(x, max_new_tokens, temperature, top_k or None, use_cache=kv_cache):
+    for token in model.generate_tokens(
+        x, max_new_tokens, temperature, top_k or None, use_cache=kv_cache
+    ):
         tokens.append(token.item())
         text = decode(tokens)
         if not text.endswith('\ufffd'):
@@ -99,11 +128,21 @@ with torch.no_grad():
             stream_sample(x)
             print('---------------')
     else:  # all samples in one batch: the weights are read once per step for all of them
-        y = model.generate(x.expand(num_samples, -1), max_new_tokens, temperature, top_k or None, use_cache=kv_cache)
+        y = model.generate(
+            x.expand(num_samples, -1),
+            max_new_tokens,
+            temperature,
+            top_k or None,
+            use_cache=kv_cache,
+        )
         for k in range(num_samples):
             print(decode(y[k].tolist()))
             print('---------------')
 runtime.synchronize(device)
 dt = time.perf_counter() - t0
-print(f"{num_samples} samples of {max_new_tokens} tokens in {dt:.2f}s "
-      f"({num_samples * max_new_tokens / dt:.1f} tokens/s)", file=sys.stderr, flush=True)
+print(
+    f"{num_samples} samples of {max_new_tokens} tokens in {dt:.2f}s "
+    f"({num_samples * max_new_tokens / dt:.1f} tokens/s)",
+    file=sys.stderr,
+    flush=True,
+)

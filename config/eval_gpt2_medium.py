@@ -1,5 +1,5 @@
-# Evaluate OpenAI's pretrained gpt2-medium (350M parameters: n_layer=24, n_head=16, n_embd=1024) on OpenWebText,
-# without training: the reference losses a from-scratch GPT-2 run is compared with.
+# Evaluate OpenAI's pretrained gpt2-medium (350M parameters: n_layer=24, n_head=16, n_embd=1024) on
+# OpenWebText, without training: the reference losses a from-scratch GPT-2 run is compared with.
 # $ python data/openwebtext/prepare.py    (once)
 # $ python train.py config/eval_gpt2_medium.py
 # Expect train loss about 2.85 and val loss about 2.84 (nanoGPT's numbers).

@@ -1,5 +1,5 @@
-# Evaluate OpenAI's pretrained gpt2-xl (1558M parameters: n_layer=48, n_head=25, n_embd=1600) on OpenWebText,
-# without training: the reference losses a from-scratch GPT-2 run is compared with.
+# Evaluate OpenAI's pretrained gpt2-xl (1558M parameters: n_layer=48, n_head=25, n_embd=1600) on
+# OpenWebText, without training: the reference losses a from-scratch GPT-2 run is compared with.
 # $ python data/openwebtext/prepare.py    (once)
 # $ python train.py config/eval_gpt2_xl.py
 # Expect train loss about 2.56 and val loss about 2.54 (nanoGPT's numbers).

@@ -1,7 +1,7 @@
-# Finetune OpenAI's GPT-2 XL (1.5B) on tiny Shakespeare, in GPT-2 tokens. Needs a GPU with enough memory
-# (nanoGPT: a few minutes on one A100); for a smaller GPU use --init_from=gpt2 or gpt2-medium.
-# Offline, point init_from at a local Hugging Face directory (config.json + model.safetensors).
-# $ python data/shakespeare/prepare.py
+# Finetune OpenAI's GPT-2 XL (1.5B) on tiny Shakespeare, in GPT-2 tokens. Needs a GPU with enough
+# memory (nanoGPT: a few minutes on one A100); for a smaller GPU use --init_from=gpt2 or
+# gpt2-medium. Offline, point init_from at a local Hugging Face directory (config.json +
+# model.safetensors). $ python data/shakespeare/prepare.py
 # $ python train.py config/finetune_shakespeare.py
 # Expect the val loss to fall from about 3.5 to about 3.2 (best checkpoint kept), then overfit.
 # Then: python sample.py --out_dir=out-shakespeare

@@ -1,6 +1,6 @@
-# Train a miniature character-level Shakespeare model (6 layers, 6 heads, 384 wide, 10.7M parameters).
-# Good for a first run on one GPU; on a laptop use train_shakespeare_char_cpu.py instead.
-# $ python data/shakespeare_char/prepare.py
+# Train a miniature character-level Shakespeare model (6 layers, 6 heads, 384 wide, 10.7M
+# parameters). Good for a first run on one GPU; on a laptop use train_shakespeare_char_cpu.py
+# instead. $ python data/shakespeare_char/prepare.py
 # $ python train.py config/train_shakespeare_char.py
 # Expect a val loss of about 1.47 after 5000 iterations (nanoGPT reports ~3 minutes on one A100);
 # it starts to overfit after that. Then: python sample.py --out_dir=out-shakespeare-char

@@ -1,13 +1,16 @@
-# config/train_shakespeare_char.py (6 layers, 6 heads, 384 wide, block 256, batch 64) trained with Muon
-# for the blocks' weight matrices and AdamW for the embeddings, gains and biases, for a GPU.
+# config/train_shakespeare_char.py (6 layers, 6 heads, 384 wide, block 256, batch 64) trained with
+# Muon for the blocks' weight matrices and AdamW for the embeddings, gains and biases, for a GPU.
 # $ python data/shakespeare_char/prepare.py
 # $ python train.py config/train_shakespeare_char_muon.py
 # Why these settings (not yet measured on a GPU; compare with nanoGPT's ~1.47 at 5000 iterations):
 # - Muon's orthogonalized updates move every direction of a weight matrix at the same rate, so a
-#   small model needs fewer steps: on the 4x4x128 CPU model Muon reached in 700 iterations (1.65) what
-#   AdamW had not reached in 2000 (1.91). Half of nanoGPT's 5000 iterations is a cautious first guess;
+#   small model needs fewer steps: on the 4x4x128 CPU model Muon reached in 700 iterations (1.65)
+# what
+#   AdamW had not reached in 2000 (1.91). Half of nanoGPT's 5000 iterations is a cautious first
+# guess;
 #   nanoGPT's run starts to overfit after ~5000 anyway, and with fewer steps it overfits less.
-# - muon_learning_rate 0.02 and momentum 0.95 are Keller Jordan's defaults for GPT-sized matrices and
+# - muon_learning_rate 0.02 and momentum 0.95 are Keller Jordan's defaults for GPT-sized matrices
+# and
 #   torch.optim.Muon's own; the AdamW side keeps nanoGPT's 1e-3 (it now trains only the embeddings).
 # - On CUDA, train.py uses torch.optim.Muon (Newton-Schulz in bfloat16, native on the GPU).
 
@@ -15,7 +18,8 @@ out_dir = 'out-shakespeare-char-muon'
 eval_interval = 250
 eval_iters = 200
 log_interval = 10
-always_save_checkpoint = False  # we expect to overfit on this small dataset: keep the best val checkpoint
+# we expect to overfit on this small dataset: keep the best val checkpoint
+always_save_checkpoint = False
 
 wandb_log = False
 wandb_project = 'shakespeare-char'

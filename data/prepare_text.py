@@ -6,11 +6,12 @@ Prepare your own text for training: a .txt file, or a folder of them, becomes tr
     python data/prepare_text.py --input=my_letters/ --tokenizer=gpt2       # -> data/my_letters/, GPT-2 BPE
     python train.py --dataset=my_book ...
 
-A folder's .txt files (searched recursively) are joined in sorted path order with a blank line between
-them. The whole text is held in memory; for corpora of many hundreds of MB use
-data/openwebtext/prepare.py --source=FOLDER, which streams. The shakespeare scripts reuse the functions
-below, which is why they live in a module rather than inline.
+A folder's .txt files (searched recursively) are joined in sorted path order with a blank line
+between them. The whole text is held in memory; for corpora of many hundreds of MB use
+data/openwebtext/prepare.py --source=FOLDER, which streams. The shakespeare scripts reuse the
+functions below, which is why they live in a module rather than inline.
 """
+
 import contextlib
 import glob
 import json
@@ -24,18 +25,29 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # repo root
 from configurator import ANY, OneOf, Range, UserError, check, configure
-from tokenizer import RECORD, char_codec, char_meta, char_record, gpt2_encoding, gpt2_record, write_record
+from nanogpt.tokenizer import (
+    RECORD,
+    char_codec,
+    char_meta,
+    char_record,
+    gpt2_encoding,
+    gpt2_record,
+    write_record,
+)
 
 # -----------------------------------------------------------------------------
-input = ''            # a .txt file, or a folder of .txt files
-out_dir = ''          # default: data/<input's name without .txt>, so that train.py --dataset=<that name> finds it
-tokenizer = 'char'    # 'char': the text's sorted set of characters (writes meta.pkl); 'gpt2': GPT-2 BPE
-val_fraction = 0.1    # the last 10% of the text becomes val.bin, as in nanoGPT
+input = ''  # a .txt file, or a folder of .txt files
+# default: data/<input's name without .txt>, so that train.py --dataset=<that name> finds it
+out_dir = ''
+# 'char': the text's sorted set of characters (writes meta.pkl); 'gpt2': GPT-2 BPE
+tokenizer = 'char'
+val_fraction = 0.1  # the last 10% of the text becomes val.bin, as in nanoGPT
 # -----------------------------------------------------------------------------
 
 
 def read_text(path):
-    """The text of a .txt file or of a folder of them, with one-line errors for every way that can fail."""
+    """The text of a .txt file or of a folder of them, with one-line errors for every way that can
+    fail."""
     if os.path.isdir(path):
         files = sorted(glob.glob(os.path.join(path, "**", "*.txt"), recursive=True))
         if not files:
@@ -59,14 +71,17 @@ def read_file(path):
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise UserError(f"{path} is not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start:,}); "
-                        f"convert it first, e.g. iconv -f latin1 -t utf-8") from None
+        raise UserError(
+            f"{path} is not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start:,}); "
+            f"convert it first, e.g. iconv -f latin1 -t utf-8"
+        ) from None
     # universal newlines, as nanoGPT's open(path, 'r') gives, so Windows files prepare the same
     return text.replace("\r\n", "\n").replace("\r", "\n")
 
 
 def download_if_missing(url, path):
-    """Download url to path unless it exists: into a temporary file first, so a failed download leaves nothing."""
+    """Download url to path unless it exists: into a temporary file first, so a failed download
+    leaves nothing."""
     if os.path.exists(path):
         return
     print(f"downloading {url} to {path}")
@@ -77,8 +92,10 @@ def download_if_missing(url, path):
         os.replace(tmp, path)
     except OSError as e:  # URLError, HTTPError and timeouts are all OSErrors
         reason = getattr(e, "reason", None) or e.strerror or e
-        raise UserError(f"{path} is missing and downloading it failed ({reason}); "
-                        f"put input.txt there, or pass --input=/path/to/input.txt") from None
+        raise UserError(
+            f"{path} is missing and downloading it failed ({reason}); "
+            f"put input.txt there, or pass --input=/path/to/input.txt"
+        ) from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -100,17 +117,20 @@ def check_free_space(folder, needed, what):
     """Fail up front, with the numbers, when folder's disk has less than `needed` bytes free."""
     free = shutil.disk_usage(folder).free
     if free < needed:
-        raise UserError(f"not enough free disk space in {folder} for {what}: needs ~{needed / 1e9:,.1f} GB "
-                        f"(estimate plus --reserve_gb), {free / 1e9:,.1f} GB free")
+        raise UserError(
+            f"not enough free disk space in {folder} for {what}: needs ~{needed / 1e9:,.1f} GB "
+            f"(estimate plus --reserve_gb), {free / 1e9:,.1f} GB free"
+        )
 
 
 @contextlib.contextmanager
 def atomic_outputs(paths, remove=()):
-    """Yield a temporary path (same directory, '.tmp' added) for each final path, one of them the tokenizer
-    record. Only when the block finishes are they fsynced and renamed onto the final names, and the files in
-    `remove` deleted, as one set: first a marker replaces the record ("being replaced"), then the other files
-    go into place, then the new record replaces the marker. An interruption at any point leaves the old set,
-    the new set, or the marker, which train.py refuses in one line (tokenizer.data_tokenizer), never a mix it
+    """Yield a temporary path (same directory, '.tmp' added) for each final path, one of them the
+    tokenizer record. Only when the block finishes are they fsynced and renamed onto the final
+    names, and the files in `remove` deleted, as one set: first a marker replaces the record ("being
+    replaced"), then the other files go into place, then the new record replaces the marker. An
+    interruption at any point leaves the old set, the new set, or the marker, which train.py refuses
+    in one line (tokenizer.data_tokenizer), never a mix it
     would train on. If the block fails or is interrupted the temporary files are deleted."""
     tmps = [p + ".tmp" for p in paths]
     record = next(p for p in paths if os.path.basename(p) == RECORD)
@@ -122,7 +142,9 @@ def atomic_outputs(paths, remove=()):
             with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())  # the data is on disk before the rename makes it visible
         with open(record + ".marker", "w", encoding="utf-8") as f:
-            json.dump({"replacing": "a prepare script was replacing these files and was interrupted"}, f)
+            json.dump(
+                {"replacing": "a prepare script was replacing these files and was interrupted"}, f
+            )
             f.flush()
             os.fsync(f.fileno())
         os.replace(record + ".marker", record)
@@ -138,9 +160,15 @@ def atomic_outputs(paths, remove=()):
         os.replace(record + ".tmp", record)
         fsync_dir(folder)  # and the renames themselves survive a crash
     except OSError as e:  # e.g. disk full
-        left = "partly replaced, which train.py refuses: prepare again" if replacing else "as they were"
-        raise UserError(f"cannot write the output files in {folder} ({e.strerror or e}); the files there are "
-                        f"{left}") from None
+        left = (
+            "partly replaced, which train.py refuses: prepare again"
+            if replacing
+            else "as they were"
+        )
+        raise UserError(
+            f"cannot write the output files in {folder} ({e.strerror or e}); the files there are "
+            f"{left}"
+        ) from None
     finally:
         for tmp in [*tmps, record + ".marker"]:
             if os.path.exists(tmp):
@@ -156,27 +184,40 @@ def fsync_dir(folder):
 
 
 def write_outputs(out_dir, splits, meta=None):
-    """Write each split (name -> token ids) as <name>.bin of uint16, the tokenizer record (GPT-2, or the
+    """Write each split (name -> token ids) as <name>.bin of uint16, the tokenizer record (GPT-2, or
+    the
     char vocabulary when meta is given) and meta.pkl when given."""
-    names = [f"{name}.bin" for name in splits] + [RECORD] + (["meta.pkl"] if meta is not None else [])
-    # a meta.pkl left by an earlier char-level run would make train.py and sample.py use its vocabulary
+    names = (
+        [f"{name}.bin" for name in splits] + [RECORD] + (["meta.pkl"] if meta is not None else [])
+    )
+    # a meta.pkl left by an earlier char-level run would make train.py and sample.py use its
+    # vocabulary
     stale = [os.path.join(out_dir, "meta.pkl")] if meta is None else []
     with atomic_outputs([os.path.join(out_dir, name) for name in names], remove=stale) as tmps:
         for tmp, ids in zip(tmps, splits.values()):
             with open(tmp, "wb") as f:
-                f.write(np.asarray(ids, dtype=np.uint16).tobytes())  # (ndarray.tofile loses the OS error)
-        write_record(tmps[len(splits)], char_record(meta) if meta is not None else gpt2_record(),
-                     {name: len(ids) for name, ids in splits.items()})
+                # (ndarray.tofile loses the OS error)
+                f.write(np.asarray(ids, dtype=np.uint16).tobytes())
+        write_record(
+            tmps[len(splits)],
+            char_record(meta) if meta is not None else gpt2_record(),
+            {name: len(ids) for name, ids in splits.items()},
+        )
         if meta is not None:
             with open(tmps[-1], "wb") as f:
                 pickle.dump(meta, f)
 
 
 def train_hint(out_dir):
-    """How to point train.py at out_dir: by dataset name when it is a folder of data/, else by path."""
+    """How to point train.py at out_dir: by dataset name when it is a folder of data/, else by
+    path."""
     data = os.path.dirname(os.path.abspath(__file__))
     name = os.path.basename(os.path.normpath(out_dir))
-    where = f"--dataset={name}" if os.path.dirname(os.path.abspath(out_dir)) == data else f"--data_dir={out_dir}"
+    where = (
+        f"--dataset={name}"
+        if os.path.dirname(os.path.abspath(out_dir)) == data
+        else f"--data_dir={out_dir}"
+    )
     return f"train on it with: python train.py {where}"
 
 
@@ -189,14 +230,18 @@ def prepare(text, out_dir, tokenizer="char", val_fraction=0.1):
         raise UserError(f"--val_fraction must be between 0 and 1, not {val_fraction}")
     print(f"length of dataset in characters: {len(text):,}")
     n = len(text)
-    parts = {"train": text[:int(n * (1 - val_fraction))], "val": text[int(n * (1 - val_fraction)):]}
+    parts = {
+        "train": text[: int(n * (1 - val_fraction))],
+        "val": text[int(n * (1 - val_fraction)) :],
+    }
     meta = None
     if tokenizer == "char":
         meta = char_meta(text)
         print(f"vocab size: {meta['vocab_size']:,}")
         encode, _ = char_codec(meta)
     else:
-        encode = gpt2_encoding().encode_ordinary  # ordinary: '<|endoftext|>' in the text is just text
+        # ordinary: '<|endoftext|>' in the text is just text
+        encode = gpt2_encoding().encode_ordinary
     splits = {name: encode(part) for name, part in parts.items()}
     for name, ids in splits.items():
         if not ids:
@@ -208,14 +253,22 @@ def prepare(text, out_dir, tokenizer="char", val_fraction=0.1):
     return {name: len(ids) for name, ids in splits.items()}
 
 
-FRACTION_OF_TEXT = Range(0, 1, open_lo=True, open_hi=True)  # val_fraction, test_size: each split gets some
+# val_fraction, test_size: each split gets some
+FRACTION_OF_TEXT = Range(0, 1, open_lo=True, open_hi=True)
 
 
 def check_settings(c):
     """Each setting's allowed values (configurator.check), before anything is touched."""
-    check(c, dict(input=ANY, out_dir=ANY, tokenizer=OneOf("char", "gpt2"), val_fraction=FRACTION_OF_TEXT))
+    check(
+        c,
+        dict(
+            input=ANY, out_dir=ANY, tokenizer=OneOf("char", "gpt2"), val_fraction=FRACTION_OF_TEXT
+        ),
+    )
     if not c["input"]:
-        raise UserError("say which text to prepare: --input=path/to/file.txt (or a folder of .txt files)")
+        raise UserError(
+            "say which text to prepare: --input=path/to/file.txt (or a folder of .txt files)"
+        )
 
 
 if __name__ == "__main__":

@@ -1,6 +1,8 @@
-"""Finetuning a model pretrained here: init_from=<its out_dir> (its weights only, a fresh run on other data)
-and LoRA adapters (peft): only the adapters train, the checkpoint holds the merged weights nanoGPT reads,
+"""Finetuning a model pretrained here: init_from=<its out_dir> (its weights only, a fresh run on
+other data) and LoRA adapters (peft): only the adapters train, the checkpoint holds the merged
+weights nanoGPT reads,
 resume is exact (float16 and SIGTERM included), and two processes (DDP or FSDP) train like one."""
+
 import json
 import os
 import shutil
@@ -11,18 +13,34 @@ import numpy as np
 import pytest
 import torch
 
-import lora
-import tokenizer
+from nanogpt import lora
+from nanogpt import tokenizer
 from configurator import UserError
 from conftest import ROOT, SHAKESPEARE, error_line, read_log
-from dataloader import get_batch
+from nanogpt.dataloader import get_batch
 from model import GPT, GPTConfig
 from test_train import assert_same_run, stop_with_sigterm, weights
 
-PRETRAIN = ['--max_iters=30', '--learning_rate=1e-2', '--decay_lr=False', '--eval_interval=30', '--eval_iters=2']
-# a LoRA finetuning run of the pretrained model: 2 micro-batches per iteration (the 2-process drill splits them)
-LORA = ['--lora_rank=4', '--lora_alpha=8', '--gradient_accumulation_steps=2', '--learning_rate=1e-2',
-        '--warmup_iters=2', '--lr_decay_iters=8', '--min_lr=1e-3', '--eval_interval=4', '--eval_iters=2']
+PRETRAIN = [
+    '--max_iters=30',
+    '--learning_rate=1e-2',
+    '--decay_lr=False',
+    '--eval_interval=30',
+    '--eval_iters=2',
+]
+# a LoRA finetuning run of the pretrained model: 2 micro-batches per iteration (the 2-process drill
+# splits them)
+LORA = [
+    '--lora_rank=4',
+    '--lora_alpha=8',
+    '--gradient_accumulation_steps=2',
+    '--learning_rate=1e-2',
+    '--warmup_iters=2',
+    '--lr_decay_iters=8',
+    '--min_lr=1e-3',
+    '--eval_interval=4',
+    '--eval_iters=2',
+]
 
 
 @pytest.fixture(scope='module')
@@ -43,8 +61,11 @@ def other_data(shakespeare_char, tmp_path_factory):
     os.replace(out / 'val.bin', out / 'train.bin')
     os.replace(out / 'tmp.bin', out / 'val.bin')
     record = json.loads((out / tokenizer.RECORD).read_text())
-    tokenizer.write_record(out / tokenizer.RECORD, {k: v for k, v in record.items() if k != 'tokens'},
-                           {split: os.path.getsize(out / f'{split}.bin') // 2 for split in ('train', 'val')})
+    tokenizer.write_record(
+        out / tokenizer.RECORD,
+        {k: v for k, v in record.items() if k != 'tokens'},
+        {split: os.path.getsize(out / f'{split}.bin') // 2 for split in ('train', 'val')},
+    )
     return str(out)
 
 
@@ -57,10 +78,20 @@ def lora_run(train, pretrained, tmp_path_factory):
 
 
 def test_init_from_a_run_starts_a_new_run_from_its_weights(train, pretrained, other_data, tmp_path):
-    train(f'--init_from={pretrained}', f'--data_dir={other_data}', '--freeze_layers=1', '--max_iters=3',
-          '--eval_interval=3', '--eval_iters=2', '--learning_rate=1e-2', '--warmup_iters=4', f'--out_dir={tmp_path}')
+    train(
+        f'--init_from={pretrained}',
+        f'--data_dir={other_data}',
+        '--freeze_layers=1',
+        '--max_iters=3',
+        '--eval_interval=3',
+        '--eval_iters=2',
+        '--learning_rate=1e-2',
+        '--warmup_iters=4',
+        f'--out_dir={tmp_path}',
+    )
     before, after = weights(pretrained), weights(tmp_path)
-    # iteration 0's loss is the pretrained model's own on the batch that iteration drew from the other data
+    # iteration 0's loss is the pretrained model's own on the batch that iteration drew from the
+    # other data
     model = GPT(GPTConfig(**before['model_args']))
     model.load_state_dict(before['model'])
     data = np.memmap(os.path.join(other_data, 'train.bin'), dtype=np.uint16, mode='r')
@@ -73,7 +104,8 @@ def test_init_from_a_run_starts_a_new_run_from_its_weights(train, pretrained, ot
     assert after['iter_num'] == 3 and rows[0]['lr'] == pytest.approx(1e-2 / 5)
     assert {s['step'].item() for s in after['optimizer']['state'].values()} == {3.0}
     assert after['config']['data_dir'] == other_data and after['tokenizer'] == before['tokenizer']
-    # freeze_layers applies: the embeddings and the lowest Block are the pretrained ones, bit for bit
+    # freeze_layers applies: the embeddings and the lowest Block are the pretrained ones, bit for
+    # bit
     for k, v in after['model'].items():
         frozen = k.startswith(('transformer.wte', 'transformer.wpe', 'transformer.h.0.', 'lm_head'))
         assert torch.equal(v, before['model'][k]) == frozen, k
@@ -83,21 +115,45 @@ def test_init_from_refusals(train, pretrained, tmp_path):
     # a char-level model onto GPT-2 BPE data
     text = tmp_path / 'text.txt'
     text.write_text(open(SHAKESPEARE).read()[:20000])
-    subprocess.run([sys.executable, os.path.join(ROOT, 'data', 'prepare_text.py'), f'--input={text}',
-                    '--tokenizer=gpt2', f'--out_dir={tmp_path / "bpe"}'], check=True, capture_output=True)
-    line = error_line(train(f'--init_from={pretrained}', f'--data_dir={tmp_path / "bpe"}', f'--out_dir={tmp_path / "a"}',
-                            check=False))
-    assert f"{pretrained}/ckpt.pt uses the tokenizer" in line and "prepare the data with the model's tokenizer" in line
+    subprocess.run(
+        [
+            sys.executable,
+            os.path.join(ROOT, 'data', 'prepare_text.py'),
+            f'--input={text}',
+            '--tokenizer=gpt2',
+            f'--out_dir={tmp_path / "bpe"}',
+        ],
+        check=True,
+        capture_output=True,
+    )
+    line = error_line(
+        train(
+            f'--init_from={pretrained}',
+            f'--data_dir={tmp_path / "bpe"}',
+            f'--out_dir={tmp_path / "a"}',
+            check=False,
+        )
+    )
+    assert (
+        f"{pretrained}/ckpt.pt uses the tokenizer" in line
+        and "prepare the data with the model's tokenizer" in line
+    )
     # a path without a checkpoint
     (tmp_path / 'empty').mkdir()
-    line = error_line(train(f'--init_from={tmp_path / "empty"}', f'--out_dir={tmp_path / "b"}', check=False))
+    line = error_line(
+        train(f'--init_from={tmp_path / "empty"}', f'--out_dir={tmp_path / "b"}', check=False)
+    )
     assert line.startswith(f"error: init_from={tmp_path / 'empty'}: no checkpoint there")
     # resuming with another freeze_layers names init_from=<path>
     shutil.copytree(pretrained, tmp_path / 'c')
-    line = error_line(train('--init_from=resume', '--freeze_layers=1', f'--out_dir={tmp_path / "c"}', check=False))
+    line = error_line(
+        train('--init_from=resume', '--freeze_layers=1', f'--out_dir={tmp_path / "c"}', check=False)
+    )
     assert "another freeze_layers" in line and f"--init_from={tmp_path / 'c' / 'ckpt.pt'}" in line
     # LoRA settings that cannot work are refused before anything is touched
-    line = error_line(train('--lora_rank=4', '--optimizer=muon', f'--out_dir={tmp_path / "d"}', check=False))
+    line = error_line(
+        train('--lora_rank=4', '--optimizer=muon', f'--out_dir={tmp_path / "d"}', check=False)
+    )
     assert "use --optimizer=adamw" in line and not (tmp_path / 'd').exists()
 
 
@@ -111,7 +167,10 @@ def test_lora_trains_only_the_adapters(pretrained, lora_run):
         assert torch.equal(saved['base'].get(k, after['model'][k]), v), k
     # the adapters trained (lora_B starts at zero), and the merged weights moved with them
     assert all(v.abs().sum() > 0 for k, v in saved['adapters'].items() if '.lora_B.' in k)
-    assert not torch.equal(after['model']['transformer.h.1.mlp.c_fc.weight'], before['model']['transformer.h.1.mlp.c_fc.weight'])
+    assert not torch.equal(
+        after['model']['transformer.h.1.mlp.c_fc.weight'],
+        before['model']['transformer.h.1.mlp.c_fc.weight'],
+    )
     # the optimizer holds state for the adapters only: A and B of 8 layers
     assert len(after['optimizer']['state']) == len(saved['adapters']) == 16
     _, evals = read_log(lora_run)
@@ -122,13 +181,18 @@ def test_lora_resume_refuses_other_settings_and_damaged_adapters(lora_run):
     ckpt = weights(lora_run)
     saved = {k: ckpt['lora'][k] for k in ('rank', 'alpha', 'dropout', 'targets')}
     lora.check_resume(ckpt, saved, 'out/ckpt.pt')  # the same settings: resumes
-    with pytest.raises(UserError, match=r"trained with lora_rank=4, lora_alpha=8, .* asks for lora_rank=0: .*"
-                                        r"--init_from=out/ckpt.pt"):
+    with pytest.raises(
+        UserError,
+        match=r"trained with lora_rank=4, lora_alpha=8, .* asks for lora_rank=0: .*"
+        r"--init_from=out/ckpt.pt",
+    ):
         lora.check_resume(ckpt, None, 'out/ckpt.pt')
     with pytest.raises(UserError, match="trained with lora_rank=0, this run asks for lora_rank=8"):
         lora.check_resume({'model': ckpt['model']}, dict(saved, rank=8), 'out/ckpt.pt')
     ckpt['lora']['adapters'] = {'transformer.h.0.attn.c_attn.lora_A.default.weight': 'not a tensor'}
-    with pytest.raises(UserError, match="its 'lora' entry is not LoRA settings, adapters and weights"):
+    with pytest.raises(
+        UserError, match="its 'lora' entry is not LoRA settings, adapters and weights"
+    ):
         lora.check_resume(ckpt, saved, 'out/ckpt.pt')
 
 
@@ -137,13 +201,21 @@ def test_lora_checkpoint_is_nanogpt_format_with_merged_weights(lora_run):
     ckpt = weights(lora_run)
     # what nanoGPT's sample.py does with it: the plain GPT, strict, '_orig_mod.' stripped
     merged = GPT(GPTConfig(**ckpt['model_args']))
-    torch.nn.Module.load_state_dict(merged, {k.removeprefix('_orig_mod.'): v for k, v in ckpt['model'].items()})
+    torch.nn.Module.load_state_dict(
+        merged, {k.removeprefix('_orig_mod.'): v for k, v in ckpt['model'].items()}
+    )
     # the model that trained: peft's adapters on the unmerged weights
     adapted = GPT(GPTConfig(**ckpt['model_args']))
-    lora.add_adapters(adapted, {k: ckpt['lora'][k] for k in ('rank', 'alpha', 'dropout', 'targets')}, ckpt)
-    x = torch.randint(ckpt['model_args']['vocab_size'], (2, 32), generator=torch.Generator().manual_seed(0))
+    lora.add_adapters(
+        adapted, {k: ckpt['lora'][k] for k in ('rank', 'alpha', 'dropout', 'targets')}, ckpt
+    )
+    x = torch.randint(
+        ckpt['model_args']['vocab_size'], (2, 32), generator=torch.Generator().manual_seed(0)
+    )
     with torch.no_grad():
-        torch.testing.assert_close(merged.eval()(x, x)[0], adapted.eval()(x, x)[0], rtol=0, atol=1e-5)
+        torch.testing.assert_close(
+            merged.eval()(x, x)[0], adapted.eval()(x, x)[0], rtol=0, atol=1e-5
+        )
     # the merged weights are peft's own merge, bit for bit
     layers = {name: m for name, m in adapted.named_modules() if hasattr(m, 'base_layer')}
     assert len(layers) == 8
@@ -152,8 +224,16 @@ def test_lora_checkpoint_is_nanogpt_format_with_merged_weights(lora_run):
         assert torch.equal(layer.base_layer.weight, ckpt['model'][f'{name}.weight']), name
 
 
-def test_lora_float16_stopped_by_sigterm_resumes_exactly(train, train_command, pretrained, tmp_path):
-    run = [*LORA, f'--init_from={pretrained}', '--dtype=float16', '--lora_dropout=0.1', '--dropout=0.1']
+def test_lora_float16_stopped_by_sigterm_resumes_exactly(
+    train, train_command, pretrained, tmp_path
+):
+    run = [
+        *LORA,
+        f'--init_from={pretrained}',
+        '--dtype=float16',
+        '--lora_dropout=0.1',
+        '--dropout=0.1',
+    ]
     out = tmp_path / 'out'
     stop = stop_with_sigterm(train_command(*run, '--max_iters=100000', f'--out_dir={out}'), out, 3)
     resumed = [a for a in run if not a.startswith('--init_from')]
@@ -168,9 +248,18 @@ def test_lora_float16_stopped_by_sigterm_resumes_exactly(train, train_command, p
 
 
 @pytest.mark.parametrize('fsdp', [False, True], ids=['ddp', 'fsdp'])
-def test_lora_two_processes_with_activation_checkpointing_match_one(train, pretrained, lora_run, fsdp, tmp_path):
-    train(*LORA, '--max_iters=8', f'--init_from={pretrained}', '--activation_checkpointing=True', f'--fsdp={fsdp}',
-          f'--out_dir={tmp_path}', torchrun=['--standalone', '--nproc_per_node=2'])
+def test_lora_two_processes_with_activation_checkpointing_match_one(
+    train, pretrained, lora_run, fsdp, tmp_path
+):
+    train(
+        *LORA,
+        '--max_iters=8',
+        f'--init_from={pretrained}',
+        '--activation_checkpointing=True',
+        f'--fsdp={fsdp}',
+        f'--out_dir={tmp_path}',
+        torchrun=['--standalone', '--nproc_per_node=2'],
+    )
     (rows, evals), (ref_rows, ref_evals) = read_log(tmp_path), read_log(lora_run)
     assert sorted(rows) == sorted(ref_rows) == list(range(8)) and sorted(evals) == [0, 4, 8]
     for it in rows:

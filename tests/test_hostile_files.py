@@ -1,6 +1,9 @@
-"""Every file the scripts read may come from a stranger: the real train.py, sample.py and bench.py are run on
-each kind of damaged or hostile file and must answer with one line `error: ...` (exit status 1, no traceback),
-run no code from the file, and leave every file on disk as it was (names, sizes, mtimes and bytes)."""
+"""Every file the scripts read may come from a stranger: the real train.py, sample.py and bench.py
+are run on each kind of damaged or hostile file and must answer with one line `error: ...` (exit
+status 1, no traceback),
+run no code from the file, and leave every file on disk as it was (names, sizes, mtimes and
+bytes)."""
+
 import json
 import os
 import pickle
@@ -12,16 +15,17 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
-import checkpoints
-import runtime
-import tokenizer
+from nanogpt import checkpoints
+from nanogpt import runtime
+from nanogpt import tokenizer
 from configurator import UserError
 from conftest import ROOT, TINY, error_line, hermetic_env
 from model import GPT, GPTConfig
 
 
 class Hostile:
-    """Unpickling this runs code: its __reduce__ tells pickle to call exec, which here creates a marker file."""
+    """Unpickling this runs code: its __reduce__ tells pickle to call exec, which here creates a
+    marker file."""
 
     def __init__(self, marker):
         self.marker = str(marker)
@@ -49,7 +53,8 @@ def snapshot(folder):
 
 @pytest.fixture(scope='module')
 def trained(tmp_path_factory, train):
-    """A tiny model trained for 2 iterations: out_dir with ckpt.pt and log.jsonl, the base of the damaged copies."""
+    """A tiny model trained for 2 iterations: out_dir with ckpt.pt and log.jsonl, the base of the
+    damaged copies."""
     out = tmp_path_factory.mktemp('trained')
     train(f'--out_dir={out}', '--max_iters=2', '--eval_interval=2', '--eval_iters=1')
     return str(out)
@@ -64,56 +69,106 @@ def resume_from(case, trained, edit):
     return ['--init_from=resume']
 
 
-HF_CONFIG = json.dumps(dict(model_type='gpt2', vocab_size=65, n_positions=32, n_embd=32, n_layer=2, n_head=2))
+HF_CONFIG = json.dumps(
+    dict(model_type='gpt2', vocab_size=65, n_positions=32, n_embd=32, n_layer=2, n_head=2)
+)
 REFUSED_PICKLE = "meta.pkl was not loaded: it names builtins.exec to be called on loading"
 
 
 def damage(name, case, data, trained, marker):
-    """Damage the files of case `name` in the folder case, whose data/ is a copy of the prepared shakespeare_char
+    """Damage the files of case `name` in the folder case, whose data/ is a copy of the prepared
+    shakespeare_char
     dataset; return (script, its extra arguments, what its error line says)."""
     if name.startswith('meta_reduce'):
         hostile_meta(data / 'meta.pkl', marker)
     if name == 'meta_reduce_train':
         return 'train.py', [], REFUSED_PICKLE
-    if name == 'meta_reduce_sample':  # sample.py finds meta.pkl where the checkpoint says the data was
-        return 'sample.py', resume_from(case, trained, lambda c: (c['config'].update(data_dir=str(data)), c.pop('tokenizer'))), REFUSED_PICKLE
-    if name == 'meta_reduce_bench':  # bench.py reads data/<dataset>, and data/<an absolute path> is that path
+    # sample.py finds meta.pkl where the checkpoint says the data was
+    if name == 'meta_reduce_sample':
+        return (
+            'sample.py',
+            resume_from(
+                case,
+                trained,
+                lambda c: (c['config'].update(data_dir=str(data)), c.pop('tokenizer')),
+            ),
+            REFUSED_PICKLE,
+        )
+    # bench.py reads data/<dataset>, and data/<an absolute path> is that path
+    if name == 'meta_reduce_bench':
         return 'bench.py', [f'--dataset={data}'], REFUSED_PICKLE
     if name == 'meta_truncated':
         (data / 'meta.pkl').write_bytes((data / 'meta.pkl').read_bytes()[:100])
-        return 'train.py', [], "meta.pkl is not a valid meta.pkl (UnpicklingError: pickle data was truncated)"
+        return (
+            'train.py',
+            [],
+            "meta.pkl is not a valid meta.pkl (UnpicklingError: pickle data was truncated)",
+        )
     if name == 'meta_wrong_types':
         (data / 'meta.pkl').write_bytes(pickle.dumps({'vocab_size': '65', 'itos': {}, 'stoi': {}}))
-        return 'train.py', [], "meta.pkl is not a valid character vocabulary: vocab_size is '65', not an int"
+        return (
+            'train.py',
+            [],
+            "meta.pkl is not a valid character vocabulary: vocab_size is '65', not an int",
+        )
     if name == 'meta_missing_keys':
         (data / 'meta.pkl').write_bytes(pickle.dumps({'vocab_size': 65}))
         return 'train.py', [], "meta.pkl is not a valid character vocabulary: it has no itos, stoi"
     if name == 'train_bin_odd':
         (data / 'train.bin').write_bytes((data / 'train.bin').read_bytes()[:-1])
-        return 'train.py', [], "train.bin is damaged: 2,007,707 bytes is an odd length for uint16 token ids"
+        return (
+            'train.py',
+            [],
+            "train.bin is damaged: 2,007,707 bytes is an odd length for uint16 token ids",
+        )
     if name == 'val_bin_empty':
         (data / 'val.bin').write_bytes(b'')
         return 'train.py', [], "val.bin is damaged: it is empty"
     if name == 'bench_train_bin_odd':
         (data / 'train.bin').write_bytes(b'\0' * 2001)
-        return 'bench.py', [f'--dataset={data}', '--vocab_size=65'], "train.bin is damaged: 2,001 bytes is an odd length"
+        return (
+            'bench.py',
+            [f'--dataset={data}', '--vocab_size=65'],
+            "train.bin is damaged: 2,001 bytes is an odd length",
+        )
     if name == 'config_raises':
         (case / 'bad_config.py').write_text("n_layer = 2\nn_head = undefined_name\n")
-        return 'train.py', [str(case / 'bad_config.py')], \
-            "bad_config.py line 2: NameError: name 'undefined_name' is not defined"
+        return (
+            'train.py',
+            [str(case / 'bad_config.py')],
+            "bad_config.py line 2: NameError: name 'undefined_name' is not defined",
+        )
     if name == 'ckpt_missing_tensor':
-        return 'train.py', resume_from(case, trained, lambda c: c['model'].pop('transformer.h.1.mlp.c_fc.weight')), \
-            "ckpt.pt does not match its model_args: Error(s) in loading state_dict for GPT:"
+        return (
+            'train.py',
+            resume_from(case, trained, lambda c: c['model'].pop('transformer.h.1.mlp.c_fc.weight')),
+            "ckpt.pt does not match its model_args: Error(s) in loading state_dict for GPT:",
+        )
     if name == 'ckpt_wrong_shape':
-        return 'sample.py', resume_from(case, trained, lambda c: c['model'].update({'transformer.wpe.weight': torch.zeros(16, 32)})), \
-            "ckpt.pt is a checkpoint of a format this code does not know (Error(s) in loading state_dict for GPT:"
+        return (
+            'sample.py',
+            resume_from(
+                case,
+                trained,
+                lambda c: c['model'].update({'transformer.wpe.weight': torch.zeros(16, 32)}),
+            ),
+            "ckpt.pt is a checkpoint of a format this code does not know (Error(s) in loading state_dict for GPT:",
+        )
     if name == 'ckpt_bad_model_args':
-        return 'train.py', resume_from(case, trained, lambda c: c['model_args'].pop('n_head')), \
-            "ckpt.pt is damaged or of a format this code does not know: model_args['n_head'] is None, not a positive int"
-    if name == 'ckpt_vocab_disagrees':  # a 65-character model on nanoGPT's data (no record) of 13 characters
+        return (
+            'train.py',
+            resume_from(case, trained, lambda c: c['model_args'].pop('n_head')),
+            "ckpt.pt is damaged or of a format this code does not know: model_args['n_head'] is None, not a positive int",
+        )
+    # a 65-character model on nanoGPT's data (no record) of 13 characters
+    if name == 'ckpt_vocab_disagrees':
         (data / 'meta.pkl').write_bytes(pickle.dumps(tokenizer.char_meta('abcdefghij' * 8 + 'xyz')))
         (data / 'tokenizer.json').unlink()
-        return 'train.py', resume_from(case, trained, lambda c: None), "ckpt.pt uses the tokenizer char (65 characters"
+        return (
+            'train.py',
+            resume_from(case, trained, lambda c: None),
+            "ckpt.pt uses the tokenizer char (65 characters",
+        )
     (case / 'hf').mkdir()
     if name == 'hf_bad_config':
         (case / 'hf' / 'config.json').write_text(HF_CONFIG[:-5])
@@ -121,29 +176,70 @@ def damage(name, case, data, trained, marker):
         return 'train.py', [f'--init_from={case / "hf"}'], "hf/config.json is not valid JSON"
     (case / 'hf' / 'config.json').write_text(HF_CONFIG)
     if name == 'hf_no_weights':
-        return 'sample.py', [f'--init_from={case / "hf"}'], "hf has no weights: expected model.safetensors"
+        return (
+            'sample.py',
+            [f'--init_from={case / "hf"}'],
+            "hf has no weights: expected model.safetensors",
+        )
     assert name == 'hf_pickle_only'
     (case / 'hf' / 'pytorch_model.bin').write_bytes(pickle.dumps(Hostile(marker)))
-    return 'train.py', [f'--init_from={case / "hf"}'], \
-        "hf holds its weights only as pytorch_model.bin, a pickle, which is not loaded"
+    return (
+        'train.py',
+        [f'--init_from={case / "hf"}'],
+        "hf holds its weights only as pytorch_model.bin, a pickle, which is not loaded",
+    )
 
 
-CASES = ['meta_reduce_train', 'meta_reduce_sample', 'meta_reduce_bench', 'meta_truncated', 'meta_wrong_types',
-         'meta_missing_keys', 'train_bin_odd', 'val_bin_empty', 'bench_train_bin_odd', 'config_raises',
-         'ckpt_missing_tensor', 'ckpt_wrong_shape', 'ckpt_bad_model_args', 'ckpt_vocab_disagrees',
-         'hf_bad_config', 'hf_no_weights', 'hf_pickle_only']
+CASES = [
+    'meta_reduce_train',
+    'meta_reduce_sample',
+    'meta_reduce_bench',
+    'meta_truncated',
+    'meta_wrong_types',
+    'meta_missing_keys',
+    'train_bin_odd',
+    'val_bin_empty',
+    'bench_train_bin_odd',
+    'config_raises',
+    'ckpt_missing_tensor',
+    'ckpt_wrong_shape',
+    'ckpt_bad_model_args',
+    'ckpt_vocab_disagrees',
+    'hf_bad_config',
+    'hf_no_weights',
+    'hf_pickle_only',
+]
 SCRIPT_ARGS = {  # the tiny model, on the CPU, in the case's folders
-    'train.py': lambda data, out: [f'--out_dir={out}', '--dataset=shakespeare_char', f'--data_dir={data}', *TINY],
-    'sample.py': lambda data, out: [f'--out_dir={out}', '--device=cpu', '--num_samples=1', '--max_new_tokens=2'],
-    'bench.py': lambda data, out: ['--device=cpu', '--n_layer=2', '--n_head=2', '--n_embd=32', '--block_size=32',
-                                   '--batch_size=2', '--burnin=0', '--iters=1'],
+    'train.py': lambda data, out: [
+        f'--out_dir={out}',
+        '--dataset=shakespeare_char',
+        f'--data_dir={data}',
+        *TINY,
+    ],
+    'sample.py': lambda data, out: [
+        f'--out_dir={out}',
+        '--device=cpu',
+        '--num_samples=1',
+        '--max_new_tokens=2',
+    ],
+    'bench.py': lambda data, out: [
+        '--device=cpu',
+        '--n_layer=2',
+        '--n_head=2',
+        '--n_embd=32',
+        '--block_size=32',
+        '--batch_size=2',
+        '--burnin=0',
+        '--iters=1',
+    ],
 }
 
 
 @pytest.fixture(scope='module')
 def runs(tmp_path_factory, shakespeare_char, trained):
-    """Each case damaged in a folder of its own and its script run on it, as many at a time as there are cores
-    (most of a failing run is importing torch, on one core): name -> (folder, its snapshot before, expected
+    """Each case damaged in a folder of its own and its script run on it, as many at a time as there
+    are cores (most of a failing run is importing torch, on one core): name -> (folder, its snapshot
+    before, expected
     error, the finished process)."""
     cases = {}
     for name in CASES:
@@ -158,6 +254,7 @@ def runs(tmp_path_factory, shakespeare_char, trained):
 
     def run(cmd):
         return subprocess.run(cmd, capture_output=True, text=True, env=hermetic_env(), timeout=300)
+
     with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
         results = dict(zip(cases, pool.map(run, [cmd for *_, cmd in cases.values()])))
     return {name: (*cases[name][:3], results[name]) for name in cases}
@@ -183,9 +280,11 @@ def test_hostile_pickles_are_real(tmp_path):
 @pytest.mark.parametrize('protocol', range(pickle.HIGHEST_PROTOCOL + 1))
 def test_meta_pkl_plain_data_loads_at_every_protocol(tmp_path, protocol):
     meta = tokenizer.char_meta("First Citizen:\nBefore we proceed any further, hear me speak.")
-    meta['extra'] = [1, 2.5, True, False, None, ('a', -3), {'nested': ['list']}]  # plain data needs no global
+    # plain data needs no global
+    meta['extra'] = [1, 2.5, True, False, None, ('a', -3), {'nested': ['list']}]
     with open(tmp_path / 'meta.pkl', 'wb') as f:
-        pickle.dump(meta, f, protocol=protocol)  # nanoGPT writes with pickle.dump's default protocol
+        # nanoGPT writes with pickle.dump's default protocol
+        pickle.dump(meta, f, protocol=protocol)
     assert tokenizer.load_meta(str(tmp_path / 'meta.pkl')) == meta
 
 
@@ -205,13 +304,17 @@ def test_resume_drops_log_lines_that_are_not_ours(trained, tmp_path, train):
 @pytest.mark.compat
 def test_hf_pickle_weights_load_only_when_allowed(tmp_path):
     from transformers import GPT2Config, GPT2LMHeadModel
+
     torch.manual_seed(0)
     hf = GPT2LMHeadModel(GPT2Config(vocab_size=50, n_positions=16, n_embd=32, n_layer=2, n_head=2))
     hf.save_pretrained(tmp_path / 'safe')
     (tmp_path / 'pickle').mkdir()
     shutil.copy(tmp_path / 'safe' / 'config.json', tmp_path / 'pickle')
     torch.save(hf.state_dict(), tmp_path / 'pickle' / 'pytorch_model.bin')
-    with pytest.raises(ValueError, match=r"only as pytorch_model.bin.*use_safetensors=False.*allow_unsafe_pickle=True"):
+    with pytest.raises(
+        ValueError,
+        match=r"only as pytorch_model.bin.*use_safetensors=False.*allow_unsafe_pickle=True",
+    ):
         checkpoints.load_pretrained(str(tmp_path / 'pickle'))
     idx = torch.randint(0, 50, (2, 16))
     safe = GPT.from_pretrained(str(tmp_path / 'safe')).eval()
@@ -221,28 +324,39 @@ def test_hf_pickle_weights_load_only_when_allowed(tmp_path):
     (tmp_path / 'cut').mkdir()
     shutil.copy(tmp_path / 'safe' / 'config.json', tmp_path / 'cut')
     data = (tmp_path / 'safe' / 'model.safetensors').read_bytes()
-    (tmp_path / 'cut' / 'model.safetensors').write_bytes(data[:len(data) // 2])
+    (tmp_path / 'cut' / 'model.safetensors').write_bytes(data[: len(data) // 2])
     with pytest.raises(ValueError, match="cannot load the weights of .*cut"):
         GPT.from_pretrained(str(tmp_path / 'cut'))
     from safetensors.torch import load_file, save_file
+
     weights = load_file(tmp_path / 'safe' / 'model.safetensors')
     del weights['transformer.h.1.mlp.c_fc.weight']
     save_file(weights, tmp_path / 'cut' / 'model.safetensors', metadata={'format': 'pt'})
-    with pytest.raises(ValueError, match=r"do not fit its config.json \(1 tensors missing.*h.1.mlp.c_fc.weight"):
+    with pytest.raises(
+        ValueError, match=r"do not fit its config.json \(1 tensors missing.*h.1.mlp.c_fc.weight"
+    ):
         GPT.from_pretrained(str(tmp_path / 'cut'))
 
 
 def test_checkpoint_loop_state_is_checked():
     model = GPT(GPTConfig(block_size=8, vocab_size=16, n_layer=1, n_head=2, n_embd=8))
-    good = {'model': model.state_dict(), 'model_args': dict(n_layer=1, n_head=2, n_embd=8, block_size=8, vocab_size=16,
-                                                            bias=True, dropout=0.0),
-            'iter_num': 3, 'rng_states': [runtime.rng_state()], 'sampler_state': torch.Generator().get_state()}
+    good = {
+        'model': model.state_dict(),
+        'model_args': dict(
+            n_layer=1, n_head=2, n_embd=8, block_size=8, vocab_size=16, bias=True, dropout=0.0
+        ),
+        'iter_num': 3,
+        'rng_states': [runtime.rng_state()],
+        'sampler_state': torch.Generator().get_state(),
+    }
     checkpoints.check_checkpoint(good, 'ckpt.pt')
     before = torch.get_rng_state()
-    for bad, message in [({'rng_states': [{'python': 1}]}, 'random state cannot be restored'),
-                         ({'sampler_state': torch.zeros(3)}, 'random state cannot be restored'),
-                         ({'iter_num': '3'}, "iter_num is '3'"),
-                         ({'config': {'data_dir': 7}}, 'config is not a dict with dataset and data_dir')]:
+    for bad, message in [
+        ({'rng_states': [{'python': 1}]}, 'random state cannot be restored'),
+        ({'sampler_state': torch.zeros(3)}, 'random state cannot be restored'),
+        ({'iter_num': '3'}, "iter_num is '3'"),
+        ({'config': {'data_dir': 7}}, 'config is not a dict with dataset and data_dir'),
+    ]:
         with pytest.raises(UserError, match=message):
             checkpoints.check_checkpoint({**good, **bad}, 'ckpt.pt')
     assert torch.equal(torch.get_rng_state(), before)  # checking restored nothing into this process
@@ -252,7 +366,9 @@ def test_checkpoint_loop_state_is_checked():
     state = optimizer.state_dict()
     buffer = next(k for k, v in state['state'][0].items() if v.dim() > 0)  # e.g. AdamW's exp_avg
     state['state'][0][buffer] = torch.zeros(3, 3)
-    with pytest.raises(UserError, match=rf"the optimizer's {buffer} has shape \(3, 3\) for a parameter of shape"):
+    with pytest.raises(
+        UserError, match=rf"the optimizer's {buffer} has shape \(3, 3\) for a parameter of shape"
+    ):
         checkpoints.load_optimizer_state(model, optimizer, state, 'ckpt.pt')
     state['param_groups'] = state['param_groups'][:1]
     with pytest.raises(UserError, match="optimizer state is for other trainable parameters"):

@@ -1,5 +1,7 @@
-"""The repository's layout: imports point one way (scripts on top, the model at the bottom), with no cycle
+"""The repository's layout: imports point one way (scripts on top, the model at the bottom), with no
+cycle
 and none hidden inside a function, and model.py needs nothing of ours but muon.py."""
+
 import ast
 import glob
 import os
@@ -8,20 +10,32 @@ import sys
 
 from conftest import ROOT
 
-MODULES = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(ROOT, '*.py')))
+# the scripts at the top ('train') and the modules they share ('nanogpt.runtime')
+MODULES = sorted(
+    [os.path.basename(p)[:-3] for p in glob.glob(os.path.join(ROOT, '*.py'))]
+    + [
+        'nanogpt.' + os.path.basename(p)[:-3]
+        for p in glob.glob(os.path.join(ROOT, 'nanogpt', '*.py'))
+        if not p.endswith('__init__.py')
+    ]
+)
 
 
 def repo_imports(name):
-    """The repository's modules that module `name` imports, anywhere in it (a function's body too)."""
-    with open(os.path.join(ROOT, f'{name}.py'), encoding='utf-8') as f:
+    """The repository's modules that module `name` imports, anywhere in it (a function's body
+    too)."""
+    with open(
+        os.path.join(ROOT, *name.split('.')[:-1], name.split('.')[-1] + '.py'), encoding='utf-8'
+    ) as f:
         tree = ast.parse(f.read())
     found = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
-            found.update(a.name.split('.')[0] for a in node.names)
+            found.update(a.name for a in node.names)
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            found.add(node.module.split('.')[0])
-    return found & set(MODULES) - {name}
+            found.add(node.module)
+            found.update(f'{node.module}.{a.name}' for a in node.names)
+    return {m if m in MODULES else m.rsplit('.', 1)[0] for m in found} & set(MODULES) - {name}
 
 
 def test_imports_have_no_cycle():
@@ -29,7 +43,7 @@ def test_imports_have_no_cycle():
     done, path = set(), []
 
     def visit(name):
-        assert name not in path, f"import cycle: {' -> '.join(path[path.index(name):] + [name])}"
+        assert name not in path, f"import cycle: {' -> '.join(path[path.index(name) :] + [name])}"
         if name in done:
             return
         path.append(name)
@@ -37,20 +51,28 @@ def test_imports_have_no_cycle():
             visit(dep)
         path.pop()
         done.add(name)
+
     for name in MODULES:
         visit(name)
 
 
 def test_model_needs_nothing_of_ours_but_muon():
-    assert repo_imports('model') <= {'muon'}
-    code = (f"import sys, model\nours = {MODULES!r}\n"
-            "print(sorted(m for m in sys.modules if m in ours))")
-    result = subprocess.run([sys.executable, '-c', code], cwd=ROOT, capture_output=True, text=True, check=True)
-    assert result.stdout.split() == ["['model',", "'muon']"]
+    assert repo_imports('model') <= {'nanogpt.muon'}
+    code = (
+        f"import sys, model\nours = {MODULES!r}\nprint(sorted(m for m in sys.modules if m in ours))"
+    )
+    result = subprocess.run(
+        [sys.executable, '-c', code], cwd=ROOT, capture_output=True, text=True, check=True
+    )
+    assert result.stdout.split() == ["['model',", "'nanogpt.muon']"]
 
 
 def test_no_file_over_480_lines():
-    for path in glob.glob(os.path.join(ROOT, '*.py')) + glob.glob(os.path.join(ROOT, 'data', '**', '*.py'), recursive=True):
+    for path in (
+        glob.glob(os.path.join(ROOT, '*.py'))
+        + glob.glob(os.path.join(ROOT, 'nanogpt', '*.py'))
+        + glob.glob(os.path.join(ROOT, 'data', '**', '*.py'), recursive=True)
+    ):
         with open(path, encoding='utf-8') as f:
             n = sum(1 for _ in f)
         assert n <= 480, f"{os.path.relpath(path, ROOT)} has {n} lines: split it by concern"

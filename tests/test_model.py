@@ -1,5 +1,6 @@
 """model.py against references: Hugging Face's GPT-2, nanoGPT's checkpoint format, and itself
 (SDPA vs explicit attention, cached vs uncached generation)."""
+
 import math
 import os
 import subprocess
@@ -9,9 +10,9 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-import checkpoints
+from nanogpt import checkpoints
 import model as model_py
-import runtime
+from nanogpt import runtime
 from model import GPT, GPTConfig, KVCache
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -32,8 +33,11 @@ def all_logits(model, idx):
 def hf_dir(tmp_path_factory):
     """A tiny random GPT-2 saved in Hugging Face format (what from_pretrained reads offline)."""
     torch.manual_seed(0)
-    hf = GPT2LMHeadModel(GPT2Config(vocab_size=50, n_positions=16, n_embd=32, n_layer=2, n_head=2,
-                                    initializer_range=0.2))  # large weights make the test sharp
+    hf = GPT2LMHeadModel(
+        GPT2Config(
+            vocab_size=50, n_positions=16, n_embd=32, n_layer=2, n_head=2, initializer_range=0.2
+        )
+    )  # large weights make the test sharp
     path = tmp_path_factory.mktemp("hf")
     hf.save_pretrained(path)
     return path, hf.eval()
@@ -54,7 +58,6 @@ def test_from_pretrained_local_dir_matches_transformers(hf_dir):
     out = model.generate(idx[:1, :4], 8, temperature=0)
     ref_out = hf.generate(idx[:1, :4], max_new_tokens=8, do_sample=False, pad_token_id=0)
     assert torch.equal(out, ref_out)
-
 
 
 class RMSNorm(torch.nn.Module):
@@ -80,13 +83,24 @@ class RMSNormWithBias(RMSNorm):
 
 
 @pytest.mark.compat
-@pytest.mark.parametrize("norm, imported, exported", [
-    (RMSNorm, "parameters differ from .*: missing none; unexpected transformer.h.0.ln_1.bias, ",
-     "parameters differ from GPT-2's format: missing transformer.h.0.ln_1.bias, "),
-    (RMSNormWithBias, "computes another function than .* with the same weights",
-     "computes another function than GPT-2's format with the same weights"),
-])
-def test_a_changed_architecture_is_refused_by_import_and_export(hf_dir, tmp_path, monkeypatch, norm, imported, exported):
+@pytest.mark.parametrize(
+    "norm, imported, exported",
+    [
+        (
+            RMSNorm,
+            "parameters differ from .*: missing none; unexpected transformer.h.0.ln_1.bias, ",
+            "parameters differ from GPT-2's format: missing transformer.h.0.ln_1.bias, ",
+        ),
+        (
+            RMSNormWithBias,
+            "computes another function than .* with the same weights",
+            "computes another function than GPT-2's format with the same weights",
+        ),
+    ],
+)
+def test_a_changed_architecture_is_refused_by_import_and_export(
+    hf_dir, tmp_path, monkeypatch, norm, imported, exported
+):
     path, _ = hf_dir
     monkeypatch.setattr(model_py, 'LayerNorm', norm)
     with pytest.raises(ValueError, match=imported) as refused:
@@ -97,30 +111,41 @@ def test_a_changed_architecture_is_refused_by_import_and_export(hf_dir, tmp_path
         tiny_gpt(bias=True).export_hf(str(export))
     assert '\n' not in str(refused.value) and not export.exists()  # nothing written
 
+
 def test_from_pretrained_dropout_override_and_bad_args(hf_dir):
     path, _ = hf_dir
     assert GPT.from_pretrained(str(path), dict(dropout=0.2)).config.dropout == 0.2
     with pytest.raises(ValueError, match="only dropout"):
         GPT.from_pretrained(str(path), dict(n_layer=3))
-    with pytest.raises(ValueError, match="unknown pretrained model 'gpt3'.*gpt2-xl.*local directory"):
+    with pytest.raises(
+        ValueError, match="unknown pretrained model 'gpt3'.*gpt2-xl.*local directory"
+    ):
         GPT.from_pretrained("gpt3")
 
 
 def test_from_pretrained_offline_error_names_model_and_local_dir(tmp_path):
-    code = ("from model import GPT\n"
-            "try:\n    GPT.from_pretrained('gpt2-medium')\n"
-            "except OSError as e:\n    print('ERR', e)\n")
+    code = (
+        "from model import GPT\n"
+        "try:\n    GPT.from_pretrained('gpt2-medium')\n"
+        "except OSError as e:\n    print('ERR', e)\n"
+    )
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path)}
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
     line = [l for l in out.stdout.splitlines() if l.startswith("ERR")]
     assert line, out.stdout + out.stderr
     assert len(line) == 1 and "'gpt2-medium'" in line[0] and "init_from='/path/to/gpt2'" in line[0]
 
 
-@pytest.mark.parametrize("bias, vocab_size, export_vocab, gelu, hf_name", [
-    (True, 50, None, 'tanh', 'gelu_new'), (False, 64, 50, 'exact', 'gelu')])
+@pytest.mark.parametrize(
+    "bias, vocab_size, export_vocab, gelu, hf_name",
+    [(True, 50, None, 'tanh', 'gelu_new'), (False, 64, 50, 'exact', 'gelu')],
+)
 @pytest.mark.compat
-def test_export_roundtrip_through_transformers(tmp_path, bias, vocab_size, export_vocab, gelu, hf_name):
+def test_export_roundtrip_through_transformers(
+    tmp_path, bias, vocab_size, export_vocab, gelu, hf_name
+):
     model = tiny_gpt(bias=bias, vocab_size=vocab_size, gelu=gelu)
     with torch.no_grad():  # move every parameter off its init value so all of them are checked
         for p in model.parameters():
@@ -132,7 +157,7 @@ def test_export_roundtrip_through_transformers(tmp_path, bias, vocab_size, expor
     idx = torch.randint(0, 50, (2, 16))
     with torch.no_grad():
         ref = hf(idx).logits
-        ours = all_logits(model, idx)[..., :ref.size(-1)]
+        ours = all_logits(model, idx)[..., : ref.size(-1)]
     assert ref.size(-1) == (export_vocab or vocab_size)
     assert (ours - ref).abs().max().item() <= 1e-5
     # and back again: our loader reads what we wrote, GELU included
@@ -143,8 +168,16 @@ def test_export_roundtrip_through_transformers(tmp_path, bias, vocab_size, expor
 
 @pytest.mark.compat
 def test_from_pretrained_refuses_an_activation_it_does_not_have(tmp_path):
-    GPT2LMHeadModel(GPT2Config(vocab_size=50, n_positions=16, n_embd=32, n_layer=1, n_head=2,
-                               activation_function='relu')).save_pretrained(tmp_path)
+    GPT2LMHeadModel(
+        GPT2Config(
+            vocab_size=50,
+            n_positions=16,
+            n_embd=32,
+            n_layer=1,
+            n_head=2,
+            activation_function='relu',
+        )
+    ).save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="activation_function 'relu' is not a GELU"):
         GPT.from_pretrained(str(tmp_path))
 
@@ -166,24 +199,33 @@ def test_causality():
     changed = idx.clone()
     changed[0, t + 1] = (idx[0, t + 1] + 1) % 50
     a, b = all_logits(model, idx), all_logits(model, changed)
-    assert torch.equal(a[:, :t + 1], b[:, :t + 1])
+    assert torch.equal(a[:, : t + 1], b[:, : t + 1])
     assert not torch.allclose(a[:, t + 1], b[:, t + 1])
 
 
 def test_loss_at_init_is_uniform():
     model = tiny_gpt(vocab_size=65)
     g = torch.Generator().manual_seed(0)
-    idx, targets = torch.randint(0, 65, (32, 16), generator=g), torch.randint(0, 65, (32, 16), generator=g)
+    idx, targets = (
+        torch.randint(0, 65, (32, 16), generator=g),
+        torch.randint(0, 65, (32, 16), generator=g),
+    )
     logits, loss = model(idx, targets)
     assert logits.shape == (32, 16, 65)
     assert abs(loss.item() - math.log(65)) < 0.1
     ignored = targets.clone()
     ignored[:, :8] = -1  # ignore_index=-1: the loss is the mean over the other positions only
     _, partial = model(idx, ignored)
-    ref = torch.nn.functional.cross_entropy(logits[:, 8:].reshape(-1, 65), targets[:, 8:].reshape(-1))
+    ref = torch.nn.functional.cross_entropy(
+        logits[:, 8:].reshape(-1, 65), targets[:, 8:].reshape(-1)
+    )
     assert torch.allclose(partial, ref)
     last, none = model(idx)
-    assert none is None and last.shape == (32, 1, 65) and torch.allclose(last[:, 0], logits[:, -1], atol=1e-6)
+    assert (
+        none is None
+        and last.shape == (32, 1, 65)
+        and torch.allclose(last[:, 0], logits[:, -1], atol=1e-6)
+    )
 
 
 def test_init_statistics():
@@ -204,9 +246,10 @@ def test_kv_cache_forward_matches_full_forward():
             block.attn.flash = flash
         cache = [KVCache() for _ in model.transformer.h]
         chunks = [model(idx[:, :5], kv_cache=cache)[0]]  # prefill, then one position at a time,
-        chunks.append(model(idx[:, 5:9], kv_cache=cache)[0])  # and a multi-token step after a prefix
+        # and a multi-token step after a prefix
+        chunks.append(model(idx[:, 5:9], kv_cache=cache)[0])
         for t in range(9, 16):
-            chunks.append(model(idx[:, t:t + 1], kv_cache=cache)[0])
+            chunks.append(model(idx[:, t : t + 1], kv_cache=cache)[0])
         last = torch.cat(chunks, dim=1)  # (B, 2 + 7, V): the last logits of each call
         assert torch.allclose(last[:, 0], full[:, 4], atol=1e-5)
         assert torch.allclose(last[:, 1], full[:, 8], atol=1e-5)
@@ -257,11 +300,18 @@ def test_temperature_zero_and_top_k():
 @pytest.mark.compat
 def test_nanogpt_checkpoint_with_orig_mod_prefix_loads(tmp_path):
     src = tiny_gpt(seed=3)
-    model_args = dict(n_layer=2, n_head=2, n_embd=32, block_size=16, bias=True, vocab_size=50, dropout=0.0)
+    model_args = dict(
+        n_layer=2, n_head=2, n_embd=32, block_size=16, bias=True, vocab_size=50, dropout=0.0
+    )
     optimizer = src.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu", verbose=False)
-    ckpt = {"model": {"_orig_mod." + k: v for k, v in src.state_dict().items()},
-            "optimizer": optimizer.state_dict(), "model_args": model_args, "iter_num": 5,
-            "best_val_loss": torch.tensor(2.5), "config": {"dataset": "x"}}
+    ckpt = {
+        "model": {"_orig_mod." + k: v for k, v in src.state_dict().items()},
+        "optimizer": optimizer.state_dict(),
+        "model_args": model_args,
+        "iter_num": 5,
+        "best_val_loss": torch.tensor(2.5),
+        "config": {"dataset": "x"},
+    }
     torch.save(ckpt, tmp_path / "ckpt.pt")
     loaded = torch.load(tmp_path / "ckpt.pt", weights_only=True)
     model = GPT(GPTConfig(**loaded["model_args"])).eval()
@@ -270,8 +320,13 @@ def test_nanogpt_checkpoint_with_orig_mod_prefix_loads(tmp_path):
     assert torch.equal(all_logits(model, idx), all_logits(src, idx))
     # and our state_dict has exactly nanoGPT's parameter names, so nanoGPT can load ours
     names = set(model.state_dict())
-    expected = {"transformer.wte.weight", "transformer.wpe.weight", "transformer.ln_f.weight",
-                "transformer.ln_f.bias", "lm_head.weight"}
+    expected = {
+        "transformer.wte.weight",
+        "transformer.wpe.weight",
+        "transformer.ln_f.weight",
+        "transformer.ln_f.bias",
+        "lm_head.weight",
+    }
     for i in range(2):
         for part in ("ln_1", "attn.c_attn", "attn.c_proj", "ln_2", "mlp.c_fc", "mlp.c_proj"):
             expected |= {f"transformer.h.{i}.{part}.weight", f"transformer.h.{i}.{part}.bias"}
@@ -279,8 +334,9 @@ def test_nanogpt_checkpoint_with_orig_mod_prefix_loads(tmp_path):
 
 
 def nanogpt_logits(sd, args, idx):
-    """ nanoGPT's GPT.forward with targets, written out in plain torch ops from a state dict: its
-    exact GELU (nn.GELU()), its explicit masked-softmax attention. idx (B, T) -> logits (B, T, V). """
+    """nanoGPT's GPT.forward with targets, written out in plain torch ops from a state dict: its
+    exact GELU (nn.GELU()), its explicit masked-softmax attention. idx (B, T) -> logits (B, T, V).
+    """
     sd = {k.removeprefix('_orig_mod.'): v for k, v in sd.items()}
     B, T = idx.shape
     C, nh = args['n_embd'], args['n_head']
@@ -290,7 +346,9 @@ def nanogpt_logits(sd, args, idx):
         return y + sd[name + '.bias'] if args['bias'] else y
 
     def layer_norm(x, name):
-        y = (x - x.mean(-1, keepdim=True)) / torch.sqrt(x.var(-1, unbiased=False, keepdim=True) + 1e-5)
+        y = (x - x.mean(-1, keepdim=True)) / torch.sqrt(
+            x.var(-1, unbiased=False, keepdim=True) + 1e-5
+        )
         y = y * sd[name + '.weight']
         return y + sd[name + '.bias'] if args['bias'] else y
 
@@ -300,7 +358,11 @@ def nanogpt_logits(sd, args, idx):
         h = f'transformer.h.{i}.'
         q, k, v = linear(layer_norm(x, h + 'ln_1'), h + 'attn.c_attn').split(C, dim=2)
         q, k, v = (t.view(B, T, nh, C // nh).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
-        att = (q @ k.transpose(-2, -1) / math.sqrt(C // nh)).masked_fill(future, float('-inf')).softmax(-1)
+        att = (
+            (q @ k.transpose(-2, -1) / math.sqrt(C // nh))
+            .masked_fill(future, float('-inf'))
+            .softmax(-1)
+        )
         x = x + linear((att @ v).transpose(1, 2).reshape(B, T, C), h + 'attn.c_proj')
         m = linear(layer_norm(x, h + 'ln_2'), h + 'mlp.c_fc')  # (B, T, 4C)
         m = 0.5 * m * (1 + torch.erf(m / math.sqrt(2)))  # the exact GELU
@@ -311,47 +373,83 @@ def nanogpt_logits(sd, args, idx):
 @pytest.mark.compat
 @pytest.mark.parametrize("bias", [False, True])
 def test_nanogpt_checkpoint_computes_nanogpts_function(tmp_path, bias):
-    model_args = dict(n_layer=2, n_head=2, n_embd=32, block_size=16, bias=bias, vocab_size=50, dropout=0.0)
+    model_args = dict(
+        n_layer=2, n_head=2, n_embd=32, block_size=16, bias=bias, vocab_size=50, dropout=0.0
+    )
     src = tiny_gpt(seed=4, bias=bias)
     with torch.no_grad():  # weights large enough that the GELU's inputs are of order 1
         for p in src.parameters():
             p.add_(torch.randn_like(p) * 0.3)
     optimizer = src.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu", verbose=False)
-    torch.save({"model": {"_orig_mod." + k: v for k, v in src.state_dict().items()},  # exactly nanoGPT's keys
-                "optimizer": optimizer.state_dict(), "model_args": model_args, "iter_num": 5,
-                "best_val_loss": torch.tensor(2.5), "config": {"dataset": "x", "init_from": "scratch"}},
-               tmp_path / "ckpt.pt")
+    # exactly nanoGPT's keys
+    torch.save(
+        {
+            "model": {"_orig_mod." + k: v for k, v in src.state_dict().items()},
+            "optimizer": optimizer.state_dict(),
+            "model_args": model_args,
+            "iter_num": 5,
+            "best_val_loss": torch.tensor(2.5),
+            "config": {"dataset": "x", "init_from": "scratch"},
+        },
+        tmp_path / "ckpt.pt",
+    )
     ckpt = checkpoints.load_checkpoint(str(tmp_path / "ckpt.pt"))
     idx = torch.randint(0, 50, (3, 16), generator=torch.Generator().manual_seed(2))
     # float64 on both sides, so only the function, not float32 rounding, can differ
     ref = nanogpt_logits({k: v.double() for k, v in ckpt["model"].items()}, model_args, idx)
     for gelu, close in ((checkpoints.checkpoint_gelu(ckpt), True), ("tanh", False)):
-        model = GPT(GPTConfig(**ckpt["model_args"], gelu=gelu))  # as sample.py and train.py build it
+        # as sample.py and train.py build it
+        model = GPT(GPTConfig(**ckpt["model_args"], gelu=gelu))
         model.load_state_dict(ckpt["model"])
         diff = (all_logits(model.double().eval(), idx) - ref).abs().max().item()
-        assert (diff <= 1e-6) if close else (diff > 1e-4), (gelu, diff)  # tanh: the test can tell them apart
+        # tanh: the test can tell them apart
+        assert (diff <= 1e-6) if close else (diff > 1e-4), (gelu, diff)
 
 
 @pytest.mark.compat
 def test_checkpoint_gelu_record_and_checkpoints_without_one():
     assert checkpoints.checkpoint_gelu({"model_args": {}, "gelu": "tanh"}) == "tanh"
-    assert checkpoints.checkpoint_gelu({"model_args": {}, "gelu": "exact", "sampler_state": None}) == "exact"
+    assert (
+        checkpoints.checkpoint_gelu({"model_args": {}, "gelu": "exact", "sampler_state": None})
+        == "exact"
+    )
     # nanoGPT's keys only: nanoGPT's nn.GELU(), even when finetuned from GPT-2
-    assert checkpoints.checkpoint_gelu({"model_args": {}, "config": {"init_from": "gpt2"}}) == "exact"
+    assert (
+        checkpoints.checkpoint_gelu({"model_args": {}, "config": {"init_from": "gpt2"}}) == "exact"
+    )
     # ours from before the record: this code trained every model with the tanh GELU then
-    assert checkpoints.checkpoint_gelu({"model_args": {}, "sampler_state": None, "config": {"init_from": "scratch"}}) == "tanh"
+    assert (
+        checkpoints.checkpoint_gelu(
+            {"model_args": {}, "sampler_state": None, "config": {"init_from": "scratch"}}
+        )
+        == "tanh"
+    )
     with pytest.raises(ValueError, match="gelu must be 'exact' or 'tanh', got 'relu'"):
         GPT(GPTConfig(**TINY, gelu="relu"))
 
 
-@pytest.mark.parametrize("name, shape, total", [
-    ("gpt2", (12, 12, 768), 124_439_808), ("gpt2-medium", (24, 16, 1024), 354_823_168),
-    ("gpt2-large", (36, 20, 1280), 774_030_080), ("gpt2-xl", (48, 25, 1600), 1_557_611_200)])
+@pytest.mark.parametrize(
+    "name, shape, total",
+    [
+        ("gpt2", (12, 12, 768), 124_439_808),
+        ("gpt2-medium", (24, 16, 1024), 354_823_168),
+        ("gpt2-large", (36, 20, 1280), 774_030_080),
+        ("gpt2-xl", (48, 25, 1600), 1_557_611_200),
+    ],
+)
 @pytest.mark.compat
 def test_gpt2_parameter_counts(name, shape, total):
     with torch.device("meta"):
-        model = GPT(GPTConfig(vocab_size=50257, block_size=1024, bias=True,
-                              n_layer=shape[0], n_head=shape[1], n_embd=shape[2]))
+        model = GPT(
+            GPTConfig(
+                vocab_size=50257,
+                block_size=1024,
+                bias=True,
+                n_layer=shape[0],
+                n_head=shape[1],
+                n_embd=shape[2],
+            )
+        )
     assert model.get_num_params(non_embedding=False) == total
     assert model.get_num_params() == total - 1024 * shape[2]
     if name == "gpt2":
@@ -365,7 +463,9 @@ def test_crop_block_size():
     model.crop_block_size(8)
     assert model.transformer.wpe.weight.shape == (8, 32)
     assert torch.equal(all_logits(model, idx), before)
-    with pytest.raises(ValueError, match="Cannot forward sequence of length 9, block size is only 8"):
+    with pytest.raises(
+        ValueError, match="Cannot forward sequence of length 9, block size is only 8"
+    ):
         model(torch.zeros(1, 9, dtype=torch.long))
     with pytest.raises(ValueError, match="block_size 32 is larger than the model's 8"):
         model.crop_block_size(32)
@@ -376,7 +476,9 @@ def test_configure_optimizers_groups_and_fused(capsys):
     opt = model.configure_optimizers(0.1, 6e-4, (0.9, 0.95), "cpu")
     decay, nodecay = opt.param_groups
     assert decay["weight_decay"] == 0.1 and nodecay["weight_decay"] == 0.0
-    assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() < 2 for p in nodecay["params"])
+    assert all(p.dim() >= 2 for p in decay["params"]) and all(
+        p.dim() < 2 for p in nodecay["params"]
+    )
     assert len(decay["params"]) + len(nodecay["params"]) == len(list(model.parameters()))
     assert opt.defaults["fused"] is True  # torch 2.13 has the fused AdamW on CPU
     out = capsys.readouterr().out
@@ -388,7 +490,8 @@ def test_estimate_mfu_formula():
     N, (L, H, Q, T) = model.get_num_params(), (2, 2, 16, 16)
     flops_per_iter = (6 * N + 12 * L * H * Q * T) * T * 8
     assert model.estimate_mfu(8, 0.5, peak_flops=1e9) == pytest.approx(flops_per_iter / 0.5 / 1e9)
-    assert 0 < model.estimate_mfu(8, 0.5, runtime.device_peak_flops('cpu')) < 1  # CPU: against the measured matmul peak
+    # CPU: against the measured matmul peak
+    assert 0 < model.estimate_mfu(8, 0.5, runtime.device_peak_flops('cpu')) < 1
 
 
 def test_clear_errors():
@@ -397,5 +500,7 @@ def test_clear_errors():
     model = tiny_gpt()
     with pytest.raises(TypeError, match="integer tensor of token ids.*float32"):
         model(torch.zeros(1, 4))
-    with pytest.raises(ValueError, match="Cannot forward sequence of length 17, block size is only 16"):
+    with pytest.raises(
+        ValueError, match="Cannot forward sequence of length 17, block size is only 16"
+    ):
         model(torch.zeros(1, 17, dtype=torch.long))

@@ -1,6 +1,9 @@
-"""optimizer='muon': Muon for the blocks' weight matrices and AdamW for the rest. The float32 Newton-Schulz
-against torch's, GradScaler with the pair, and end to end: it learns faster than AdamW, a SIGTERM stop
-resumes bitwise, two processes train like one, GPT-2 weights finetune, nanoGPT's loading still works."""
+"""optimizer='muon': Muon for the blocks' weight matrices and AdamW for the rest. The float32
+Newton-Schulz against torch's, GradScaler with the pair, and end to end: it learns faster than
+AdamW, a SIGTERM stop
+resumes bitwise, two processes train like one, GPT-2 weights finetune, nanoGPT's loading still
+works."""
+
 import os
 
 import pytest
@@ -8,13 +11,24 @@ import torch
 
 from conftest import error_line, read_log
 from model import GPT, GPTConfig
-from muon import Float32Muon, MuonAdamW
+from nanogpt.muon import Float32Muon, MuonAdamW
 from test_train import stop_with_sigterm
 
-# 30 iterations with dropout (so resuming must restore the RNG too), warmup to iter 5, decay until 20
-RUN = ['--optimizer=muon', '--muon_learning_rate=0.05', '--batch_size=8', '--dropout=0.1', '--learning_rate=1e-2',
-       '--min_lr=1e-3', '--warmup_iters=5', '--lr_decay_iters=20', '--eval_interval=30', '--eval_iters=4',
-       '--log_interval=1']
+# 30 iterations with dropout (so resuming must restore the RNG too), warmup to iter 5, decay until
+# 20
+RUN = [
+    '--optimizer=muon',
+    '--muon_learning_rate=0.05',
+    '--batch_size=8',
+    '--dropout=0.1',
+    '--learning_rate=1e-2',
+    '--min_lr=1e-3',
+    '--warmup_iters=5',
+    '--lr_decay_iters=20',
+    '--eval_interval=30',
+    '--eval_iters=4',
+    '--log_interval=1',
+]
 
 
 def checkpoint(out_dir):
@@ -48,7 +62,8 @@ def straight(train, tmp_path_factory):
 def test_float32_newton_schulz_is_torchs_muon_in_float32(device):
     # on CUDA torch's bfloat16 Newton-Schulz runs on tensor cores, which round otherwise than a CPU
     torch.manual_seed(0)
-    params = [torch.randn(96, 32, device=device), torch.randn(32, 64, device=device)]  # a tall and a wide matrix
+    # a tall and a wide matrix
+    params = [torch.randn(96, 32, device=device), torch.randn(32, 64, device=device)]
     grads = [[torch.randn_like(p) for p in params] for _ in range(3)]
     updates = {}
     for cls in (torch.optim.Muon, Float32Muon):
@@ -61,17 +76,24 @@ def test_float32_newton_schulz_is_torchs_muon_in_float32(device):
         updates[cls] = [p.detach() - p0 for p, p0 in zip(ps, params)]
         assert set(opt.state_dict()['state'][0]) == {'momentum_buffer'}  # torch's state layout
     for ours, torchs in zip(updates[Float32Muon], updates[torch.optim.Muon]):
-        # the same momentum, shape adjustment and weight decay: equal up to torch's bfloat16 rounding
+        # the same momentum, shape adjustment and weight decay: equal up to torch's bfloat16
+        # rounding
         assert 1e-4 * ours.norm() < (ours - torchs).norm() < 2e-2 * ours.norm()
 
 
 def test_grad_scaler_steps_and_skips_both():
     torch.manual_seed(0)
     model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=11, bias=True))
-    optimizer = model.configure_optimizers(0.1, 1e-2, (0.9, 0.95), 'cpu', verbose=False,
-                                           muon=dict(lr=0.05, momentum=0.95, weight_decay=0.0))
+    optimizer = model.configure_optimizers(
+        0.1,
+        1e-2,
+        (0.9, 0.95),
+        'cpu',
+        verbose=False,
+        muon=dict(lr=0.05, momentum=0.95, weight_decay=0.0),
+    )
     assert isinstance(optimizer, MuonAdamW)
-    scaler = torch.amp.GradScaler('cpu', init_scale=2.0 ** 10)
+    scaler = torch.amp.GradScaler('cpu', init_scale=2.0**10)
     idx = torch.randint(11, (2, 8))
     for poison in (True, False):
         before = [p.detach().clone() for p in model.parameters()]
@@ -84,7 +106,8 @@ def test_grad_scaler_steps_and_skips_both():
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
         changed = [not torch.equal(a, b) for a, b in zip(before, model.parameters())]
-        assert changed == [not poison] * len(changed)  # an overflow skips both optimizers, else both step
+        # an overflow skips both optimizers, else both step
+        assert changed == [not poison] * len(changed)
 
 
 def test_sigterm_saves_and_resumes_exactly(train, train_command, tmp_path):
@@ -97,14 +120,23 @@ def test_sigterm_saves_and_resumes_exactly(train, train_command, tmp_path):
     a, b = checkpoint(out), checkpoint(reference)
     for key in ('iter_num', 'model', 'optimizer'):
         assert_equal_nested(a[key], b[key], key)
-    assert [(r['loss'], r['lr']) for r in read_log(out)[0].values()] == \
-           [(r['loss'], r['lr']) for r in read_log(reference)[0].values()]
+    assert [(r['loss'], r['lr']) for r in read_log(out)[0].values()] == [
+        (r['loss'], r['lr']) for r in read_log(reference)[0].values()
+    ]
 
 
 def test_two_processes_match_one(train, tmp_path):
-    run = [*RUN, '--dropout=0', '--gradient_accumulation_steps=2', '--max_iters=6', '--eval_interval=3']
+    run = [
+        *RUN,
+        '--dropout=0',
+        '--gradient_accumulation_steps=2',
+        '--max_iters=6',
+        '--eval_interval=3',
+    ]
     train(*run, f'--out_dir={tmp_path / "one"}')
-    result = train(*run, f'--out_dir={tmp_path / "two"}', torchrun=['--standalone', '--nproc_per_node=2'])
+    result = train(
+        *run, f'--out_dir={tmp_path / "two"}', torchrun=['--standalone', '--nproc_per_node=2']
+    )
     assert result.stdout.count('muon for 8 matrices') == 1
     (rows, evals), (ref_rows, ref_evals) = read_log(tmp_path / 'two'), read_log(tmp_path / 'one')
     assert sorted(rows) == sorted(ref_rows) == list(range(6)) and sorted(evals) == [0, 3, 6]
@@ -123,19 +155,33 @@ def test_learns_faster_than_adamw(train, straight, tmp_path):
 
 def test_checkpoint_loads_as_nanogpt_does(straight):
     ckpt = checkpoint(straight)
-    model = GPT(GPTConfig(**ckpt['model_args']))  # all nanoGPT's sample.py uses: model and model_args
+    # all nanoGPT's sample.py uses: model and model_args
+    model = GPT(GPTConfig(**ckpt['model_args']))
     torch.nn.Module.load_state_dict(model, ckpt['model'], strict=True)
     groups = ckpt['optimizer']['muon']['param_groups'] + ckpt['optimizer']['adamw']['param_groups']
-    assert [g['lr'] for g in groups] == pytest.approx([0.005] + [1e-3] * 2)  # min_lr, Muon's scaled by 0.05 / 1e-2
+    # min_lr, Muon's scaled by 0.05 / 1e-2
+    assert [g['lr'] for g in groups] == pytest.approx([0.005] + [1e-3] * 2)
 
 
 def test_finetune_gpt2_weights(train, tmp_path):
     from transformers import GPT2Config, GPT2LMHeadModel
+
     torch.manual_seed(0)
-    GPT2LMHeadModel(GPT2Config(vocab_size=65, n_positions=64, n_embd=32, n_layer=2, n_head=2)).save_pretrained(tmp_path / 'hf')
+    GPT2LMHeadModel(
+        GPT2Config(vocab_size=65, n_positions=64, n_embd=32, n_layer=2, n_head=2)
+    ).save_pretrained(tmp_path / 'hf')
     out = tmp_path / 'out'
-    train(f'--init_from={tmp_path / "hf"}', '--optimizer=muon', '--max_iters=4', '--eval_interval=4',
-          '--eval_iters=2', '--learning_rate=1e-3', '--muon_learning_rate=0.01', '--decay_lr=False', f'--out_dir={out}')
+    train(
+        f'--init_from={tmp_path / "hf"}',
+        '--optimizer=muon',
+        '--max_iters=4',
+        '--eval_interval=4',
+        '--eval_iters=2',
+        '--learning_rate=1e-3',
+        '--muon_learning_rate=0.01',
+        '--decay_lr=False',
+        f'--out_dir={out}',
+    )
     _, evals = read_log(out)
     assert evals[4]['val_loss'] < evals[0]['val_loss'] - 0.01
 
@@ -143,10 +189,18 @@ def test_finetune_gpt2_weights(train, tmp_path):
 def test_errors(train, straight, tmp_path):
     line = error_line(train('--optimizer=sgd', f'--out_dir={tmp_path}', check=False))
     assert line == "error: optimizer must be one of 'adamw', 'muon', got 'sgd'"
-    # GradScaler would read its overflow flag on the host for MuonAdamW: a second sync in every iteration
-    line = error_line(train('--optimizer=muon', '--dtype=float16', f'--out_dir={tmp_path}', check=False))
-    assert line.startswith("error: optimizer muon with float16 is not supported") and '--dtype=bfloat16' in line
+    # GradScaler would read its overflow flag on the host for MuonAdamW: a second sync in every
+    # iteration
+    line = error_line(
+        train('--optimizer=muon', '--dtype=float16', f'--out_dir={tmp_path}', check=False)
+    )
+    assert (
+        line.startswith("error: optimizer muon with float16 is not supported")
+        and '--dtype=bfloat16' in line
+    )
     before = open(os.path.join(straight, 'ckpt.pt'), 'rb').read()
-    line = error_line(train('--optimizer=adamw', '--init_from=resume', f'--out_dir={straight}', check=False))
+    line = error_line(
+        train('--optimizer=adamw', '--init_from=resume', f'--out_dir={straight}', check=False)
+    )
     assert line.endswith("ckpt.pt was trained with optimizer muon: resume it with --optimizer=muon")
     assert open(os.path.join(straight, 'ckpt.pt'), 'rb').read() == before

@@ -1,4 +1,6 @@
-"""plot.py draws exactly the logged values, survives a log cut short by a kill, refuses a missing log in one line."""
+"""plot.py draws exactly the logged values, survives a log cut short by a kill, refuses a missing
+log in one line."""
+
 import json
 import os
 import shutil
@@ -15,8 +17,14 @@ import plot  # noqa: E402
 
 
 def plot_command(*args, cwd):
-    return subprocess.run([sys.executable, os.path.join(ROOT, 'plot.py'), *args], capture_output=True, text=True,
-                          env=hermetic_env(), cwd=cwd, timeout=120)
+    return subprocess.run(
+        [sys.executable, os.path.join(ROOT, 'plot.py'), *args],
+        capture_output=True,
+        text=True,
+        env=hermetic_env(),
+        cwd=cwd,
+        timeout=120,
+    )
 
 
 def lines_of(fig, title):
@@ -28,10 +36,24 @@ def lines_of(fig, title):
 def two_runs(train_command, tmp_path_factory):
     """Two short real runs with different learning rates, side by side."""
     tmp = tmp_path_factory.mktemp('runs')
-    procs = [subprocess.Popen(train_command(f'--out_dir={name}', '--max_iters=12', '--eval_interval=4', '--eval_iters=2',
-                                            '--log_interval=2', f'--learning_rate={lr}'),
-                              cwd=tmp, env=hermetic_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for name, lr in (('run-a', 1e-3), ('run-b', 1e-2))]
+    procs = [
+        subprocess.Popen(
+            train_command(
+                f'--out_dir={name}',
+                '--max_iters=12',
+                '--eval_interval=4',
+                '--eval_iters=2',
+                '--log_interval=2',
+                f'--learning_rate={lr}',
+            ),
+            cwd=tmp,
+            env=hermetic_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for name, lr in (('run-a', 1e-3), ('run-b', 1e-2))
+    ]
     for p in procs:
         output, _ = p.communicate(timeout=240)
         assert p.returncode == 0, output
@@ -46,18 +68,36 @@ def test_lines_hold_the_logged_values(two_runs, monkeypatch):
         train_rows, eval_rows = list(rows.values()), list(evals.values())
         assert len(train_rows) == 6 and len(eval_rows) == 4
         loss = lines_of(fig, 'loss vs iterations')
-        assert loss[f'{run} train'] == ([r['iter'] for r in train_rows], [r['loss'] for r in train_rows])
-        assert loss[f'{run} val'] == ([r['iter'] for r in eval_rows], [r['val_loss'] for r in eval_rows])
+        assert loss[f'{run} train'] == (
+            [r['iter'] for r in train_rows],
+            [r['loss'] for r in train_rows],
+        )
+        assert loss[f'{run} val'] == (
+            [r['iter'] for r in eval_rows],
+            [r['val_loss'] for r in eval_rows],
+        )
         by_tokens = lines_of(fig, 'loss vs tokens')
-        assert by_tokens[f'{run} train'] == ([r['tokens'] for r in train_rows], [r['loss'] for r in train_rows])
-        assert by_tokens[f'{run} val'][0] == [r['iter'] * 4 * 32 for r in eval_rows]  # batch 4 x block 32
-        for title, key in (('learning rate', 'lr'), ('tokens/s', 'tokens_per_s'),
-                           ('gradient norm (before clipping)', 'grad_norm')):
-            assert lines_of(fig, title)[run] == ([r['iter'] for r in train_rows], [r[key] for r in train_rows])
+        assert by_tokens[f'{run} train'] == (
+            [r['tokens'] for r in train_rows],
+            [r['loss'] for r in train_rows],
+        )
+        # batch 4 x block 32
+        assert by_tokens[f'{run} val'][0] == [r['iter'] * 4 * 32 for r in eval_rows]
+        for title, key in (
+            ('learning rate', 'lr'),
+            ('tokens/s', 'tokens_per_s'),
+            ('gradient norm (before clipping)', 'grad_norm'),
+        ):
+            assert lines_of(fig, title)[run] == (
+                [r['iter'] for r in train_rows],
+                [r[key] for r in train_rows],
+            )
     assert not next(ax for ax in fig.axes if ax.get_title() == 'hellaswag acc_norm').get_visible()
     # the command line: one PNG, by default loss.png in the current directory, its path printed
     result = plot_command('run-a', 'run-b', cwd=two_runs)
-    assert result.returncode == 0 and result.stdout.strip() == 'loss.png' and result.stderr == '', result.stderr
+    assert result.returncode == 0 and result.stdout.strip() == 'loss.png' and result.stderr == '', (
+        result.stderr
+    )
     image = matplotlib.image.imread(two_runs / 'loss.png')
     assert image.shape[0] > 100 and image.shape[1] > 100 and image.std() > 0
 
@@ -67,22 +107,31 @@ def test_killed_log_still_plots_and_bad_input(two_runs, tmp_path):
     shutil.copytree(two_runs / 'run-a', killed)
     log = killed / 'log.jsonl'
     text = log.read_text()
-    log.write_text(text + text.splitlines()[-1][:25])  # a write cut short by a kill: no newline, half a row
+    # a write cut short by a kill: no newline, half a row
+    log.write_text(text + text.splitlines()[-1][:25])
     out = tmp_path / 'plots' / 'killed.png'
     result = plot_command(str(killed), f'--out={out}', cwd=tmp_path)
-    assert result.returncode == 0 and result.stdout.strip() == str(out) and result.stderr == '', result.stderr
+    assert result.returncode == 0 and result.stdout.strip() == str(out) and result.stderr == '', (
+        result.stderr
+    )
     assert matplotlib.image.imread(out).shape[2] in (3, 4)
     rows = [json.loads(line) for line in text.splitlines()]
     train_rows = [r for r in rows if 'loss' in r]
-    assert lines_of(plot.plot([str(killed)]), 'loss vs iterations')[f'{killed} train'][1] == [r['loss'] for r in train_rows]
+    assert lines_of(plot.plot([str(killed)]), 'loss vs iterations')[f'{killed} train'][1] == [
+        r['loss'] for r in train_rows
+    ]
     # a damaged line in the middle: skipped with a one-line warning
     lines = text.splitlines(keepends=True)
     log.write_text(''.join(lines[:3] + ['{"iter": 4, "lo\n'] + lines[3:]))
     result = plot_command(str(killed), f'--out={out}', cwd=tmp_path)
     assert result.returncode == 0
-    assert result.stderr.strip() == f"warning: {log}: skipped 1 line(s) that are not log rows (line 4)"
+    assert (
+        result.stderr.strip() == f"warning: {log}: skipped 1 line(s) that are not log rows (line 4)"
+    )
     # an out_dir without log.jsonl, and no out_dir at all
     (tmp_path / 'empty').mkdir()
-    assert error_line(plot_command(str(tmp_path / 'empty'), str(killed), cwd=tmp_path)) == \
-        f"error: {tmp_path / 'empty'} has no log.jsonl: give the out_dir of a run of train.py"
+    assert (
+        error_line(plot_command(str(tmp_path / 'empty'), str(killed), cwd=tmp_path))
+        == f"error: {tmp_path / 'empty'} has no log.jsonl: give the out_dir of a run of train.py"
+    )
     assert 'usage: python plot.py OUT_DIR' in error_line(plot_command(cwd=tmp_path))

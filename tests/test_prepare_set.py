@@ -1,7 +1,9 @@
-"""A prepare script replaces a data folder's files as one set. Interrupted at every point between its writes
-(driven deterministically: the n-th rename or removal raises KeyboardInterrupt, as a Ctrl-C there would), the
-folder holds the earlier set, the new set, or a mix that train.py refuses in one line; it never trains on a mix.
+"""A prepare script replaces a data folder's files as one set. Interrupted at every point between
+its writes (driven deterministically: the n-th rename or removal raises KeyboardInterrupt, as a
+Ctrl-C there would), the folder holds the earlier set, the new set, or a mix that train.py refuses
+in one line; it never trains on a mix.
 A mix made otherwise (files copied in, a prepare from before the marker) is refused too."""
+
 import os
 import resource
 import shutil
@@ -10,7 +12,7 @@ import sys
 
 import pytest
 
-import tokenizer
+from nanogpt import tokenizer
 from configurator import UserError
 from conftest import ROOT, SHAKESPEARE, error_line, hermetic_env
 
@@ -34,7 +36,8 @@ def texts():
     if not os.path.isfile(SHAKESPEARE):
         pytest.skip(f"{SHAKESPEARE} not found")
     text = open(SHAKESPEARE, encoding='utf-8').read()
-    return text[:20000], text[20000:32000].lower()  # the second has fewer characters: another vocabulary
+    # the second has fewer characters: another vocabulary
+    return text[:20000], text[20000:32000].lower()
 
 
 def prepare(folder, text, kind, capsys):
@@ -44,7 +47,8 @@ def prepare(folder, text, kind, capsys):
 
 
 class Interrupt:
-    """os.replace and os.remove, counted; the n-th call (from 0) raises KeyboardInterrupt instead of acting."""
+    """os.replace and os.remove, counted; the n-th call (from 0) raises KeyboardInterrupt instead of
+    acting."""
 
     def __init__(self, monkeypatch, n):
         self.calls, self.n = 0, n
@@ -58,6 +62,7 @@ class Interrupt:
             if self.calls - 1 == self.n:
                 raise KeyboardInterrupt
             return real(*args, **kwargs)
+
         return call
 
 
@@ -89,16 +94,20 @@ def test_interrupted_at_every_point_between_writes(tmp_path, monkeypatch, capsys
         with pytest.raises(UserError, match=MIXED):
             tokenizer.data_tokenizer(str(folder))
         outcomes.append('refused')
-    # the first call puts the marker in place, the last the new record; everything between is refused
+    # the first call puts the marker in place, the last the new record; everything between is
+    # refused
     assert outcomes == ['old'] + ['refused'] * (counter.calls - 1) + ['new'], outcomes
 
 
-def test_train_refuses_a_mixed_folder_in_one_line(train_command, tmp_path, monkeypatch, capsys, texts):
+def test_train_refuses_a_mixed_folder_in_one_line(
+    train_command, tmp_path, monkeypatch, capsys, texts
+):
     old_text, new_text = texts
     prepare(tmp_path / 'old', old_text, 'char', capsys)
     prepare(tmp_path / 'new', new_text, 'char', capsys)
-    # interrupted after the marker and train.bin; and a mix without a marker: the new .bin files beside the old
-    # tokenizer.json and meta.pkl (what an interrupted prepare of before the marker left)
+    # interrupted after the marker and train.bin; and a mix without a marker: the new .bin files
+    # beside the old tokenizer.json and meta.pkl (what an interrupted prepare of before the marker
+    # left)
     interrupted = tmp_path / 'interrupted'
     shutil.copytree(tmp_path / 'old', interrupted)
     with monkeypatch.context() as m:
@@ -109,28 +118,45 @@ def test_train_refuses_a_mixed_folder_in_one_line(train_command, tmp_path, monke
     shutil.copytree(tmp_path / 'old', copied)
     for name in ('train.bin', 'val.bin'):
         shutil.copy(tmp_path / 'new' / name, copied / name)
-    for folder, message in [(interrupted, "holds a mix of two prepared sets: the prepare script that was replacing "
-                                          "its files was interrupted; run it again"),
-                            (copied, "holds a mix of prepared sets: train.bin has 10,800 tokens where tokenizer.json "
-                                     "counted 18,000; prepare the data again")]:
+    for folder, message in [
+        (
+            interrupted,
+            "holds a mix of two prepared sets: the prepare script that was replacing "
+            "its files was interrupted; run it again",
+        ),
+        (
+            copied,
+            "holds a mix of prepared sets: train.bin has 10,800 tokens where tokenizer.json "
+            "counted 18,000; prepare the data again",
+        ),
+    ]:
         before = snapshot(folder)
         out = tmp_path / f'out_{folder.name}'
-        cmd = [a for a in train_command(f'--out_dir={out}', '--max_iters=2') if not a.startswith('--data_dir=')]
-        result = subprocess.run([*cmd, f'--data_dir={folder}'], capture_output=True, text=True, env=hermetic_env())
+        cmd = [
+            a
+            for a in train_command(f'--out_dir={out}', '--max_iters=2')
+            if not a.startswith('--data_dir=')
+        ]
+        result = subprocess.run(
+            [*cmd, f'--data_dir={folder}'], capture_output=True, text=True, env=hermetic_env()
+        )
         assert error_line(result) == f"error: {folder} {message}"
         assert snapshot(folder) == before and not out.exists()
 
 
 def test_full_disk_while_preparing_is_one_line(tmp_path, capsys, texts):
     from test_out_dir import small_tmpfs
+
     old_text, _ = texts
     disk = tmp_path / 'disk'
-    mounted = small_tmpfs(disk, 80_000)  # room for the earlier set (~40 kB of ids), not for a second
+    # room for the earlier set (~40 kB of ids), not for a second
+    mounted = small_tmpfs(disk, 80_000)
     try:
         prepare(disk / 'data', old_text, 'char', capsys)
         before = snapshot(disk / 'data')
         soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
-        if not mounted:  # no file may grow past 50 kB instead (write() fails with EFBIG; Python ignores SIGXFSZ)
+        # no file may grow past 50 kB instead (write() fails with EFBIG; Python ignores SIGXFSZ)
+        if not mounted:
             resource.setrlimit(resource.RLIMIT_FSIZE, (50_000, hard))
         try:
             with pytest.raises(UserError) as e:
@@ -138,8 +164,11 @@ def test_full_disk_while_preparing_is_one_line(tmp_path, capsys, texts):
         finally:
             resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
         reason = 'No space left on device' if mounted else 'File too large'
-        assert str(e.value) == f"cannot write the output files in {disk / 'data'} ({reason}); the files there " \
-                               "are as they were"
+        assert (
+            str(e.value)
+            == f"cannot write the output files in {disk / 'data'} ({reason}); the files there "
+            "are as they were"
+        )
         assert snapshot(disk / 'data') == before
     finally:
         if mounted:

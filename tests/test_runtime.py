@@ -1,5 +1,6 @@
 """runtime.py: device and dtype choices, RNG state that survives a weights_only checkpoint, atomic
 checkpoint writes and clear failures when reading."""
+
 import os
 import random
 import subprocess
@@ -10,25 +11,35 @@ import numpy as np
 import pytest
 import torch
 
-import checkpoints
-import runtime
+from nanogpt import checkpoints
+from nanogpt import runtime
 from configurator import ROOT, UserError
 
 
 def test_device_and_dtype_defaults_on_this_machine():
-    expected = 'cuda' if torch.cuda.is_available() else 'mps' if torch.backends.mps.is_available() else 'cpu'
+    expected = (
+        'cuda'
+        if torch.cuda.is_available()
+        else 'mps'
+        if torch.backends.mps.is_available()
+        else 'cpu'
+    )
     assert runtime.pick_device('auto') == expected
     assert runtime.pick_dtype('auto', 'cpu') == 'float32'
     assert runtime.pick_dtype('bfloat16', 'cpu') == 'bfloat16'
-    assert runtime.pick_dtype('float16', 'cpu') == 'float16'  # slow, but the GPU's GradScaler path runs
+    # slow, but the GPU's GradScaler path runs
+    assert runtime.pick_dtype('float16', 'cpu') == 'float16'
     assert runtime.pick_compile(None, 'cpu') is False and runtime.pick_compile(True, 'cpu') is True
 
 
-@pytest.mark.parametrize('call, message', [
-    (lambda: runtime.pick_device('tpu'), "unknown device 'tpu'"),
-    (lambda: runtime.pick_dtype('float8', 'cpu'), "unknown dtype 'float8'"),
-    (lambda: runtime.pick_compile('yes', 'cpu'), "compile must be True, False or None"),
-])
+@pytest.mark.parametrize(
+    'call, message',
+    [
+        (lambda: runtime.pick_device('tpu'), "unknown device 'tpu'"),
+        (lambda: runtime.pick_dtype('float8', 'cpu'), "unknown dtype 'float8'"),
+        (lambda: runtime.pick_compile('yes', 'cpu'), "compile must be True, False or None"),
+    ],
+)
 def test_impossible_choices(call, message):
     with pytest.raises(UserError, match=message):
         call()
@@ -67,6 +78,7 @@ def test_save_is_atomic(tmp_path, monkeypatch):
     def crash(obj, f):  # half a file written, then the process dies
         f.write(b'PK\x03\x04 partial')
         raise KeyboardInterrupt
+
     monkeypatch.setattr(torch, 'save', crash)
     with pytest.raises(KeyboardInterrupt):
         checkpoints.save_checkpoint({'iter_num': 2}, path)
@@ -75,7 +87,9 @@ def test_save_is_atomic(tmp_path, monkeypatch):
 
 
 def test_load_errors(tmp_path):
-    with pytest.raises(UserError, match=f"no checkpoint at {tmp_path / 'ckpt.pt'}: train one first"):
+    with pytest.raises(
+        UserError, match=f"no checkpoint at {tmp_path / 'ckpt.pt'}: train one first"
+    ):
         checkpoints.load_checkpoint(str(tmp_path / 'ckpt.pt'))
     (tmp_path / 'empty.pt').write_bytes(b'')
     with pytest.raises(UserError, match='is truncated or corrupt'):
@@ -93,30 +107,37 @@ def test_single_process_helpers():
 
 
 def test_checkpoints_are_memory_mapped(tmp_path):
-    """Ours and nanoGPT's (a plain torch.save): the tensors load as views of the file, so rewriting the
+    """Ours and nanoGPT's (a plain torch.save): the tensors load as views of the file, so rewriting
+    the
     file's bytes in place shows through them; a copy in memory would keep the old values."""
     path = str(tmp_path / 'ckpt.pt')
     for save in (checkpoints.save_checkpoint, torch.save):
         save({'model': {'w': torch.zeros(4096)}, 'model_args': {'n_layer': 1}}, path)
         ckpt = checkpoints.load_checkpoint(path)
-        torch.save({'model': {'w': torch.ones(4096)}, 'model_args': {'n_layer': 1}}, str(tmp_path / 'other.pt'))
-        with open(path, 'r+b') as f:  # the same layout, other values: overwrite in place, same inode
+        torch.save(
+            {'model': {'w': torch.ones(4096)}, 'model_args': {'n_layer': 1}},
+            str(tmp_path / 'other.pt'),
+        )
+        # the same layout, other values: overwrite in place, same inode
+        with open(path, 'r+b') as f:
             f.write((tmp_path / 'other.pt').read_bytes())
         assert torch.equal(ckpt['model']['w'], torch.ones(4096))
         assert ckpt['model_args'] == {'n_layer': 1}
 
 
 def test_start_up_leaves_fsdp_unimported_and_exit_keeps_atexit(tmp_path):
-    # sample.py and eval.py import runtime: FSDP and its state-dict helpers pull in DTensor (~0.6 s of start-up)
-    # and are imported only where fsdp is used. exit_run() ends a single process without the slow final
-    # garbage collection, but atexit handlers still run.
+    # sample.py and eval.py import runtime: FSDP and its state-dict helpers pull in DTensor (~0.6 s
+    # of start-up) and are imported only where fsdp is used. exit_run() ends a single process
+    # without the slow final garbage collection, but atexit handlers still run.
     marker = tmp_path / 'atexit-ran'
-    code = ("import atexit, sys, runtime, model, eval, tokenizer, checkpoints, dataloader\n"
-            "assert 'torch.distributed.fsdp' not in sys.modules, 'fsdp imported at start-up'\n"
-            "assert 'torch.distributed.checkpoint' not in sys.modules, 'state-dict helpers imported at start-up'\n"
-            "assert not runtime.sharded(model.GPT(model.GPTConfig(n_layer=1, n_head=1, n_embd=8, block_size=4, vocab_size=8)))\n"
-            f"atexit.register(lambda: open({str(marker)!r}, 'w').close())\n"
-            "runtime.exit_run()\n")
+    code = (
+        "import atexit, sys, model, eval\nfrom nanogpt import runtime, tokenizer, checkpoints, dataloader\n"
+        "assert 'torch.distributed.fsdp' not in sys.modules, 'fsdp imported at start-up'\n"
+        "assert 'torch.distributed.checkpoint' not in sys.modules, 'state-dict helpers imported at start-up'\n"
+        "assert not runtime.sharded(model.GPT(model.GPTConfig(n_layer=1, n_head=1, n_embd=8, block_size=4, vocab_size=8)))\n"
+        f"atexit.register(lambda: open({str(marker)!r}, 'w').close())\n"
+        "runtime.exit_run()\n"
+    )
     result = subprocess.run([sys.executable, '-c', code], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert marker.exists()

@@ -1,5 +1,7 @@
-"""serve.py as a user runs it: the real server on a free local port, spoken to with the openai client, raw HTTP
+"""serve.py as a user runs it: the real server on a free local port, spoken to with the openai
+client, raw HTTP
 and a headless Chromium, on a small checkpoint built here; its answers compared with sample.py's."""
+
 import concurrent.futures
 import json
 import os
@@ -15,39 +17,71 @@ import torch
 
 from conftest import ROOT, SHAKESPEARE, error_line, free_port, hermetic_env
 from model import GPT, GPTConfig
-from tokenizer import char_meta, char_record
+from nanogpt.tokenizer import char_meta, char_record
 
-PROMPTS = ['ROMEO:', 'JULIET: O Romeo', 'First Citizen:\nBefore we', 'a', 'What say you', 'KING', 'Thou art', 'No']
+PROMPTS = [
+    'ROMEO:',
+    'JULIET: O Romeo',
+    'First Citizen:\nBefore we',
+    'a',
+    'What say you',
+    'KING',
+    'Thou art',
+    'No',
+]
 
 
 @pytest.fixture(scope='module')
 def checkpoint(tmp_path_factory):
-    """A 2-layer character model of tiny-shakespeare's 65 characters with random weights, drawn wide enough
-    (std 0.1) that its most likely next character is clear: greedy text is varied and has no near-ties.
-    Its block of 32 characters is shorter than the completions, so the server slides its window as sample.py does."""
+    """A 2-layer character model of tiny-shakespeare's 65 characters with random weights, drawn wide
+    enough (std 0.1) that its most likely next character is clear: greedy text is varied and has no
+    near-ties.
+    Its block of 32 characters is shorter than the completions, so the server slides its window as
+    sample.py does."""
     if not os.path.isfile(SHAKESPEARE):
         pytest.skip(f"{SHAKESPEARE} not found")
     with open(SHAKESPEARE, encoding='utf-8') as f:
         meta = char_meta(f.read())
     torch.manual_seed(0)
-    model_args = dict(n_layer=2, n_head=2, n_embd=64, block_size=32, bias=False, vocab_size=65, dropout=0.0)
+    model_args = dict(
+        n_layer=2, n_head=2, n_embd=64, block_size=32, bias=False, vocab_size=65, dropout=0.0
+    )
     model = GPT(GPTConfig(**model_args))
     with torch.no_grad():
         for p in model.parameters():
             if p.dim() == 2:
                 p.normal_(0, 0.1)
     out = tmp_path_factory.mktemp('out-serve')
-    torch.save({'model': model.state_dict(), 'model_args': model_args, 'iter_num': 0, 'gelu': 'exact',
-                'tokenizer': char_record(meta)}, out / 'ckpt.pt')
+    torch.save(
+        {
+            'model': model.state_dict(),
+            'model_args': model_args,
+            'iter_num': 0,
+            'gelu': 'exact',
+            'tokenizer': char_record(meta),
+        },
+        out / 'ckpt.pt',
+    )
     return str(out)
 
 
 def start_server(*args, timeout=120):
     """serve.py on a free port, once it answers /health: (process, base url)."""
     port = free_port()
-    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, 'serve.py'), '--device=cpu', f'--port={port}',
-                             '--log_requests=False', *args], env=hermetic_env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            os.path.join(ROOT, 'serve.py'),
+            '--device=cpu',
+            f'--port={port}',
+            '--log_requests=False',
+            *args,
+        ],
+        env=hermetic_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     url = f'http://127.0.0.1:{port}'
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and proc.poll() is None:
@@ -76,9 +110,22 @@ def client(server):
 
 def sample_py(out_dir, prompt, max_new_tokens):
     """sample.py's greedy text (prompt included) for one prompt."""
-    result = subprocess.run([sys.executable, os.path.join(ROOT, 'sample.py'), f'--out_dir={out_dir}', '--device=cpu',
-                             f'--start={prompt}', '--num_samples=1', f'--max_new_tokens={max_new_tokens}',
-                             '--temperature=0'], capture_output=True, text=True, env=hermetic_env(), timeout=120)
+    result = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(ROOT, 'sample.py'),
+            f'--out_dir={out_dir}',
+            '--device=cpu',
+            f'--start={prompt}',
+            '--num_samples=1',
+            f'--max_new_tokens={max_new_tokens}',
+            '--temperature=0',
+        ],
+        capture_output=True,
+        text=True,
+        env=hermetic_env(),
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr
     return result.stdout.removesuffix('\n---------------\n')
 
@@ -95,8 +142,9 @@ def greedy(url, prompt, max_tokens):
 
 def test_greedy_completion_equals_sample_py(server, client, checkpoint):
     prompt = PROMPTS[1]  # 15 characters and 60 more: the 32-character window slides twice
-    reply = client.completions.create(model=os.path.basename(checkpoint), prompt=prompt, max_tokens=60,
-                                      temperature=0, echo=True)
+    reply = client.completions.create(
+        model=os.path.basename(checkpoint), prompt=prompt, max_tokens=60, temperature=0, echo=True
+    )
     assert reply.choices[0].text == sample_py(checkpoint, prompt, 60)
     assert reply.choices[0].finish_reason == 'length'
     assert (reply.usage.prompt_tokens, reply.usage.completion_tokens) == (len(prompt), 60)
@@ -106,8 +154,14 @@ def test_greedy_completion_equals_sample_py(server, client, checkpoint):
 
 
 def test_stream_yields_the_same_text(server, client):
-    args = dict(model=client.models.list().data[0].id, prompt=PROMPTS[:2], max_tokens=40, n=2, seed=3,
-                temperature=0.9)
+    args = dict(
+        model=client.models.list().data[0].id,
+        prompt=PROMPTS[:2],
+        max_tokens=40,
+        n=2,
+        seed=3,
+        temperature=0.9,
+    )
     whole = client.completions.create(**args)
     texts, finishes = [''] * 4, [None] * 4
     for chunk in client.completions.create(**args, stream=True):
@@ -116,8 +170,18 @@ def test_stream_yields_the_same_text(server, client):
             finishes[choice.index] = choice.finish_reason or finishes[choice.index]
     assert texts == [c.text for c in whole.choices] and finishes == ['length'] * 4
     # raw server-sent events: one JSON chunk per event, the usage last when asked for, then [DONE]
-    with httpx.stream('POST', f'{server}/v1/completions', json=dict(prompt='ROMEO:', max_tokens=5, stream=True,
-                      temperature=0, stream_options={'include_usage': True}), timeout=60) as response:
+    with httpx.stream(
+        'POST',
+        f'{server}/v1/completions',
+        json=dict(
+            prompt='ROMEO:',
+            max_tokens=5,
+            stream=True,
+            temperature=0,
+            stream_options={'include_usage': True},
+        ),
+        timeout=60,
+    ) as response:
         assert response.headers['content-type'].startswith('text/event-stream')
         events = [line for line in response.iter_lines() if line]
     assert events[-1] == 'data: [DONE]'
@@ -128,9 +192,17 @@ def test_stream_yields_the_same_text(server, client):
 
 def test_n_with_a_seed_is_reproducible(client):
     def texts(seed):
-        reply = client.completions.create(model=client.models.list().data[0].id, prompt='ROMEO:', max_tokens=30,
-                                          n=3, seed=seed, top_p=0.9, extra_body={'top_k': 20})
+        reply = client.completions.create(
+            model=client.models.list().data[0].id,
+            prompt='ROMEO:',
+            max_tokens=30,
+            n=3,
+            seed=seed,
+            top_p=0.9,
+            extra_body={'top_k': 20},
+        )
         return [c.text for c in reply.choices]
+
     first = texts(5)
     assert len(first) == 3 and len(set(first)) == 3  # each choice draws its own
     assert texts(5) == first
@@ -141,16 +213,24 @@ def test_stop_string_ends_the_completion(server, client):
     full = greedy(server, PROMPTS[0], 60)
     stop = full[20:23]
     for stream in (False, True):
-        body = dict(prompt=PROMPTS[0], max_tokens=60, temperature=0, stop=[stop, '\x00never'], stream=stream)
+        body = dict(
+            prompt=PROMPTS[0], max_tokens=60, temperature=0, stop=[stop, '\x00never'], stream=stream
+        )
         if stream:
-            with httpx.stream('POST', f'{server}/v1/completions', json=body, timeout=60) as response:
-                chunks = [json.loads(line[6:]) for line in response.iter_lines() if line.startswith('data: {')]
+            with httpx.stream(
+                'POST', f'{server}/v1/completions', json=body, timeout=60
+            ) as response:
+                chunks = [
+                    json.loads(line[6:])
+                    for line in response.iter_lines()
+                    if line.startswith('data: {')
+                ]
             text = ''.join(c['choices'][0]['text'] for c in chunks)
             finish = chunks[-1]['choices'][0]['finish_reason']
         else:
             choice = complete(server, **body)['choices'][0]
             text, finish = choice['text'], choice['finish_reason']
-        assert (text, finish) == (full[:full.index(stop)], 'stop')
+        assert (text, finish) == (full[: full.index(stop)], 'stop')
 
 
 def test_batched_completions_equal_each_served_alone(server):
@@ -158,16 +238,24 @@ def test_batched_completions_equal_each_served_alone(server):
     # one request of 8 prompts of different lengths: decoded together from the first step
     batched = complete(server, prompt=PROMPTS, max_tokens=50, temperature=0)['choices']
     assert [c['text'] for c in batched] == alone
-    # a request that arrives while another is generating joins its batch: the two take fewer steps than in turn
+    # a request that arrives while another is generating joins its batch: the two take fewer steps
+    # than in turn
     long_alone = greedy(server, PROMPTS[0], 500)
     before = httpx.get(f'{server}/health').json()['steps']
-    with httpx.stream('POST', f'{server}/v1/completions', timeout=60,
-                      json=dict(prompt=PROMPTS[0], max_tokens=500, temperature=0, stream=True)) as response:
+    with httpx.stream(
+        'POST',
+        f'{server}/v1/completions',
+        timeout=60,
+        json=dict(prompt=PROMPTS[0], max_tokens=500, temperature=0, stream=True),
+    ) as response:
         lines = response.iter_lines()
         first = next(line for line in lines if line)
         joined = greedy(server, PROMPTS[1], 50)
-        text = ''.join(json.loads(line[6:])['choices'][0]['text'] for line in [first, *lines]
-                       if line.startswith('data: {'))
+        text = ''.join(
+            json.loads(line[6:])['choices'][0]['text']
+            for line in [first, *lines]
+            if line.startswith('data: {')
+        )
     steps = httpx.get(f'{server}/health').json()['steps'] - before
     assert (text, joined) == (long_alone, alone[1])
     assert steps < 500 + 50
@@ -175,11 +263,17 @@ def test_batched_completions_equal_each_served_alone(server):
 
 def test_a_client_that_goes_away_frees_its_place(server):
     before = httpx.get(f'{server}/health').json()
-    with httpx.stream('POST', f'{server}/v1/completions', timeout=60,
-                      json=dict(prompt='ROMEO:', max_tokens=500, stream=True)) as response:
+    with httpx.stream(
+        'POST',
+        f'{server}/v1/completions',
+        timeout=60,
+        json=dict(prompt='ROMEO:', max_tokens=500, stream=True),
+    ) as response:
         next(line for line in response.iter_lines() if line)  # one token, then hang up
     deadline = time.monotonic() + 60
-    while (health := httpx.get(f'{server}/health').json())['active'] and time.monotonic() < deadline:
+    while (health := httpx.get(f'{server}/health').json())[
+        'active'
+    ] and time.monotonic() < deadline:
         time.sleep(0.01)
     assert health['active'] == 0 and health['completed'] == before['completed']
     assert health['steps'] - before['steps'] < 500
@@ -211,8 +305,12 @@ BAD = [  # (body, status, the field named, a fragment of the message)
 def test_bad_requests_get_openai_errors_and_the_server_keeps_answering(server, client):
     for body, status, param, fragment in BAD:
         if isinstance(body, bytes):
-            response = httpx.post(f'{server}/v1/completions', content=body, timeout=60,
-                                  headers={'Content-Type': 'application/json'})
+            response = httpx.post(
+                f'{server}/v1/completions',
+                content=body,
+                timeout=60,
+                headers={'Content-Type': 'application/json'},
+            )
         else:
             response = httpx.post(f'{server}/v1/completions', json=body, timeout=60)
         assert response.status_code == status, (body, response.text)
@@ -221,7 +319,9 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_answering(server, c
         assert fragment in error['message'] and 'Traceback' not in error['message'], error
     assert httpx.get(f'{server}/v2/nothing').json()['error']['message'].startswith('Not Found')
     with pytest.raises(openai.BadRequestError, match='at least 1'):
-        client.completions.create(model=client.models.list().data[0].id, prompt='ROMEO:', max_tokens=0)
+        client.completions.create(
+            model=client.models.list().data[0].id, prompt='ROMEO:', max_tokens=0
+        )
     assert greedy(server, 'ROMEO:', 5) == greedy(server, 'ROMEO:', 60)[:5]
 
 
@@ -230,20 +330,33 @@ def test_page_in_a_real_browser(server, tmp_path):
     from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
+
     options = webdriver.ChromeOptions()
-    for arg in ('--headless=new', '--no-sandbox', '--disable-dev-shm-usage', '--window-size=1000,800'):
+    for arg in (
+        '--headless=new',
+        '--no-sandbox',
+        '--disable-dev-shm-usage',
+        '--window-size=1000,800',
+    ):
         options.add_argument(arg)
     options.binary_location = shutil.which('chromium') or '/usr/bin/chromium'
-    driver = webdriver.Chrome(service=Service(shutil.which('chromedriver') or '/usr/bin/chromedriver'),
-                              options=options)
+    driver = webdriver.Chrome(
+        service=Service(shutil.which('chromedriver') or '/usr/bin/chromedriver'), options=options
+    )
     try:
         driver.get(server + '/')
-        for field, value in (('prompt', 'JULIET: O Romeo'), ('max_tokens', '40'), ('temperature', '0')):
+        for field, value in (
+            ('prompt', 'JULIET: O Romeo'),
+            ('max_tokens', '40'),
+            ('temperature', '0'),
+        ):
             box = driver.find_element(By.ID, field)
             box.clear()
             box.send_keys(value)
         driver.find_element(By.ID, 'generate').click()
-        WebDriverWait(driver, 60).until(lambda d: d.find_element(By.ID, 'status').text.startswith('done'))
+        WebDriverWait(driver, 60).until(
+            lambda d: d.find_element(By.ID, 'status').text.startswith('done')
+        )
         shown = driver.execute_script("return document.getElementById('completion').textContent")
         driver.save_screenshot(str(tmp_path / 'serve-page.png'))
         print(f"screenshot: {tmp_path / 'serve-page.png'}")
@@ -262,12 +375,15 @@ def test_load_200_requests_from_16_clients(server):
     url, pid = server, httpx.get(f'{server}/health').json()['pid']
 
     def request(i):
-        body = dict(prompt=PROMPTS[i % 8], max_tokens=5 + i % 20, temperature=0.8, seed=i, stream=i % 3 == 0)
+        body = dict(
+            prompt=PROMPTS[i % 8], max_tokens=5 + i % 20, temperature=0.8, seed=i, stream=i % 3 == 0
+        )
         if not body['stream']:
             return complete(url, **body)['usage']['completion_tokens']
         with httpx.stream('POST', f'{url}/v1/completions', json=body, timeout=60) as response:
             assert response.status_code == 200
-            return sum(bool(line) for line in response.iter_lines()) - 1  # one event per character, then [DONE]
+            # one event per character, then [DONE]
+            return sum(bool(line) for line in response.iter_lines()) - 1
 
     with concurrent.futures.ThreadPoolExecutor(16) as pool:
         list(pool.map(request, range(16)))  # warm-up: the allocator's pools reach their size
@@ -275,7 +391,9 @@ def test_load_200_requests_from_16_clients(server):
         completed = httpx.get(f'{url}/health').json()['completed']
         tokens = list(pool.map(request, range(200), timeout=120))
         after, dt = rss_mb(pid), time.monotonic() - t0
-    print(f"200 requests from 16 clients in {dt:.1f}s; server RSS {before:.0f} MB before, {after:.0f} MB after")
+    print(
+        f"200 requests from 16 clients in {dt:.1f}s; server RSS {before:.0f} MB before, {after:.0f} MB after"
+    )
     assert tokens == [5 + i % 20 for i in range(200)]  # all answered, each in full
     health = httpx.get(f'{url}/health').json()
     assert (health['completed'] - completed, health['active'], health['waiting']) == (200, 0, 0)
@@ -285,8 +403,15 @@ def test_load_200_requests_from_16_clients(server):
 
 def test_start_up_errors_are_one_line(tmp_path):
     def run(*args):
-        return subprocess.run([sys.executable, os.path.join(ROOT, 'serve.py'), '--device=cpu', *args],
-                              capture_output=True, text=True, env=hermetic_env(), timeout=120)
-    assert 'no checkpoint at' in error_line(run(f'--out_dir={tmp_path}', '--max_batch=2'))
-    assert 'max_batch must be at least 1, got 0' in error_line(run(f'--out_dir={tmp_path}', '--max_batch=0'))
+        return subprocess.run(
+            [sys.executable, os.path.join(ROOT, 'serve.py'), '--device=cpu', *args],
+            capture_output=True,
+            text=True,
+            env=hermetic_env(),
+            timeout=120,
+        )
 
+    assert 'no checkpoint at' in error_line(run(f'--out_dir={tmp_path}', '--max_batch=2'))
+    assert 'max_batch must be at least 1, got 0' in error_line(
+        run(f'--out_dir={tmp_path}', '--max_batch=0')
+    )

@@ -1,5 +1,7 @@
 """train.py end to end on the real tiny-shakespeare text: learning, the learning-rate schedule, the
-checkpoint format, exact resume, stopping by signal or kill -9, divergence, nanoGPT checkpoints, wandb."""
+checkpoint format, exact resume, stopping by signal or kill -9, divergence, nanoGPT checkpoints,
+wandb."""
+
 import glob
 import math
 import os
@@ -15,15 +17,24 @@ import numpy as np
 import pytest
 import torch
 
-from checkpoints import load_checkpoint
+from nanogpt.checkpoints import load_checkpoint
 from conftest import ROOT, error_line, hermetic_env, read_log
-from dataloader import get_batch
+from nanogpt.dataloader import get_batch
 from model import GPT, GPTConfig
 
-# the reference run: 40 iterations with dropout (so resuming must restore the RNG too), warmup to iter 5,
-# cosine decay over iters 6..26, then min_lr; an eval and a checkpoint every 20 iterations
-RUN = ['--batch_size=8', '--dropout=0.1', '--learning_rate=1e-2', '--min_lr=1e-3', '--warmup_iters=6',
-       '--lr_decay_iters=26', '--eval_interval=20', '--eval_iters=4', '--log_interval=1']
+# the reference run: 40 iterations with dropout (so resuming must restore the RNG too), warmup to
+# iter 5, cosine decay over iters 6..26, then min_lr; an eval and a checkpoint every 20 iterations
+RUN = [
+    '--batch_size=8',
+    '--dropout=0.1',
+    '--learning_rate=1e-2',
+    '--min_lr=1e-3',
+    '--warmup_iters=6',
+    '--lr_decay_iters=26',
+    '--eval_interval=20',
+    '--eval_iters=4',
+    '--log_interval=1',
+]
 NANOGPT_KEYS = {'model', 'optimizer', 'model_args', 'iter_num', 'best_val_loss', 'config'}
 MODEL_ARGS = {'n_layer', 'n_head', 'n_embd', 'block_size', 'bias', 'vocab_size', 'dropout'}
 
@@ -51,42 +62,86 @@ def assert_same_run(a, b):
         for k, v in state.items():
             assert torch.equal(v, cb['optimizer']['state'][p][k]), (p, k)
     (train_a, eval_a), (train_b, eval_b) = read_log(a), read_log(b)
-    assert [(r['iter'], r['loss'], r['lr']) for r in train_a.values()] == \
-           [(r['iter'], r['loss'], r['lr']) for r in train_b.values()]
+    assert [(r['iter'], r['loss'], r['lr']) for r in train_a.values()] == [
+        (r['iter'], r['loss'], r['lr']) for r in train_b.values()
+    ]
     assert eval_a == eval_b
 
 
 FIXTURE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'fixtures', 'resume_v2')
-FIXTURE_RUN = ['--dataset=fixture', '--n_layer=1', '--n_head=2', '--n_embd=16', '--block_size=16', '--batch_size=4',
-               '--gradient_accumulation_steps=2', '--bias=False', '--device=cpu', '--compile=False', '--dropout=0.1',
-               '--eval_interval=4', '--eval_iters=2', '--log_interval=1', '--learning_rate=1e-2', '--warmup_iters=2',
-               '--lr_decay_iters=8', '--min_lr=1e-3']
+FIXTURE_RUN = [
+    '--dataset=fixture',
+    '--n_layer=1',
+    '--n_head=2',
+    '--n_embd=16',
+    '--block_size=16',
+    '--batch_size=4',
+    '--gradient_accumulation_steps=2',
+    '--bias=False',
+    '--device=cpu',
+    '--compile=False',
+    '--dropout=0.1',
+    '--eval_interval=4',
+    '--eval_iters=2',
+    '--log_interval=1',
+    '--learning_rate=1e-2',
+    '--warmup_iters=2',
+    '--lr_decay_iters=8',
+    '--min_lr=1e-3',
+]
 
 
 @pytest.mark.compat
 def test_a_checkpoint_of_an_earlier_version_resumes_bitwise(tmp_path):
-    # written by the code of an earlier commit (tests/fixtures/resume_v2/README.md): resumed from iteration 4
-    # by today's code, it ends where that code's uninterrupted run ended, bit for bit
+    # written by the code of an earlier commit (tests/fixtures/resume_v2/README.md): resumed from
+    # iteration 4 by today's code, it ends where that code's uninterrupted run ended, bit for bit
     out = tmp_path / 'out'
     shutil.copytree(os.path.join(FIXTURE, 'split'), out)
-    subprocess.run([sys.executable, os.path.join(ROOT, 'train.py'), *FIXTURE_RUN, f"--data_dir={os.path.join(FIXTURE, 'data')}",
-                    '--max_iters=8', '--init_from=resume', f'--out_dir={out}'],
-                   check=True, capture_output=True, env=hermetic_env())
+    subprocess.run(
+        [
+            sys.executable,
+            os.path.join(ROOT, 'train.py'),
+            *FIXTURE_RUN,
+            f"--data_dir={os.path.join(FIXTURE, 'data')}",
+            '--max_iters=8',
+            '--init_from=resume',
+            f'--out_dir={out}',
+        ],
+        check=True,
+        capture_output=True,
+        env=hermetic_env(),
+    )
     assert_same_run(out, os.path.join(FIXTURE, 'straight'))
 
 
 def test_learns_real_shakespeare(train, tmp_path):
     # the shipped config file, found from another directory, shrunk to a 200-iteration run
     out = tmp_path / 'out'
-    train('config/train_shakespeare_char.py', '--n_layer=2', '--n_head=4', '--n_embd=64', '--block_size=64',
-          '--batch_size=16', '--max_iters=200', '--learning_rate=3e-3', '--min_lr=1e-3', '--warmup_iters=10',
-          '--lr_decay_iters=200', '--dropout=0', '--eval_interval=100', '--eval_iters=10', '--log_interval=50',
-          '--out_dir=out', cwd=tmp_path)
+    train(
+        'config/train_shakespeare_char.py',
+        '--n_layer=2',
+        '--n_head=4',
+        '--n_embd=64',
+        '--block_size=64',
+        '--batch_size=16',
+        '--max_iters=200',
+        '--learning_rate=3e-3',
+        '--min_lr=1e-3',
+        '--warmup_iters=10',
+        '--lr_decay_iters=200',
+        '--dropout=0',
+        '--eval_interval=100',
+        '--eval_iters=10',
+        '--log_interval=50',
+        '--out_dir=out',
+        cwd=tmp_path,
+    )
     # MFU is measured from the 6th iteration of a process on; before that the log says so (-1)
     rows, evals = read_log(out)
     assert rows[0]['mfu'] == -1.0
     assert 0 < rows[50]['mfu'] < 1
-    assert evals[0]['val_loss'] == pytest.approx(math.log(65), abs=0.1)  # an untrained model guesses uniformly
+    # an untrained model guesses uniformly
+    assert evals[0]['val_loss'] == pytest.approx(math.log(65), abs=0.1)
     assert evals[200]['val_loss'] < 2.7  # a char model that has learned the letter statistics
     ckpt = load_checkpoint(str(out / 'ckpt.pt'))
     # with always_save_checkpoint=False it was written when val improved, last at iteration 200
@@ -108,10 +163,12 @@ def test_learning_rate_schedule(straight):
 
 @pytest.mark.compat
 def test_checkpoint_is_nanogpt_format(straight):
-    ckpt = load_checkpoint(os.path.join(straight, 'ckpt.pt'))  # torch.load(weights_only=True) inside
+    # torch.load(weights_only=True) inside
+    ckpt = load_checkpoint(os.path.join(straight, 'ckpt.pt'))
     assert NANOGPT_KEYS <= set(ckpt)
     assert set(ckpt['model_args']) == MODEL_ARGS
-    assert ckpt['gelu'] == 'exact'  # trained from scratch: nanoGPT's GELU, recorded beside model_args
+    # trained from scratch: nanoGPT's GELU, recorded beside model_args
+    assert ckpt['gelu'] == 'exact'
     assert not [k for k in ckpt['model'] if k.startswith('_orig_mod.')]
     assert ckpt['iter_num'] == 40 and ckpt['config']['dataset'] == 'shakespeare_char'
     assert ckpt['config']['dtype'] == 'float32'  # the resolved choice, not 'auto'
@@ -160,7 +217,9 @@ def wait_for_iteration(out_dir, it, proc, timeout=120):
 def stop_with_sigterm(command, out_dir, it):
     """Start a training command, send it SIGTERM once it has logged iteration `it`, and return the
     iteration its checkpoint was saved at, as the run says; it must exit cleanly."""
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=hermetic_env())
+    proc = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=hermetic_env()
+    )
     wait_for_iteration(out_dir, it, proc)
     proc.send_signal(signal.SIGTERM)
     stdout, stderr = proc.communicate(timeout=60)
@@ -172,12 +231,23 @@ def test_kill_9_leaves_a_loadable_checkpoint(train_command, tmp_path):
     # a checkpoint at every iteration and a model big enough that saving takes a while, so kills
     # land in the middle of writes as well as between them
     out = tmp_path / 'out'
-    args = ['--n_embd=256', '--n_head=4', '--eval_interval=1', '--eval_iters=1', '--max_iters=100000', f'--out_dir={out}']
+    args = [
+        '--n_embd=256',
+        '--n_head=4',
+        '--eval_interval=1',
+        '--eval_iters=1',
+        '--max_iters=100000',
+        f'--out_dir={out}',
+    ]
     last = 0
     for attempt in range(2):
         resume = ['--init_from=resume'] if attempt else []
-        proc = subprocess.Popen(train_command(*args, *resume), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                env=hermetic_env())
+        proc = subprocess.Popen(
+            train_command(*args, *resume),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            env=hermetic_env(),
+        )
         wait_for_iteration(out, last + 3, proc)  # this run has saved checkpoints of its own
         time.sleep(random.uniform(0, 0.3))
         proc.kill()
@@ -191,19 +261,37 @@ def test_nonfinite_loss_stops_and_keeps_checkpoint(train, straight, tmp_path):
     out = tmp_path / 'out'
     shutil.copytree(straight, out)
     before = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in out.iterdir()}
-    result = train(*RUN, '--init_from=resume', '--learning_rate=1e6', '--decay_lr=False', '--max_iters=100',
-                   '--eval_interval=1000', f'--out_dir={out}', check=False)
+    result = train(
+        *RUN,
+        '--init_from=resume',
+        '--learning_rate=1e6',
+        '--decay_lr=False',
+        '--max_iters=100',
+        '--eval_interval=1000',
+        f'--out_dir={out}',
+        check=False,
+    )
     line = error_line(result)
-    failed = int(re.match(r'error: loss is (nan|inf|-inf) at iter (\d+): training diverged', line).group(2))
-    assert failed > 40 and f'iter {failed - 1}: loss' in result.stdout  # it trained on after the resume point
-    # and, having saved nothing, left out_dir as it found it: the log of the run it resumed, not a word more
+    failed = int(
+        re.match(r'error: loss is (nan|inf|-inf) at iter (\d+): training diverged', line).group(2)
+    )
+    # it trained on after the resume point
+    assert failed > 40 and f'iter {failed - 1}: loss' in result.stdout
+    # and, having saved nothing, left out_dir as it found it: the log of the run it resumed, not a
+    # word more
     assert {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in out.iterdir()} == before
 
 
 def test_best_val_loss_records_only_improvements(train, straight, tmp_path):
     # with learning_rate=0 the weights stay exactly as they are, so val loss never improves
     ckpt = weights(straight)
-    frozen = ['--init_from=resume', '--learning_rate=0', '--decay_lr=False', '--max_iters=42', '--eval_interval=1']
+    frozen = [
+        '--init_from=resume',
+        '--learning_rate=0',
+        '--decay_lr=False',
+        '--max_iters=42',
+        '--eval_interval=1',
+    ]
     # always_save_checkpoint=False: nothing is written
     out = tmp_path / 'keep'
     out.mkdir()
@@ -246,8 +334,15 @@ def test_resumes_a_nanogpt_checkpoint(train, straight, tmp_path):
 
 def test_wandb_offline_run(train, tmp_path):
     out = tmp_path / 'out'
-    train('--max_iters=2', '--eval_interval=2', '--eval_iters=1', '--wandb_log=True',
-          '--wandb_project=test', f'--out_dir={out}', env=hermetic_env(WANDB_MODE='offline', WANDB_SILENT='true'))
+    train(
+        '--max_iters=2',
+        '--eval_interval=2',
+        '--eval_iters=1',
+        '--wandb_log=True',
+        '--wandb_project=test',
+        f'--out_dir={out}',
+        env=hermetic_env(WANDB_MODE='offline', WANDB_SILENT='true'),
+    )
     runs = glob.glob(str(out / 'wandb' / 'offline-run-*' / 'run-*.wandb'))
     assert len(runs) == 1
     assert b'val/loss' in open(runs[0], 'rb').read()  # the logged metrics are in the run's file
@@ -256,30 +351,49 @@ def test_wandb_offline_run(train, tmp_path):
 @pytest.mark.compat
 def test_finetune_from_local_hugging_face_directory(train, shakespeare_char, tmp_path):
     from transformers import GPT2Config, GPT2LMHeadModel
+
     torch.manual_seed(0)
-    GPT2LMHeadModel(GPT2Config(vocab_size=65, n_positions=64, n_embd=32, n_layer=2, n_head=2)).save_pretrained(tmp_path / 'hf')
+    GPT2LMHeadModel(
+        GPT2Config(vocab_size=65, n_positions=64, n_embd=32, n_layer=2, n_head=2)
+    ).save_pretrained(tmp_path / 'hf')
     out = tmp_path / 'out'
-    train(f'--init_from={tmp_path / "hf"}', '--max_iters=4', '--eval_interval=4', '--eval_iters=2',
-          '--learning_rate=1e-3', '--decay_lr=False', f'--out_dir={out}')
+    train(
+        f'--init_from={tmp_path / "hf"}',
+        '--max_iters=4',
+        '--eval_interval=4',
+        '--eval_iters=2',
+        '--learning_rate=1e-3',
+        '--decay_lr=False',
+        f'--out_dir={out}',
+    )
     ckpt = weights(out)
     # GPT-2's shape from the directory, its 64 positions cropped to this run's block_size of 32
-    assert ckpt['model_args'] == dict(n_layer=2, n_head=2, n_embd=32, block_size=32, bias=True, vocab_size=65, dropout=0.0)
+    assert ckpt['model_args'] == dict(
+        n_layer=2, n_head=2, n_embd=32, block_size=32, bias=True, vocab_size=65, dropout=0.0
+    )
     assert ckpt['model']['transformer.wpe.weight'].shape == (32, 32)
     rows, evals = read_log(out)
-    # iteration 0's loss is the Hugging Face model's own on that iteration's batch: the sampler's first
-    # draw of batch_size 4 windows of block_size 32
+    # iteration 0's loss is the Hugging Face model's own on that iteration's batch: the sampler's
+    # first draw of batch_size 4 windows of block_size 32
     data = np.memmap(os.path.join(shakespeare_char, 'train.bin'), dtype=np.uint16, mode='r')
     ix = torch.randint(len(data) - 32, (1, 4), generator=torch.Generator().manual_seed(1337))[0]
     x, y = get_batch(data, ix, 32, 'cpu')
     with torch.no_grad():
         logits = GPT2LMHeadModel.from_pretrained(tmp_path / 'hf').eval()(x).logits  # (4, 32, 65)
-    assert rows[0]['loss'] == pytest.approx(torch.nn.functional.cross_entropy(logits.view(-1, 65), y.view(-1)).item(),
-                                            abs=1e-5)
+    assert rows[0]['loss'] == pytest.approx(
+        torch.nn.functional.cross_entropy(logits.view(-1, 65), y.view(-1)).item(), abs=1e-5
+    )
     assert evals[0]['val_loss'] == pytest.approx(math.log(65), abs=0.05)  # random GPT-2 weights
     assert evals[4]['val_loss'] < evals[0]['val_loss'] - 0.01
     # GPT-2's tanh GELU is recorded, and a resumed run keeps it (and records it again)
     assert ckpt['gelu'] == 'tanh'
-    train('--init_from=resume', '--max_iters=5', '--eval_interval=5', '--eval_iters=2', f'--out_dir={out}')
+    train(
+        '--init_from=resume',
+        '--max_iters=5',
+        '--eval_interval=5',
+        '--eval_iters=2',
+        f'--out_dir={out}',
+    )
     assert weights(out)['iter_num'] == 5 and weights(out)['gelu'] == 'tanh'
 
 

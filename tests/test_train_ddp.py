@@ -1,6 +1,7 @@
 """Distributed data parallel on CPU (gloo) through torchrun: the same global batch split over two
 processes, on one node or on two "nodes" over loopback, trains exactly like one process that
 accumulates gradients over the same micro-batches: the same losses, weights and optimizer state."""
+
 import os
 import subprocess
 
@@ -10,8 +11,17 @@ import torch
 from conftest import free_port, hermetic_env, read_log
 
 # global batch: 2 micro-batches of 4; an eval at iterations 0, 3 and 6
-RUN = ['--gradient_accumulation_steps=2', '--max_iters=6', '--eval_interval=3', '--eval_iters=2',
-       '--log_interval=1', '--dropout=0', '--learning_rate=1e-2', '--warmup_iters=2', '--lr_decay_iters=6']
+RUN = [
+    '--gradient_accumulation_steps=2',
+    '--max_iters=6',
+    '--eval_interval=3',
+    '--eval_iters=2',
+    '--log_interval=1',
+    '--dropout=0',
+    '--learning_rate=1e-2',
+    '--warmup_iters=2',
+    '--lr_decay_iters=6',
+]
 
 
 @pytest.fixture(scope='module')
@@ -29,13 +39,18 @@ def assert_same_run(out, reference):
     assert sorted(evals) == sorted(ref_evals) == [0, 3, 6]
     for it in evals:
         assert evals[it]['val_loss'] == pytest.approx(ref_evals[it]['val_loss'], abs=1e-5), it
-    # the weights and AdamW's moments too: Adam's update hardly changes when every gradient is scaled (a
-    # sum over ranks instead of the mean, say), but its moments scale with them. Bitwise: with two ranks
-    # the mean (g0 + g1) / 2 and the accumulated g0 / 2 + g1 / 2 round alike (halving is exact)
-    ckpt, ref = (torch.load(os.path.join(d, 'ckpt.pt'), weights_only=True) for d in (out, reference))
+    # the weights and AdamW's moments too: Adam's update hardly changes when every gradient is
+    # scaled (a sum over ranks instead of the mean, say), but its moments scale with them. Bitwise:
+    # with two ranks the mean (g0 + g1) / 2 and the accumulated g0 / 2 + g1 / 2 round alike (halving
+    # is exact)
+    ckpt, ref = (
+        torch.load(os.path.join(d, 'ckpt.pt'), weights_only=True) for d in (out, reference)
+    )
     assert ckpt['iter_num'] == ref['iter_num'] == 6
     torch.testing.assert_close(ckpt['model'], ref['model'], rtol=0, atol=0)
-    torch.testing.assert_close(ckpt['optimizer']['state'], ref['optimizer']['state'], rtol=0, atol=0)
+    torch.testing.assert_close(
+        ckpt['optimizer']['state'], ref['optimizer']['state'], rtol=0, atol=0
+    )
 
 
 def test_two_processes_match_one(train, single_process, tmp_path):
@@ -46,9 +61,26 @@ def test_two_processes_match_one(train, single_process, tmp_path):
 
 def test_two_nodes_over_loopback(train_command, single_process, tmp_path):
     port = free_port()
-    procs = [subprocess.Popen(train_command(*RUN, f'--out_dir={tmp_path}', torchrun=[
-        '--nnodes=2', f'--node_rank={node}', '--nproc_per_node=1', '--master_addr=127.0.0.1', f'--master_port={port}']),
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=hermetic_env()) for node in (0, 1)]
+    procs = [
+        subprocess.Popen(
+            train_command(
+                *RUN,
+                f'--out_dir={tmp_path}',
+                torchrun=[
+                    '--nnodes=2',
+                    f'--node_rank={node}',
+                    '--nproc_per_node=1',
+                    '--master_addr=127.0.0.1',
+                    f'--master_port={port}',
+                ],
+            ),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=hermetic_env(),
+        )
+        for node in (0, 1)
+    ]
     for proc in procs:
         stdout, stderr = proc.communicate(timeout=240)
         assert proc.returncode == 0, stdout + stderr
@@ -56,10 +88,16 @@ def test_two_nodes_over_loopback(train_command, single_process, tmp_path):
 
 
 def test_accumulation_steps_must_divide_by_world_size(train, tmp_path):
-    result = train('--gradient_accumulation_steps=3', f'--out_dir={tmp_path}',
-                   torchrun=['--standalone', '--nproc_per_node=2'], check=False)
+    result = train(
+        '--gradient_accumulation_steps=3',
+        f'--out_dir={tmp_path}',
+        torchrun=['--standalone', '--nproc_per_node=2'],
+        check=False,
+    )
     assert result.returncode != 0
-    message = ("error: gradient_accumulation_steps (3) is the global count and must be divisible by the number "
-               "of processes (2)")
+    message = (
+        "error: gradient_accumulation_steps (3) is the global count and must be divisible by the number "
+        "of processes (2)"
+    )
     assert result.stderr.count(message) == 2  # one line from each process, no traceback of ours
     assert not (tmp_path / 'log.jsonl').exists()

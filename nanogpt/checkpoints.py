@@ -1,12 +1,14 @@
 """
-The files a model is read from and written to. A checkpoint (ckpt.pt, nanoGPT's format plus our keys):
-writing it atomically, reading it safely (weights_only, memory-mapped) and checking it before anything is
-built from it, the compatibility patch for older files and nanoGPT's (their GELU), and gathering a sharded
-(FSDP) model's and optimizer's state into the full tensors a file holds, sharding it again on resume. A
-Hugging Face directory: checked before transformers reads it. And building the model that sample.py and
-eval.py run from either. And the out_dir these files are in: one run at a time (a lock), never a new run over
-an earlier one unasked, and its log.jsonl, kept in memory until the run's first save.
+The files a model is read from and written to. A checkpoint (ckpt.pt, nanoGPT's format plus our
+keys): writing it atomically, reading it safely (weights_only, memory-mapped) and checking it before
+anything is built from it, the compatibility patch for older files and nanoGPT's (their GELU), and
+gathering a sharded (FSDP) model's and optimizer's state into the full tensors a file holds,
+sharding it again on resume. A Hugging Face directory: checked before transformers reads it. And
+building the model that sample.py and eval.py run from either. And the out_dir these files are in:
+one run at a time (a lock), never a new run over an earlier one unasked, and its log.jsonl, kept in
+memory until the run's first save.
 """
+
 import atexit
 import contextlib
 import fcntl
@@ -20,8 +22,8 @@ import zipfile
 import torch
 import torch.distributed as dist
 
-import lora
-import runtime
+from nanogpt import lora
+from nanogpt import runtime
 from configurator import ROOT, UserError
 from model import GPT, GPTConfig
 
@@ -38,9 +40,11 @@ def save_checkpoint(checkpoint, path):
             os.fsync(f.fileno())
         os.replace(tmp, path)
         fsync_dir(path)  # make the rename itself durable
-    except (OSError, RuntimeError) as e:  # torch.save's writer says RuntimeError ("unexpected pos") for ENOSPC
-        raise UserError(f"cannot write the checkpoint {path} ({reason(e)}); "
-                        f"{intact(path)}") from None
+    # torch.save's writer says RuntimeError ("unexpected pos") for ENOSPC
+    except (OSError, RuntimeError) as e:
+        raise UserError(
+            f"cannot write the checkpoint {path} ({reason(e)}); {intact(path)}"
+        ) from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -52,8 +56,13 @@ def reason(e):
 
 
 def intact(path):
-    """What a failed write left: the file as it was before (an atomic write replaces it only when complete)."""
-    return f"{path} is intact, as before this write" if os.path.exists(path) else f"nothing was written to {path}"
+    """What a failed write left: the file as it was before (an atomic write replaces it only when
+    complete)."""
+    return (
+        f"{path} is intact, as before this write"
+        if os.path.exists(path)
+        else f"nothing was written to {path}"
+    )
 
 
 def fsync_dir(path):
@@ -65,25 +74,31 @@ def fsync_dir(path):
 
 
 # -----------------------------------------------------------------------------
-# out_dir: one run at a time (a lock), a new run never replaces an earlier one unasked, and its log.jsonl
+# out_dir: one run at a time (a lock), a new run never replaces an earlier one unasked, and its
+# log.jsonl
 
 _locks = []  # the locked out_dirs' file descriptors, open (so locked) until the process ends
 
 
 def lock_out_dir(out_dir, wait=0.0):
-    """Make out_dir if need be and hold an exclusive lock on it for the rest of this process's life, so that one
-    run at a time writes there. The lock is flock(2) on the folder itself, which writes nothing into it; the
-    kernel releases it when the process ends, however it ends (a SIGKILL leaves no stale lock). A held lock is
-    refused in one line naming the process that holds it, after trying for `wait` seconds (a job that torchrun
-    restarts, whose previous processes may still be ending). A folder this made is removed at exit if the run
-    left it empty. On a filesystem that cannot lock a folder (some network filesystems), out_dir/.lock is locked."""
+    """Make out_dir if need be and hold an exclusive lock on it for the rest of this process's life,
+    so that one run at a time writes there. The lock is flock(2) on the folder itself, which writes
+    nothing into it; the kernel releases it when the process ends, however it ends (a SIGKILL leaves
+    no stale lock). A held lock is refused in one line naming the process that holds it, after
+    trying for `wait` seconds (a job that torchrun restarts, whose previous processes may still be
+    ending). A folder this made is removed at exit if the run
+    left it empty. On a filesystem that cannot lock a folder (some network filesystems),
+    out_dir/.lock is locked."""
     if not os.path.isdir(out_dir):
         try:
             os.makedirs(out_dir)
         except OSError as e:
-            raise UserError(f"cannot make out_dir {out_dir} ({e.strerror}); choose another with --out_dir=") from None
+            raise UserError(
+                f"cannot make out_dir {out_dir} ({e.strerror}); choose another with --out_dir="
+            ) from None
         atexit.register(remove_if_empty, out_dir)
-    if not os.access(out_dir, os.W_OK):  # e.g. a read-only filesystem: refused now, not at the first save
+    # e.g. a read-only filesystem: refused now, not at the first save
+    if not os.access(out_dir, os.W_OK):
         raise UserError(f"cannot write to out_dir {out_dir}; choose another with --out_dir=")
     fd, lock_file = os.open(out_dir, os.O_RDONLY), None
     deadline = time.monotonic() + wait
@@ -97,25 +112,34 @@ def lock_out_dir(out_dir, wait=0.0):
                 continue
             holder = lock_holder(fd)
             os.close(fd)
-            raise UserError(f"{out_dir} is in use by another run ({holder}): one run at a time writes there; wait "
-                            "for it to end, or choose another --out_dir=") from None
+            raise UserError(
+                f"{out_dir} is in use by another run ({holder}): one run at a time writes there; wait "
+                "for it to end, or choose another --out_dir="
+            ) from None
         except OSError as e:  # the filesystem cannot flock a folder: a lock file instead, once
             os.close(fd)
             if lock_file:
-                raise UserError(f"cannot lock {lock_file} ({e.strerror}): out_dir must be on a filesystem with "
-                                "file locks") from None
+                raise UserError(
+                    f"cannot lock {lock_file} ({e.strerror}): out_dir must be on a filesystem with "
+                    "file locks"
+                ) from None
             lock_file = os.path.join(out_dir, '.lock')
             fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o644)
     _locks.append(fd)
 
 
 def lock_holder(fd):
-    """'process <pid>' holding an flock on fd's file, from /proc/locks (Linux), else 'another process'."""
+    """'process <pid>' holding an flock on fd's file, from /proc/locks (Linux), else 'another
+    process'."""
     st = os.fstat(fd)
     inode = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
     try:
         with open('/proc/locks') as f:
-            pids = [line.split()[4] for line in f if line.split()[1:2] == ['FLOCK'] and inode in line.split()]
+            pids = [
+                line.split()[4]
+                for line in f
+                if line.split()[1:2] == ['FLOCK'] and inode in line.split()
+            ]
     except OSError:
         pids = []
     return f"process {pids[0]}" if pids and pids[0] not in ('0', '-1') else "another process"
@@ -127,20 +151,30 @@ def remove_if_empty(folder):
 
 
 def check_new_run(out_dir, init_from, overwrite):
-    """A new run (init_from other than 'resume') in an out_dir that holds a checkpoint would replace it at its
-    first save: refused, with the command that continues that run, unless overwrite (docs/checkpoints.md)."""
+    """A new run (init_from other than 'resume') in an out_dir that holds a checkpoint would replace
+    it at its
+    first save: refused, with the command that continues that run, unless overwrite
+    (docs/checkpoints.md)."""
     path = os.path.join(out_dir, 'ckpt.pt')
     if init_from != 'resume' and os.path.exists(path) and not overwrite:
-        command = shlex.join(['python', sys.argv[0], *(a for a in sys.argv[1:] if not a.startswith(('--init_from=',
-                                                                                                    '--overwrite=')))])
-        raise UserError(f"{path} holds an earlier run: continue it with {command} --init_from=resume, or start "
-                        "over with --overwrite=True (it is replaced at the new run's first save) or another --out_dir=")
+        command = shlex.join(
+            [
+                'python',
+                sys.argv[0],
+                *(a for a in sys.argv[1:] if not a.startswith(('--init_from=', '--overwrite='))),
+            ]
+        )
+        raise UserError(
+            f"{path} holds an earlier run: continue it with {command} --init_from=resume, or start "
+            "over with --overwrite=True (it is replaced at the new run's first save) or another --out_dir="
+        )
 
 
 class RunLog:
-    """A run's log.jsonl (one JSON row per line): the rows of the run it resumes before iter_num (none when it starts
-    fresh: later ones belong to iterations it is about to redo; lines cut short by a kill go too), then its own.
-    Until commit(), at the run's first checkpoint, its rows wait in memory, so that a run that fails or stops
+    """A run's log.jsonl (one JSON row per line): the rows of the run it resumes before iter_num
+    (none when it starts fresh: later ones belong to iterations it is about to redo; lines cut short
+    by a kill go too), then its own. Until commit(), at the run's first checkpoint, its rows wait in
+    memory, so that a run that fails or stops
     before its first save leaves the log it found; from then on each row is appended as it comes."""
 
     def __init__(self, path, iter_num):
@@ -149,6 +183,7 @@ class RunLog:
                 return json.loads(line)['iter'] < iter_num
             except (ValueError, KeyError, TypeError, RecursionError):
                 return False
+
         self.path, self.unsaved = path, []
         if os.path.exists(path):
             with open(path, errors='replace') as f:
@@ -161,14 +196,16 @@ class RunLog:
             self.unsaved.append(json.dumps(row) + '\n')
 
     def commit(self):
-        """Write the rows kept in memory: the run's first checkpoint has just been written (the log goes with
+        """Write the rows kept in memory: the run's first checkpoint has just been written (the log
+        goes with
         it), or the run ended without one (eval_only); a no-op after the first time."""
         if self.unsaved is not None:
             self.write(self.unsaved, 'w')
             self.unsaved = None
 
     def write(self, lines, mode):
-        """Append lines, or write them as the whole file atomically (a temporary file renamed over it)."""
+        """Append lines, or write them as the whole file atomically (a temporary file renamed over
+        it)."""
         path = self.path if mode == 'a' else self.path + '.tmp'
         try:
             with open(path, mode) as f:
@@ -179,8 +216,11 @@ class RunLog:
         except OSError as e:
             if mode == 'w' and os.path.exists(path):
                 os.remove(path)
-            raise UserError(f"cannot write the log {self.path} ({e.strerror}); the checkpoint beside it is "
-                            "intact") from None
+            raise UserError(
+                f"cannot write the log {self.path} ({e.strerror}); the checkpoint beside it is "
+                "intact"
+            ) from None
+
 
 def load_checkpoint(path, keys=('model', 'model_args')):
     """Load a checkpoint (ours or nanoGPT's) to CPU with torch.load(weights_only=True), so loading
@@ -189,19 +229,27 @@ def load_checkpoint(path, keys=('model', 'model_args')):
     large model do not each hold a private copy of the whole file in memory. Raises UserError if it
     is missing, truncated, corrupt, unsafe to load, or lacks any of `keys`."""
     if not os.path.isfile(path):
-        raise UserError(f"no checkpoint at {path}: train one first (init_from='scratch'), "
-                        "or point --out_dir at the directory that holds ckpt.pt")
+        raise UserError(
+            f"no checkpoint at {path}: train one first (init_from='scratch'), "
+            "or point --out_dir at the directory that holds ckpt.pt"
+        )
     if not zipfile.is_zipfile(path):
-        raise UserError(f"checkpoint {path} is truncated or corrupt (not a complete PyTorch file); "
-                        f"delete it, or restore it from a copy")
+        raise UserError(
+            f"checkpoint {path} is truncated or corrupt (not a complete PyTorch file); "
+            f"delete it, or restore it from a copy"
+        )
     try:
         checkpoint = torch.load(path, map_location='cpu', weights_only=True, mmap=True)
     except Exception as e:
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
         if 'Weights only load failed' in reason:
-            raise UserError(f"checkpoint {path} holds pickled Python objects besides tensors and plain values, "
-                            "which are not loaded because loading them could run code") from None
-        raise UserError(f"checkpoint {path} is corrupt ({reason}); delete it, or restore it from a copy") from None
+            raise UserError(
+                f"checkpoint {path} holds pickled Python objects besides tensors and plain values, "
+                "which are not loaded because loading them could run code"
+            ) from None
+        raise UserError(
+            f"checkpoint {path} is corrupt ({reason}); delete it, or restore it from a copy"
+        ) from None
     missing = [k for k in keys if not isinstance(checkpoint, dict) or k not in checkpoint]
     if missing:
         raise UserError(f"{path} is not a nanoGPT checkpoint: it has no {', '.join(missing)}")
@@ -209,11 +257,17 @@ def load_checkpoint(path, keys=('model', 'model_args')):
 
 
 def check_checkpoint(checkpoint, path):
-    """Check what train.py and sample.py take from a loaded checkpoint before anything is built from it,
-    so a damaged or foreign file ends in one line at start-up, not in a traceback mid-run (or in a
-    checkpoint saved over it). Keys that are absent are left to the caller (load_checkpoint's keys)."""
+    """Check what train.py and sample.py take from a loaded checkpoint before anything is built from
+    it, so a damaged or foreign file ends in one line at start-up, not in a traceback mid-run (or in
+    a
+    checkpoint saved over it). Keys that are absent are left to the caller (load_checkpoint's
+    keys)."""
+
     def bad(what):
-        return UserError(f"checkpoint {path} is damaged or of a format this code does not know: {what}")
+        return UserError(
+            f"checkpoint {path} is damaged or of a format this code does not know: {what}"
+        )
+
     args = checkpoint.get('model_args')
     if args is not None:
         if not isinstance(args, dict):
@@ -224,27 +278,45 @@ def check_checkpoint(checkpoint, path):
         if type(args.get('bias')) is not bool:
             raise bad(f"model_args['bias'] is {args.get('bias')!r}, not True or False")
     model = checkpoint.get('model')
-    if model is not None and not (isinstance(model, dict) and all(
-            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in model.items())):
+    if model is not None and not (
+        isinstance(model, dict)
+        and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in model.items())
+    ):
         raise bad("model is not a state dict (parameter names -> tensors)")
-    if 'iter_num' in checkpoint and (type(checkpoint['iter_num']) is not int or checkpoint['iter_num'] < 0):
+    if 'iter_num' in checkpoint and (
+        type(checkpoint['iter_num']) is not int or checkpoint['iter_num'] < 0
+    ):
         raise bad(f"iter_num is {checkpoint['iter_num']!r}, not an int >= 0")
     best = checkpoint.get('best_val_loss', 0.0)  # nanoGPT stores a 0-d tensor
     if not (type(best) in (int, float) or isinstance(best, torch.Tensor) and best.numel() == 1):
         raise bad(f"best_val_loss is {best!r}, not a number")
     config = checkpoint.get('config', {})
-    if not isinstance(config, dict) or not all(isinstance(config.get(k, ''), str) for k in ('dataset', 'data_dir')):
+    if not isinstance(config, dict) or not all(
+        isinstance(config.get(k, ''), str) for k in ('dataset', 'data_dir')
+    ):
         raise bad("config is not a dict with dataset and data_dir as strings")
     record = checkpoint.get('tokenizer')  # tokenizer.data_tokenizer's dict, or None
-    if record is not None and not (isinstance(record, dict) and type(record.get('vocab_size')) is int and (
-            record.get('tokenizer') == 'gpt2' or record.get('tokenizer') == 'char' and
-            isinstance(record.get('chars'), str) and len(record['chars']) == record['vocab_size'])):
+    if record is not None and not (
+        isinstance(record, dict)
+        and type(record.get('vocab_size')) is int
+        and (
+            record.get('tokenizer') == 'gpt2'
+            or record.get('tokenizer') == 'char'
+            and isinstance(record.get('chars'), str)
+            and len(record['chars']) == record['vocab_size']
+        )
+    ):
         raise bad("its tokenizer record is not a gpt2 or char record")
-    # the loop state is checked by restoring it (into a throwaway generator; the global RNGs are put back)
+    # the loop state is checked by restoring it (into a throwaway generator; the global RNGs are put
+    # back)
     try:
-        sampler_state = checkpoint.get('sampler_state')  # WindowSampler.get_state(): a generator's, or a dict
+        # WindowSampler.get_state(): a generator's, or a dict
+        sampler_state = checkpoint.get('sampler_state')
         if isinstance(sampler_state, dict):
-            if type(sampler_state.get('windows_drawn')) is not int or sampler_state['windows_drawn'] < 0:
+            if (
+                type(sampler_state.get('windows_drawn')) is not int
+                or sampler_state['windows_drawn'] < 0
+            ):
                 raise ValueError("windows_drawn")
         elif sampler_state is not None:
             torch.Generator().set_state(sampler_state)
@@ -260,8 +332,9 @@ def check_checkpoint(checkpoint, path):
 
 
 def checkpoint_gelu(checkpoint):
-    """The GELU a checkpoint's weights were trained with (GPTConfig.gelu): its 'gelu' record. Without
-    one, nanoGPT's checkpoints (no 'sampler_state') used the exact GELU, and older ones of ours the
+    """The GELU a checkpoint's weights were trained with (GPTConfig.gelu): its 'gelu' record.
+    Without one, nanoGPT's checkpoints (no 'sampler_state') used the exact GELU, and older ones of
+    ours the
     tanh GELU, which this code gave every model before the record existed."""
     if 'gelu' in checkpoint:
         return checkpoint['gelu']
@@ -269,33 +342,44 @@ def checkpoint_gelu(checkpoint):
 
 
 def checkpoint_file(init_from):
-    """The ckpt.pt that init_from names when it is a path (the file itself, or an out_dir holding one), or None
-    for a GPT-2 name or a Hugging Face directory (config.json). A path that holds neither is refused."""
+    """The ckpt.pt that init_from names when it is a path (the file itself, or an out_dir holding
+    one), or None
+    for a GPT-2 name or a Hugging Face directory (config.json). A path that holds neither is
+    refused."""
     if os.path.isfile(init_from):
         return init_from
     if os.path.isfile(os.path.join(init_from, 'ckpt.pt')):
         return os.path.join(init_from, 'ckpt.pt')
-    if os.path.isdir(init_from) and not os.path.exists(os.path.join(init_from, 'config.json')) or (
-            not os.path.exists(init_from) and (os.sep in init_from or init_from.endswith('.pt'))):
-        raise UserError(f"init_from={init_from}: no checkpoint there; give a ckpt.pt, the out_dir of a run "
-                        "(holding ckpt.pt) or a Hugging Face directory (config.json + model.safetensors)")
+    if (
+        os.path.isdir(init_from)
+        and not os.path.exists(os.path.join(init_from, 'config.json'))
+        or (not os.path.exists(init_from) and (os.sep in init_from or init_from.endswith('.pt')))
+    ):
+        raise UserError(
+            f"init_from={init_from}: no checkpoint there; give a ckpt.pt, the out_dir of a run "
+            "(holding ckpt.pt) or a Hugging Face directory (config.json + model.safetensors)"
+        )
     return None
 
 
 def check_hf_dir(path, allow_unsafe_pickle=False):
-    """ Raise ValueError unless path is a Hugging Face GPT-2 directory we load: config.json a JSON
+    """Raise ValueError unless path is a Hugging Face GPT-2 directory we load: config.json a JSON
     object (of model_type gpt2, if it says), weights in safetensors, which hold only tensors. A
-    pytorch_model.bin is a pickle, and unpickling can run code, so it is loaded only on request. """
+    pytorch_model.bin is a pickle, and unpickling can run code, so it is loaded only on request."""
     config_path = os.path.join(path, 'config.json')
     try:
         with open(config_path, 'rb') as f:
             hf_config = json.loads(f.read())
     except OSError as e:
-        raise ValueError(f"{path} is not a Hugging Face model directory: cannot read {config_path} ({e.strerror})") from None
+        raise ValueError(
+            f"{path} is not a Hugging Face model directory: cannot read {config_path} ({e.strerror})"
+        ) from None
     except ValueError as e:  # json.JSONDecodeError and UnicodeDecodeError
         raise ValueError(f"{config_path} is not valid JSON ({str(e).splitlines()[0]})") from None
     if not isinstance(hf_config, dict) or hf_config.get('model_type', 'gpt2') != 'gpt2':
-        kind = hf_config.get('model_type') if isinstance(hf_config, dict) else type(hf_config).__name__
+        kind = (
+            hf_config.get('model_type') if isinstance(hf_config, dict) else type(hf_config).__name__
+        )
         raise ValueError(f"{config_path} does not describe a GPT-2 model (model_type {kind!r})")
     files = set(os.listdir(path))
     if files & {'model.safetensors', 'model.safetensors.index.json'}:
@@ -307,36 +391,46 @@ def check_hf_dir(path, allow_unsafe_pickle=False):
             f"{path} holds its weights only as pytorch_model.bin, a pickle, which is not loaded because loading "
             f"a pickle can run code; if you trust it, convert it once with python -c \"from transformers import "
             f"GPT2LMHeadModel as M; M.from_pretrained({path!r}, use_safetensors=False).save_pretrained({path!r})\" "
-            f"(writes model.safetensors), or load it as it is with --allow_unsafe_pickle=True")
+            f"(writes model.safetensors), or load it as it is with --allow_unsafe_pickle=True"
+        )
 
 
 def load_pretrained(init_from, dropout=0.0, allow_unsafe_pickle=False):
-    """OpenAI's GPT-2 ('gpt2', 'gpt2-medium', ...) or a local Hugging Face directory, checked first, as a GPT
-    on CPU (GPT.from_pretrained). Raises ValueError or OSError, which the scripts print as one line."""
+    """OpenAI's GPT-2 ('gpt2', 'gpt2-medium', ...) or a local Hugging Face directory, checked first,
+    as a GPT
+    on CPU (GPT.from_pretrained). Raises ValueError or OSError, which the scripts print as one
+    line."""
     if os.path.isdir(init_from):
         check_hf_dir(init_from, allow_unsafe_pickle)
     return GPT.from_pretrained(init_from, dict(dropout=dropout), allow_unsafe_pickle)
 
 
 def check_resumable(checkpoint, path, block_size, optimizer, lora_settings):
-    """Refuse, before anything is built, to resume a checkpoint with settings that would not continue it: a
-    smaller block_size (cropping would leave its optimizer state the wrong shape), another optimizer, other
+    """Refuse, before anything is built, to resume a checkpoint with settings that would not
+    continue it: a smaller block_size (cropping would leave its optimizer state the wrong shape),
+    another optimizer, other
     LoRA settings (lora.check_resume)."""
     trained = checkpoint['model_args']['block_size']
     if block_size < trained:
-        raise UserError(f"{path} was trained with block_size {trained}: resume it with --block_size={trained}, "
-                        f"or start a new run from its weights on shorter blocks with --init_from={path}")
+        raise UserError(
+            f"{path} was trained with block_size {trained}: resume it with --block_size={trained}, "
+            f"or start a new run from its weights on shorter blocks with --init_from={path}"
+        )
     trained_with = checkpoint.get('config', {}).get('optimizer', 'adamw')  # nanoGPT's: AdamW
     if trained_with != optimizer:
-        raise UserError(f"{path} was trained with optimizer {trained_with}: resume it with --optimizer={trained_with}")
+        raise UserError(
+            f"{path} was trained with optimizer {trained_with}: resume it with --optimizer={trained_with}"
+        )
     lora.check_resume(checkpoint, lora_settings, path)
 
 
 def load_model(init_from, out_dir, allow_unsafe_pickle=False):
-    """The model sample.py and eval.py run: out_dir/ckpt.pt (init_from='resume'), OpenAI's GPT-2 or a local
-    Hugging Face directory, on CPU. Returns (model, source) where source says where the model came from
-    and what reads its text: 'what' (for messages), 'data_dir' and 'meta_path' of the data it was trained
-    on (None when unknown) and 'record', the tokenizer record train.py stored (None when there is none)."""
+    """The model sample.py and eval.py run: out_dir/ckpt.pt (init_from='resume'), OpenAI's GPT-2 or
+    a local Hugging Face directory, on CPU. Returns (model, source) where source says where the
+    model came from and what reads its text: 'what' (for messages), 'data_dir' and 'meta_path' of
+    the data it was trained
+    on (None when unknown) and 'record', the tokenizer record train.py stored (None when there is
+    none)."""
     if init_from != 'resume':
         try:
             with contextlib.redirect_stdout(sys.stderr):  # a script's stdout is for its results
@@ -352,48 +446,68 @@ def load_model(init_from, out_dir, allow_unsafe_pickle=False):
         model.load_state_dict(checkpoint['model'])
     except (TypeError, ValueError, RuntimeError) as e:
         reason = str(e).strip().splitlines()[0]
-        raise UserError(f"{path} is a checkpoint of a format this code does not know ({reason})") from None
-    # a character-level dataset's vocabulary is in its meta.pkl (our train.py records where the data was)
+        raise UserError(
+            f"{path} is a checkpoint of a format this code does not know ({reason})"
+        ) from None
+    # a character-level dataset's vocabulary is in its meta.pkl (our train.py records where the data
+    # was)
     train_config = checkpoint.get('config', {})
     data_dir = meta_path = None
     if 'dataset' in train_config:
-        data_dir = train_config.get('data_dir') or os.path.join(ROOT, 'data', train_config['dataset'])
+        data_dir = train_config.get('data_dir') or os.path.join(
+            ROOT, 'data', train_config['dataset']
+        )
         meta_path = os.path.join(data_dir, 'meta.pkl')
-    return model, dict(what=f"{path} (iter {checkpoint.get('iter_num')})", data_dir=data_dir, meta_path=meta_path,
-                       record=checkpoint.get('tokenizer'))
+    return model, dict(
+        what=f"{path} (iter {checkpoint.get('iter_num')})",
+        data_dir=data_dir,
+        meta_path=meta_path,
+        record=checkpoint.get('tokenizer'),
+    )
 
 
 def parameter_names(model, optimizer):
-    """The name of each parameter of optimizer, in its param_groups order (a parameter's position there
+    """The name of each parameter of optimizer, in its param_groups order (a parameter's position
+    there
     is its key in optimizer.state_dict())."""
     names = {p: name for name, p in model.named_parameters()}
     return [names[p] for group in optimizer.param_groups for p in group['params']]
 
 
 def full_state(model, optimizer):
-    """(model state dict, optimizer state dict) as a single process writes them: full tensors, and the
-    optimizer state keyed by each parameter's position in optimizer.param_groups, so a checkpoint resumes
-    under any parallelism and world size. Under FSDP the shards are gathered into CPU memory on rank 0
-    (no GPU ever holds the full model) with torch's state-dict helpers; every rank must call it, and the
+    """(model state dict, optimizer state dict) as a single process writes them: full tensors, and
+    the optimizer state keyed by each parameter's position in optimizer.param_groups, so a
+    checkpoint resumes under any parallelism and world size. Under FSDP the shards are gathered into
+    CPU memory on rank 0 (no GPU ever holds the full model) with torch's state-dict helpers; every
+    rank must call it, and the
     others get ({}, {}). Works for any torch.optim.Optimizer."""
     if not runtime.sharded(model):
         return model.state_dict(), optimizer.state_dict()
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
+
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     model_state = get_model_state_dict(model, options=options)
-    state = get_optimizer_state_dict(model, optimizer, options=options)  # {'state': {name: {...}}, ...}
+    # {'state': {name: {...}}, ...}
+    state = get_optimizer_state_dict(model, optimizer, options=options)
     if dist.get_rank() != 0:
         return {}, {}
     index = {name: i for i, name in enumerate(parameter_names(model, optimizer))}
     # the hyperparameters are the same on every rank and unsharded: take them as torch writes them
-    return model_state, {'state': {index[name]: s for name, s in state['state'].items()},
-                         'param_groups': optimizer.state_dict()['param_groups']}
+    return model_state, {
+        'state': {index[name]: s for name, s in state['state'].items()},
+        'param_groups': optimizer.state_dict()['param_groups'],
+    }
 
 
 def load_optimizer_state(model, optimizer, state, path):
     """Load an optimizer state dict that full_state() wrote (in any parallelism and world size) into
-    optimizer, sharding it under FSDP. Refuses state for other trainable parameters (another freeze_layers)
-    or of other shapes: torch checks the groups' sizes, not the shapes of the moment buffers, which would
+    optimizer, sharding it under FSDP. Refuses state for other trainable parameters (another
+    freeze_layers) or of other shapes: torch checks the groups' sizes, not the shapes of the moment
+    buffers, which would
     only fail at the first step."""
     try:
         if 'muon' in state:  # muon.MuonAdamW's: one state dict for each of its two optimizers
@@ -402,27 +516,46 @@ def load_optimizer_state(model, optimizer, state, path):
             return
         sizes = [len(group['params']) for group in optimizer.param_groups]
         if [len(group['params']) for group in state['param_groups']] != sizes:
-            raise UserError(f"the checkpoint's optimizer state is for other trainable parameters than this run's "
-                            f"({sizes} per group): was it trained with another freeze_layers? To finetune its "
-                            f"weights with other settings, start a new run with --init_from={path}")
-        params = [p for group in optimizer.param_groups for p in group['params']]  # full shapes, also under FSDP
+            raise UserError(
+                f"the checkpoint's optimizer state is for other trainable parameters than this run's "
+                f"({sizes} per group): was it trained with another freeze_layers? To finetune its "
+                f"weights with other settings, start a new run with --init_from={path}"
+            )
+        # full shapes, also under FSDP
+        params = [p for group in optimizer.param_groups for p in group['params']]
         for i, saved in state['state'].items():
             for name, v in saved.items():
                 if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape != params[i].shape:
-                    raise UserError(f"checkpoint {path}: the optimizer's {name} has shape {tuple(v.shape)} "
-                                    f"for a parameter of shape {tuple(params[i].shape)}")
+                    raise UserError(
+                        f"checkpoint {path}: the optimizer's {name} has shape {tuple(v.shape)} "
+                        f"for a parameter of shape {tuple(params[i].shape)}"
+                    )
         if not runtime.sharded(model):
             optimizer.load_state_dict(state)  # moves its tensors to the parameters' device
             return
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_optimizer_state_dict,
+        )
+
         names = parameter_names(model, optimizer)
-        state = {'state': {names[i]: s for i, s in state['state'].items()},
-                 'param_groups': [{**group, 'params': [names[i] for i in group['params']]}
-                                  for group in state['param_groups']]}
-        # every rank holds the full state (it read the checkpoint) and keeps its own shard of each tensor
-        set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+        state = {
+            'state': {names[i]: s for i, s in state['state'].items()},
+            'param_groups': [
+                {**group, 'params': [names[i] for i in group['params']]}
+                for group in state['param_groups']
+            ],
+        }
+        # every rank holds the full state (it read the checkpoint) and keeps its own shard of each
+        # tensor
+        set_optimizer_state_dict(
+            model, optimizer, state, options=StateDictOptions(full_state_dict=True)
+        )
         for group, saved in zip(optimizer.param_groups, state['param_groups']):
-            group.update((k, v) for k, v in saved.items() if k != 'params')  # as saved: it makes tuples lists
+            # as saved: it makes tuples lists
+            group.update((k, v) for k, v in saved.items() if k != 'params')
     except (ValueError, KeyError, TypeError, IndexError, AttributeError, RuntimeError) as e:
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise UserError(f"checkpoint {path}: the optimizer state does not fit the model ({reason})") from None
+        raise UserError(
+            f"checkpoint {path}: the optimizer state does not fit the model ({reason})"
+        ) from None
