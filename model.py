@@ -55,8 +55,7 @@ class CausalSelfAttention(nn.Module):
         """x (B, T, C). kv_cache: (K, V, pos), this layer's keys and values of the B rows,
         (B, nh, block_size, hs) each, and the positions of x's tokens in them, (B, T)."""
         B, T, C = x.size()  # batch size, sequence length, embedding dimensionality (n_embd)
-        # calculate query, key, values for all heads in batch and move head forward to be the batch
-        # dim
+        # query, key, values for all heads in batch, and the head moved forward as a batch dim
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
@@ -241,24 +240,21 @@ class GPT(nn.Module):
         self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size])
 
     def freeze(self, n_blocks):
-        """Stop training the token and position embeddings and the lowest n_blocks Blocks: they get
-        no gradients, and configure_optimizers (which takes only parameters that require grad) gives
-        them no optimizer state. lm_head.weight is the same tensor as wte.weight (weight tying), so
-        the output layer is frozen too: the model keeps reading its logits off the pretrained token
-        embeddings, and only the Blocks above n_blocks and ln_f learn."""
+        """Stop training the token and position embeddings and the lowest n_blocks Blocks: no
+        gradients, no optimizer state (configure_optimizers takes what requires grad). lm_head is
+        wte (weight tying): only the Blocks above n_blocks and ln_f learn."""
         for module in (self.transformer.wte, self.transformer.wpe, *self.transformer.h[:n_blocks]):
             module.requires_grad_(False)
 
     @classmethod
     def from_pretrained(cls, model_type, override_args=None, allow_unsafe_pickle=False):
-        """OpenAI's GPT-2 ('gpt2' ... 'gpt2-xl') or a local Hugging Face GPT-2 directory, as in
-        nanoGPT: nanogpt.hf.from_pretrained."""
+        """OpenAI's GPT-2 ('gpt2' ... 'gpt2-xl') or a local Hugging Face directory: hf.py."""
         from nanogpt.hf import from_pretrained
 
         return from_pretrained(model_type, override_args, allow_unsafe_pickle)
 
     def export_hf(self, path, vocab_size=None):
-        """Write this model as a Hugging Face GPT-2 directory: nanogpt.hf.export_hf."""
+        """Write this model as a Hugging Face GPT-2 directory: hf.py."""
         from nanogpt.hf import export_hf
 
         export_hf(self, path, vocab_size)
@@ -281,12 +277,10 @@ class GPT(nn.Module):
         param_dict = {pn: p for pn, p in self.named_parameters() if p.requires_grad}
         # with muon, the attention and MLP matrices of the blocks go to Muon; the embeddings (the
         # token embedding is also lm_head), the LayerNorm gains and the biases stay with AdamW
-        to_muon = {
+        names = [
             n for n, p in param_dict.items() if n.startswith('transformer.h.') and p.dim() == 2
-        }
-        to_muon = to_muon if muon is not None else set()
-        muon_params = [p for n, p in param_dict.items() if n in to_muon]
-        param_dict = {n: p for n, p in param_dict.items() if n not in to_muon}
+        ]
+        muon_params = [param_dict.pop(n) for n in names] if muon is not None else []
         # create optim groups. Any parameters that is 2D will be weight decayed, otherwise no.
         # i.e. all weight tensors in matmuls + embeddings decay, all biases and layernorms don't.
         decay_params = [p for n, p in param_dict.items() if p.dim() >= 2]
@@ -314,24 +308,19 @@ class GPT(nn.Module):
             # without AVX-512 BF16 or AMX) that is ~100x slower, so the caller says which to take
             kind = torch.optim.Muon if muon_bf16 else Float32Muon
             if verbose:
-                n, what = (
-                    sum(p.numel() for p in muon_params),
-                    'bfloat16' if muon_bf16 else 'float32',
-                )
+                n = sum(p.numel() for p in muon_params)
                 print(
-                    f"muon for {len(muon_params)} matrices with {n:,} parameters: "
-                    f"{kind.__name__}, Newton-Schulz in {what}"
+                    f"muon for {len(muon_params)} matrices with {n:,} parameters: {kind.__name__}"
                 )
             muon_optimizer = kind(muon_params, nesterov=True, **muon)
             optimizer = MuonAdamW(muon_optimizer, optimizer, muon['lr'] / learning_rate)
         return optimizer
 
     def flops_per_token(self):
-        """Matrix-product flops per token of one training step as autograd runs it (what
-        torch.utils.flop_counter counts): forward, 2 per weight of each product and 4 T C per layer
-        for attention (PaLM's Appendix B, https://arxiv.org/abs/2204.02311); backward, twice that
-        for the gradients of the inputs where a parameter below trains, and 2 per weight that
-        trains. Frozen layers (freeze) and LoRA's frozen base weights get no weight gradients."""
+        """Matrix-product flops per token of a training step as autograd runs it: forward, 2 per
+        weight of each product and 4 T C per layer of attention (PaLM, arxiv.org/abs/2204.02311);
+        backward, as much for the inputs' gradients where a parameter below trains, and 2 per weight
+        that trains (not frozen layers' nor LoRA's base weights)."""
         T, C = self.config.block_size, self.config.n_embd
         forward = backward = 0
         trains_below = False  # does a parameter that gradients must reach lie before this module
@@ -352,10 +341,8 @@ class GPT(nn.Module):
         flops_per_iter = self.flops_per_token() * self.config.block_size * fwdbwd_per_iter
         return flops_per_iter / dt / peak_flops  # achieved flops per second over the peak
 
-    @torch.no_grad()
     def generate_tokens(self, idx, max_new_tokens, temperature=1.0, top_k=None, use_cache=True):
-        """Yield max_new_tokens new tokens, each a (b, 1) tensor, continuing idx (b, t):
-        nanogpt.generate.generate_tokens."""
+        """Yield max_new_tokens new tokens (b, 1) after idx (b, t): generate.generate_tokens."""
         from nanogpt.generate import generate_tokens
 
         yield from generate_tokens(self, idx, max_new_tokens, temperature, top_k, use_cache)

@@ -67,7 +67,6 @@ class Engine:
         self.waiting = collections.deque()
         self.slots = [None] * max_batch  # the row in each slot, None for a free one
         self.steps = self.largest_batch = self.completed = 0
-        self.cache = None  # a KVCache of max_batch rows, allocated at the first request
         # per slot, on the device: the token the next step feeds, whether a row is there (a free
         # slot's length goes back to 0), the sampling settings; and its random generator
         self.tokens = torch.zeros(max_batch, 1, dtype=torch.long, device=device)
@@ -76,6 +75,9 @@ class Engine:
         self.top_k = torch.zeros(max_batch, 1, dtype=torch.long, device=device)
         self.top_p = torch.ones(max_batch, 1, device=device)
         self.generators = [None] * max_batch  # None: a greedy row or a free slot
+        # a KVCache of max_batch rows, in the dtype of runtime.inference_model's weights
+        dtype = model.lm_head.weight.dtype
+        self.cache = KVCache.empty(model.config, max_batch, device, dtype)
 
     @property
     def active(self):
@@ -142,15 +144,13 @@ class Engine:
                 self.generators[s] = torch.Generator(self.device).manual_seed(row.seed)
 
     def free(self, row):
+        """Give the row's slot back: empty, it feeds positions 0 until a row takes it."""
         self.slots[row.slot], self.generators[row.slot] = None, None
-        self.live[row.slot] = 0
+        self.live[row.slot] = self.cache.lengths[row.slot] = 0
 
     def step(self):
         """One new token for every row: a row without context in its slot (new, or its slot is
         full) reads it first; then one forward pass and one draw for all slots."""
-        if self.cache is None:  # its dtype: runtime.inference_model's
-            dtype = self.model.lm_head.weight.dtype
-            self.cache = KVCache.empty(self.model.config, self.max_batch, self.device, dtype)
         rows = self.active
         for row in rows:
             if row.length in (None, self.block_size):

@@ -61,12 +61,8 @@ def sample(logits, temperature=1.0, top_k=None, top_p=1.0, generators=None):
     greedy = logits.argmax(dim=-1, keepdim=True)
     if not torch.is_tensor(temperature) and temperature == 0:
         return greedy
-    # a greedy row's logits are scaled by 1: its draw is not taken
-    logits = logits / (
-        torch.where(temperature > 0, temperature, 1)
-        if torch.is_tensor(temperature)
-        else temperature
-    )
+    per_row = torch.is_tensor(temperature)  # a greedy row's logits / 1: its draw is not taken
+    logits = logits / (torch.where(temperature > 0, temperature, 1) if per_row else temperature)
     if torch.is_tensor(top_k):  # per row: the k-th largest logit of each, none cut for 0
         k = torch.where(top_k > 0, top_k.clamp(max=logits.size(-1)), logits.size(-1)) - 1
         logits[logits < logits.sort(dim=-1, descending=True).values.gather(-1, k)] = -float('Inf')
@@ -86,7 +82,7 @@ def sample(logits, temperature=1.0, top_k=None, top_p=1.0, generators=None):
         for b, generator in enumerate(generators):
             if generator is not None:
                 draws[b] = torch.multinomial(probs[b], num_samples=1, generator=generator)
-    return torch.where(temperature == 0, greedy, draws) if torch.is_tensor(temperature) else draws
+    return torch.where(temperature == 0, greedy, draws) if per_row else draws
 
 
 @torch.no_grad()
