@@ -59,9 +59,10 @@ def sample(logits, temperature=1.0, top_k=None, top_p=1.0, generators=None):
     draws for all rows at once (sample.py)."""
     logits = logits.float()  # also from a bfloat16 model
     greedy = logits.argmax(dim=-1, keepdim=True)
-    if not torch.is_tensor(temperature) and temperature == 0:
-        return greedy
-    per_row = torch.is_tensor(temperature)  # a greedy row's logits / 1: its draw is not taken
+    per_row = torch.is_tensor(temperature)
+    if (generators is not None and not any(generators)) or (not per_row and temperature == 0):
+        return greedy  # no row draws
+    # a greedy row's logits are divided by 1: its draw is not taken
     logits = logits / (torch.where(temperature > 0, temperature, 1) if per_row else temperature)
     if torch.is_tensor(top_k):  # per row: the k-th largest logit of each, none cut for 0
         k = torch.where(top_k > 0, top_k.clamp(max=logits.size(-1)), logits.size(-1)) - 1

@@ -202,3 +202,31 @@ def test_a_decode_step_waits_for_the_device_as_often_with_1_row_as_with_8(monkey
         m.setattr(torch, 'tensor', counted(real_tensor))
         one, eight = steps(1), steps(8)
     assert one == eight and set(one) == {1}, (one, eight)  # the tokens' one .tolist()
+
+
+@torch.no_grad()
+def test_rows_that_fill_the_block_and_end_there_leave_their_slot_usable():
+    """A row whose last token fills its slot's block while another row goes on, then new rows in
+    both slots: each completion equals GPT.generate's (the engine's greedy text)."""
+    model = tiny_model()
+    texts = {}
+
+    def emit(index, text, finish, error=None):
+        assert error is None, error
+        texts[index] = texts.get(index, '') + text
+
+    decode = lambda ids: ''.join(chr(48 + i) for i in ids)  # noqa: E731
+    engine = batching.Engine(model, decode, None, 'cpu', 2, 4)
+    prompts = [[1, 2, 3], [4, 5], [6], [7, 8, 9, 10]]
+    lengths = [30, 45, 20, 40]  # 3 + 30 - 1 = 32 positions: the first row ends with its slot full
+    # while the second goes on, its window sliding; then two more rows take the two slots
+    for batch in ((0, 1), (2, 3)):
+        engine.submit(
+            [batching.Row(i, prompts[i], 0, emit, lengths[i], 0, 1, 0, []) for i in batch]
+        )
+        while engine.waiting or engine.active:
+            engine.admit()
+            engine.step()
+    for i, p in enumerate(prompts):
+        new = model.generate(torch.tensor([p]), lengths[i], temperature=0)[0, len(p) :]
+        assert texts[i] == decode(new.tolist()), i
