@@ -14,6 +14,7 @@ from nanogpt import checkpoints
 import model as model_py
 from nanogpt import runtime
 from model import GPT, GPTConfig
+from nanogpt import hf as hf_py
 from nanogpt.generate import KVCache
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -151,7 +152,7 @@ def test_export_roundtrip_through_transformers(
     with torch.no_grad():  # move every parameter off its init value so all of them are checked
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.1)
-    model.export_hf(tmp_path, vocab_size=export_vocab)
+    hf_py.export_hf(model, tmp_path, vocab_size=export_vocab)  # model.export_hf calls it
     assert (tmp_path / "config.json").exists() and (tmp_path / "model.safetensors").exists()
     hf = GPT2LMHeadModel.from_pretrained(tmp_path).eval()
     assert hf.config.activation_function == hf_name
@@ -161,7 +162,8 @@ def test_export_roundtrip_through_transformers(
         ours = all_logits(model, idx)[..., : ref.size(-1)]
     assert ref.size(-1) == (export_vocab or vocab_size)
     assert (ours - ref).abs().max().item() <= 1e-5
-    # and back again: our loader reads what we wrote, GELU included
+    # and back again: our loader reads what we wrote, GELU included (nanoGPT's GPT.from_pretrained
+    # calls hf.from_pretrained)
     again = GPT.from_pretrained(str(tmp_path)).eval()
     assert again.config.gelu == gelu
     assert torch.allclose(all_logits(again, idx), ref, atol=1e-5)
@@ -527,3 +529,14 @@ def test_clear_errors():
         ValueError, match="Cannot forward sequence of length 17, block size is only 16"
     ):
         model(torch.zeros(1, 17, dtype=torch.long))
+
+
+def test_model_py_imports_torch_and_nothing_of_the_repository():
+    code = (
+        "import sys, model\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('nanogpt', 'configurator')))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr
