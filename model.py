@@ -9,8 +9,7 @@ https://github.com/huggingface/transformers/blob/main/src/transformers/models/gp
 The GELU follows the weights' origin (GPTConfig.gelu): the exact one, nanoGPT's, for models trained
 from scratch and for nanoGPT's checkpoints; GPT-2's tanh approximation for OpenAI's weights and
 models finetuned from them, so each computes the function it was trained as (docs/checkpoints.md).
-Training, sampling, evaluation and serving all run GPT.forward. Beside it: nanogpt/generate.py (the
-key/value cache, decoding, sampling) and nanogpt/hf.py (Hugging Face import and export).
+Training, sampling, evaluation and serving all run GPT.forward (decoding: nanogpt/generate.py).
 """
 
 import math
@@ -47,13 +46,10 @@ class CausalSelfAttention(nn.Module):
         self.n_head = config.n_head
         self.n_embd = config.n_embd
         self.dropout = config.dropout
-        # flash attention through PyTorch's fused kernel; False selects the explicit masked
-        # softmax below, which computes the same thing (the tests compare the two)
+        # PyTorch's fused attention; False: the explicit masked softmax (the tests compare the two)
         self.flash = True
 
     def forward(self, x, kv_cache=None):
-        """x (B, T, C). kv_cache: (K, V, pos), this layer's keys and values of the B rows,
-        (B, nh, block_size, hs) each, and the positions of x's tokens in them, (B, T)."""
         B, T, C = x.size()  # batch size, sequence length, embedding dimensionality (n_embd)
         # query, key, values for all heads in batch, and the head moved forward as a batch dim
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
@@ -62,13 +58,12 @@ class CausalSelfAttention(nn.Module):
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         mask = None
         if kv_cache is not None:
-            K, V, pos = kv_cache
+            K, V, pos = kv_cache  # this layer's (B, nh, block_size, hs) x2, x's positions (B, T)
             rows = torch.arange(B, device=x.device)[:, None]  # (B, 1): with pos, (B, T) places
             K[rows, :, pos] = k.transpose(1, 2)  # (B, T, nh, hs) into (B, nh, block_size, hs)
             V[rows, :, pos] = v.transpose(1, 2)
             k, v = K, V
-            # each row's query at position p sees its keys 0..p, whatever the other rows' lengths:
-            # one masked attention of one shape for a row alone and for a batch
+            # a query at position p sees its row's keys 0..p: one shape, alone or batched
             mask = torch.arange(K.size(2), device=x.device) <= pos[:, None, :, None]  # (B,1,T,L)
         elif not self.flash:
             mask = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
@@ -167,8 +162,7 @@ class GPT(nn.Module):
                 torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
 
     def get_num_params(self, non_embedding=True):
-        # non_embedding leaves out the position embeddings; the token embeddings stay in because
-        # they are shared with lm_head, where they count as weights of the final layer
+        # non_embedding: without the position embeddings (the token embeddings are lm_head's too)
         n_params = sum(p.numel() for p in self.parameters())
         if non_embedding:
             n_params -= self.transformer.wpe.weight.numel()
@@ -188,9 +182,7 @@ class GPT(nn.Module):
         (B, 1, vocab_size), and loss None. kv_cache: a generate.KVCache of B rows; row b's tokens go
         after the kv_cache.lengths[b] positions it holds, and its length grows by T."""
         if idx.dtype not in (torch.long, torch.int32):
-            raise TypeError(
-                f"idx must be an integer tensor of token ids (torch.long), got {idx.dtype}"
-            )
+            raise TypeError(f"idx must be an integer tensor of token ids, got {idx.dtype}")
         b, t = idx.size()
         if t > self.config.block_size:
             block = self.config.block_size
@@ -231,18 +223,14 @@ class GPT(nn.Module):
 
     def crop_block_size(self, block_size):
         # model surgery, e.g. to use GPT-2's weights (block size 1024) with a smaller block size
-        if block_size > self.config.block_size:
-            raise ValueError(
-                f"block_size {block_size} is larger than the model's {self.config.block_size}; "
-                "a block size can only be cropped, not extended"
-            )
+        if block_size > (old := self.config.block_size):  # a block can be cropped, not extended
+            raise ValueError(f"block_size {block_size} is larger than the model's {old}")
         self.config.block_size = block_size
         self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size])
 
     def freeze(self, n_blocks):
-        """Stop training the token and position embeddings and the lowest n_blocks Blocks: no
-        gradients, no optimizer state (configure_optimizers takes what requires grad). lm_head is
-        wte (weight tying): only the Blocks above n_blocks and ln_f learn."""
+        """Stop training the token and position embeddings (lm_head too: weight tying) and the
+        lowest n_blocks Blocks: no gradients, no optimizer state. The Blocks above, ln_f learn."""
         for module in (self.transformer.wte, self.transformer.wpe, *self.transformer.h[:n_blocks]):
             module.requires_grad_(False)
 
@@ -275,8 +263,7 @@ class GPT(nn.Module):
         are native; else in float32."""
         # start with all of the candidate parameters that require grad
         param_dict = {pn: p for pn, p in self.named_parameters() if p.requires_grad}
-        # with muon, the attention and MLP matrices of the blocks go to Muon; the embeddings (the
-        # token embedding is also lm_head), the LayerNorm gains and the biases stay with AdamW
+        # with muon, the blocks' matrices go to Muon; embeddings, gains and biases stay with AdamW
         names = [
             n for n, p in param_dict.items() if n.startswith('transformer.h.') and p.dim() == 2
         ]
@@ -304,8 +291,8 @@ class GPT(nn.Module):
         if muon is not None:
             from nanogpt.muon import Float32Muon, MuonAdamW
 
-            # torch's Muon runs Newton-Schulz in bfloat16: where bfloat16 matmuls are emulated (CPUs
-            # without AVX-512 BF16 or AMX) that is ~100x slower, so the caller says which to take
+            # torch's Muon runs Newton-Schulz in bfloat16, ~100x slower where it is emulated (CPUs
+            # without AVX-512 BF16 or AMX): the caller says which one to take
             kind = torch.optim.Muon if muon_bf16 else Float32Muon
             if verbose:
                 n = sum(p.numel() for p in muon_params)
@@ -318,9 +305,8 @@ class GPT(nn.Module):
 
     def flops_per_token(self):
         """Matrix-product flops per token of a training step as autograd runs it: forward, 2 per
-        weight of each product and 4 T C per layer of attention (PaLM, arxiv.org/abs/2204.02311);
-        backward, as much for the inputs' gradients where a parameter below trains, and 2 per weight
-        that trains (not frozen layers' nor LoRA's base weights)."""
+        weight and 4 T C per attention (PaLM, arxiv.org/abs/2204.02311); backward, as much for the
+        inputs' gradients where a parameter below trains, and 2 per weight that trains."""
         T, C = self.config.block_size, self.config.n_embd
         forward = backward = 0
         trains_below = False  # does a parameter that gradients must reach lie before this module
@@ -336,8 +322,7 @@ class GPT(nn.Module):
         return forward + backward
 
     def estimate_mfu(self, fwdbwd_per_iter, dt, peak_flops):
-        """model flops utilization (MFU): achieved flops over peak_flops, the device's peak flops/s
-        (the caller measures or looks it up: runtime.device_peak_flops)."""
+        """model flops utilization: achieved flops over peak_flops (runtime.device_peak_flops)"""
         flops_per_iter = self.flops_per_token() * self.config.block_size * fwdbwd_per_iter
         return flops_per_iter / dt / peak_flops  # achieved flops per second over the peak
 
@@ -349,7 +334,6 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, use_cache=True):
-        """Complete idx (b, t) with max_new_tokens tokens, feeding each prediction back in.
-        Call model.eval() first. temperature=0 picks the most likely token (greedy)."""
+        """idx (b, t) and max_new_tokens more tokens (model.eval() first; temperature 0: greedy)"""
         new = list(self.generate_tokens(idx, max_new_tokens, temperature, top_k, use_cache))
         return torch.cat([idx] + new, dim=1)

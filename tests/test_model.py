@@ -12,7 +12,6 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from nanogpt import checkpoints
 import model as model_py
-from nanogpt import runtime
 from model import GPT, GPTConfig
 from nanogpt import hf as hf_py
 from nanogpt.generate import KVCache
@@ -470,7 +469,7 @@ def test_crop_block_size():
         ValueError, match="Cannot forward sequence of length 9, block size is only 8"
     ):
         model(torch.zeros(1, 9, dtype=torch.long))
-    with pytest.raises(ValueError, match="block_size 32 is larger than the model's 8"):
+    with pytest.raises(ValueError, match="block_size 32 is larger than the model.s 8"):
         model.crop_block_size(32)
 
 
