@@ -2,7 +2,8 @@
 Serve a trained model over HTTP with OpenAI's completions API, and a page to try it at
 http://127.0.0.1:8000/
     $ python serve.py --out_dir=out-shakespeare-char
-    $ curl http://127.0.0.1:8000/v1/completions -H 'Content-Type: application/json' -d '{"prompt": "ROMEO:"}'
+    $ curl http://127.0.0.1:8000/v1/completions -H 'Content-Type: application/json' \
+        -d '{"prompt": "ROMEO:"}'
 Requests that arrive while others are generating join the running batch at the next step
 (docs/serve.md).
 """
@@ -41,7 +42,7 @@ port = 8000
 device = 'auto'  # 'auto' (cuda, else mps, else cpu), 'cpu', 'cuda', 'cuda:1', 'mps'
 # 'auto' (bfloat16 or float16 on GPUs, float32 elsewhere), 'float32', 'bfloat16', 'float16'
 dtype = 'auto'
-compile = False  # compile the prefill (the model's forward) and each block's MLP with torch.compile
+compile = False  # compile the model's forward (prompts and decoding steps) with torch.compile
 max_batch = 16  # most completions decoded together in one forward pass; more wait for a free place
 # most completions waiting for a place; a request beyond that gets 429 (retry later)
 max_waiting = 256
@@ -182,8 +183,8 @@ def parse_prompts(prompt, encode, block_size, vocab_size):
             )
         if len(ids) > block_size:
             raise BadRequest(
-                f"a prompt is {len(ids)} tokens long but this model reads at most {block_size} (its "
-                f"block_size): shorten it, e.g. to its last {block_size} tokens",
+                f"a prompt is {len(ids)} tokens long but this model reads at most {block_size} "
+                f"(its block_size): shorten it, e.g. to its last {block_size} tokens",
                 'prompt',
             )
         prompts.append(ids)
@@ -195,18 +196,21 @@ def parse_request(body, served, encode, block_size, vocab_size):
     rows)."""
     if not isinstance(body, dict):
         raise BadRequest(
-            "the request body must be a JSON object, e.g. {\"prompt\": \"Hello\", \"max_tokens\": 16}"
+            "the request body must be a JSON object, "
+            "e.g. {\"prompt\": \"Hello\", \"max_tokens\": 16}"
         )
     unknown = sorted(set(body) - OPENAI_FIELDS)
     if unknown:
         raise BadRequest(
-            f"unknown field(s) {', '.join(unknown)}; this server accepts {', '.join(sorted(OPENAI_FIELDS))}",
+            f"unknown field(s) {', '.join(unknown)}; "
+            f"this server accepts {', '.join(sorted(OPENAI_FIELDS))}",
             unknown[0],
         )
     model = body.get('model')
     if model is not None and model != served:
         raise BadRequest(
-            f"the model '{model}' is not served here: this server serves '{served}' (GET /v1/models)",
+            f"the model '{model}' is not served here: "
+            f"this server serves '{served}' (GET /v1/models)",
             'model',
             status=404,
             code='model_not_found',
@@ -459,8 +463,9 @@ def load(init_from, out_dir, allow_unsafe_pickle):
         and not (meta_path and os.path.exists(meta_path))
     ):
         raise UserError(
-            f"this model has a {model.config.vocab_size}-token vocabulary but its meta.pkl was not found "
-            f"(looked for {meta_path}); prepare that dataset again with its data/<name>/prepare.py"
+            f"this model has a {model.config.vocab_size}-token vocabulary but its meta.pkl was not "
+            f"found (looked for {meta_path}); prepare that dataset again with its "
+            "data/<name>/prepare.py"
         )
     encode, decode = load_tokenizer(meta_path, record, model.config.vocab_size)
     # GPT-2's vocabulary ends documents with <|endoftext|>: a completion stops there, as OpenAI's do
@@ -479,10 +484,8 @@ def main(config):
     model, encode, decode, eot = load(init_from, out_dir, allow_unsafe_pickle)
     # its weights in dtype, as sample.py
     model = runtime.inference_model(model, dev, runtime.pick_dtype(dtype, dev))
-    if compile:
+    if compile:  # the forward that reads prompts and decodes every step
         model.forward = torch.compile(model.forward, dynamic=True)
-        for block in model.transformer.h:
-            block.mlp.forward = torch.compile(block.mlp.forward, dynamic=True)
     served = model_name or (
         os.path.basename(os.path.abspath(out_dir)) if init_from == 'resume' else init_from
     )
