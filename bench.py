@@ -113,18 +113,15 @@ def check_settings(c):
 
 
 check_settings(config)
-device = runtime.pick_device(device)
+device, dtype, ctx = runtime.setup(device, dtype, seed)
+compile = runtime.pick_compile(compile, device)
 if mode == 'memory':
     if runtime.device_type(device) == 'mps':
         raise UserError(
             "--mode=memory measures on cuda (the allocator's statistics) or cpu (the profiler's)"
         )
+    # under torchrun each process takes its own GPU
     distributed, rank, _, world_size, device = runtime.init_distributed(device)
-dtype = runtime.pick_dtype(dtype, device)
-compile = runtime.pick_compile(compile, device)
-torch.manual_seed(seed)
-runtime.allow_tf32(device)
-ctx = runtime.autocast_context(device, dtype)
 runtime.print_environment(device, dtype)
 
 # data: a prepared dataset when there is one (its vocabulary too), else random tokens
@@ -173,11 +170,9 @@ model.to(device)
 print(f"number of parameters: {model.get_num_params() / 1e6:.2f}M")
 
 if mode == 'generate':
+    # as sample.py: its weights in dtype, no autocast, compiled as sample.py compiles
+    model = runtime.inference_model(model, device, dtype, compile, cast=True)
     # one-token prompt, as sample.py's default; the same seed for both so they draw alike
-    # as sample.py: its weights in dtype, no autocast
-    model = runtime.inference_model(model, device, dtype)
-    if compile:  # as sample.py does: the forward pass itself, which generate() calls
-        model.forward = torch.compile(model.forward)
     prompt = torch.zeros((1, 1), dtype=torch.long, device=device)
     rates = {}
     for use_cache in (True, False):

@@ -15,7 +15,6 @@ import sys
 import time
 import uuid
 
-import torch
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -26,7 +25,6 @@ from nanogpt import checkpoints
 from nanogpt import runtime
 from nanogpt.batching import Engine, Row
 from configurator import ANY, NON_NEGATIVE, POSITIVE, OneOf, Range, UserError, check, configure
-from nanogpt.tokenizer import load_tokenizer
 
 # -----------------------------------------------------------------------------
 # 'resume' (from out_dir/ckpt.pt), a gpt2 variant (e.g. 'gpt2-xl') or a local Hugging Face dir
@@ -41,7 +39,7 @@ port = 8000
 device = 'auto'  # 'auto' (cuda, else mps, else cpu), 'cpu', 'cuda', 'cuda:1', 'mps'
 # 'auto' (bfloat16 or float16 on GPUs, float32 elsewhere), 'float32', 'bfloat16', 'float16'
 dtype = 'auto'
-compile = False  # compile the prefill (the model's forward) and each block's MLP with torch.compile
+compile = False  # torch.compile the model's forward pass (runtime.inference_model)
 max_batch = 16  # most completions decoded together in one forward pass; more wait for a free place
 # most completions waiting for a place; a request beyond that gets 429 (retry later)
 max_waiting = 256
@@ -448,41 +446,18 @@ def build_app(engine, served, encode, decode, block_size, vocab_size):
     return app
 
 
-def load(init_from, out_dir, allow_unsafe_pickle):
-    """The model and its tokenizer, read as sample.py reads them: (model, encode, decode, eot token
-    or None)."""
-    model, source = checkpoints.load_model(init_from, out_dir, allow_unsafe_pickle)
-    meta_path, record = source['meta_path'], source['record']
-    if (
-        model.config.vocab_size < 50257
-        and not record
-        and not (meta_path and os.path.exists(meta_path))
-    ):
-        raise UserError(
-            f"this model has a {model.config.vocab_size}-token vocabulary but its meta.pkl was not found "
-            f"(looked for {meta_path}); prepare that dataset again with its data/<name>/prepare.py"
-        )
-    encode, decode = load_tokenizer(meta_path, record, model.config.vocab_size)
-    # GPT-2's vocabulary ends documents with <|endoftext|>: a completion stops there, as OpenAI's do
-    eot = (
-        50256
-        if model.config.vocab_size >= 50257 and (not record or record['tokenizer'] == 'gpt2')
-        else None
-    )
-    return model, encode, decode, eot
-
-
 def main(config):
     check_settings(config)
-    dev = runtime.pick_device(device)
-    runtime.allow_tf32(dev)
-    model, encode, decode, eot = load(init_from, out_dir, allow_unsafe_pickle)
-    # its weights in dtype, as sample.py
-    model = runtime.inference_model(model, dev, runtime.pick_dtype(dtype, dev))
-    if compile:
-        model.forward = torch.compile(model.forward, dynamic=True)
-        for block in model.transformer.h:
-            block.mlp.forward = torch.compile(block.mlp.forward, dynamic=True)
+    dev, run_dtype, _ = runtime.setup(device, dtype)
+    model, encode, decode, source = checkpoints.load_model_and_tokenizer(
+        init_from, out_dir, allow_unsafe_pickle
+    )
+    # GPT-2's vocabulary ends documents with <|endoftext|>: a completion stops there, as OpenAI's do
+    record = source['record']
+    gpt2 = model.config.vocab_size >= 50257 and (not record or record['tokenizer'] == 'gpt2')
+    eot = 50256 if gpt2 else None
+    # its weights in dtype, as sample.py's: no autocast, logits upcast to float32 for sampling
+    model = runtime.inference_model(model, dev, run_dtype, compile, cast=True)
     served = model_name or (
         os.path.basename(os.path.abspath(out_dir)) if init_from == 'resume' else init_from
     )

@@ -94,7 +94,7 @@ def test_compiled_decoding_in_bfloat16_converts_no_weights():
     model = GPT(
         GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=64, vocab_size=65, dropout=0.0)
     )
-    model = runtime.inference_model(model, 'cpu', 'bfloat16')
+    model = runtime.inference_model(model, 'cpu', 'bfloat16', cast=True)
     assert all(p.dtype == torch.bfloat16 for p in model.parameters()) and not model.training
     prompt = torch.randint(65, (2, 5))
     expected = model.generate(prompt, 12, temperature=0)
