@@ -5,10 +5,11 @@ flops, torchrun's process group and its collective helpers, applying activation 
 torch.compile, FSDP2 or DDP to a model from outside it, the random number generators' state, and the
 line that says what produced a run's numbers.
 
-    device = pick_device(device)              # 'auto' -> cuda, else mps, else cpu
-    dtype = pick_dtype(dtype, device)         # 'auto' -> bfloat16 / float16 on CUDA, float32 elsewhere
-    ctx = autocast_context(device, dtype)     # `with ctx:` around forward passes
+    device = pick_device(device)           # 'auto' -> cuda, else mps, else cpu
+    dtype = pick_dtype(dtype, device)      # 'auto' -> bfloat16 / float16 on CUDA, float32 elsewhere
+    ctx = autocast_context(device, dtype)  # `with ctx:` around forward passes
     device, dtype, ctx = setup(device, dtype, seed)  # the three above, TF32 and the seeds at once
+    model = inference_model(model, device, dtype, compile)  # for eval.py; cast=True to generate
 """
 
 import atexit
@@ -52,7 +53,8 @@ def pick_device(device='auto'):
     kind = device_type(device)
     if kind == 'cuda' and not torch.cuda.is_available():
         raise UserError(
-            f"device '{device}' requested but no CUDA GPU is available here; use --device=cpu (or auto)"
+            f"device '{device}' requested but no CUDA GPU is available here; "
+            "use --device=cpu (or auto)"
         )
     if kind == 'mps' and not torch.backends.mps.is_available():
         raise UserError(
@@ -565,6 +567,6 @@ def print_environment(device, dtype):
     """One line saying what produced this run's numbers: versions, device, dtype, code version."""
     name = torch.cuda.get_device_name(device) if device_type(device) == 'cuda' else device
     print(
-        f"python {sys.version.split()[0]}, torch {torch.__version__}, device {name}, dtype {dtype}, "
-        f"threads {torch.get_num_threads()}, commit {git_commit() or 'unknown'}"
+        f"python {sys.version.split()[0]}, torch {torch.__version__}, device {name}, "
+        f"dtype {dtype}, threads {torch.get_num_threads()}, commit {git_commit() or 'unknown'}"
     )
