@@ -347,11 +347,16 @@ def test_eval_gives_the_training_logs_val_loss_on_the_gpu(train, tmp_path, shake
     dtype = 'bfloat16' if torch.cuda.is_bf16_supported(including_emulation=False) else 'float16'
     logged, evaluated = eval_equals_training_log(train, tmp_path, shakespeare_char, 'cuda', dtype)
     assert evaluated == pytest.approx(logged, rel=1e-5)
+    # compiled (its forward, dynamic shapes) under autocast: fused kernels round a little otherwise
+    out = tmp_path / 'out'
+    run_eval(f'--out_dir={out}', '--device=cuda', f'--dtype={dtype}', '--compile=True')
+    compiled = json.load(open(out / 'eval.json'))['results']['val']['loss']
+    assert compiled == pytest.approx(logged, rel=2e-3)
     # and its float32 is float32 (TF32 off): the CPU's loss, to float rounding
     losses = {}
     for device in ('cpu', 'cuda'):
         run_eval(
-            f'--out_dir={tmp_path / "out"}',
+            f'--out_dir={out}',
             f'--device={device}',
             '--dtype=float32',
             f'--out_json={tmp_path / device}.json',
