@@ -39,7 +39,7 @@ port = 8000
 device = 'auto'  # 'auto' (cuda, else mps, else cpu), 'cpu', 'cuda', 'cuda:1', 'mps'
 # 'auto' (bfloat16 or float16 on GPUs, float32 elsewhere), 'float32', 'bfloat16', 'float16'
 dtype = 'auto'
-compile = False  # torch.compile the model's forward pass (runtime.inference_model)
+compile = False  # compile the model's forward (prompts and decoding steps) with torch.compile
 max_batch = 16  # most completions decoded together in one forward pass; more wait for a free place
 # most completions waiting for a place; a request beyond that gets 429 (retry later)
 max_waiting = 256
