@@ -5,9 +5,8 @@ anything is built from it, the compatibility patch for older files and nanoGPT's
 gathering a sharded (FSDP) model's and optimizer's state into the full tensors a file holds,
 sharding it again on resume. A Hugging Face directory: checked before transformers reads it. And
 building the model that sample.py and eval.py run from either (with its tokenizer for sample.py
-and serve.py). And the out_dir these files are in:
-one run at a time (a lock), never a new run over an earlier one unasked, and its log.jsonl, kept in
-memory until the run's first save.
+and serve.py). And the out_dir these files are in: one run at a time (a lock), never a new run over
+an earlier one unasked, and its log.jsonl, kept in memory until the run's first save.
 """
 
 import atexit
