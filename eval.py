@@ -282,9 +282,8 @@ def main():
     from nanogpt.tokenizer import load_tokenizer
 
     task_list = [t.strip() for t in tasks.split(',') if t.strip()]
-    dev = runtime.pick_device(device)
-    run_dtype = runtime.pick_dtype(dtype, dev)
-    runtime.allow_tf32(dev)
+    # TF32 off: evaluation in float32 is exact float32, on CUDA too
+    dev, run_dtype, ctx = runtime.setup(device, dtype, tf32=False)
 
     # model, and where its vocabulary and data are; a model that cannot read HellaSwag is refused
     # before the items are loaded (from the hub, which may take a while to answer)
@@ -294,15 +293,14 @@ def main():
     if 'hellaswag' in task_list:
         check_gpt2_tokenizer(model.config.vocab_size, meta_path, what)
         rows = load_hellaswag(hellaswag_path, hellaswag_limit)
-    model = runtime.inference_model(model, dev, run_dtype)  # its weights in dtype: no autocast
-    if compile:
-        model = torch.compile(model)  # model.config still reaches the GPT's config
+    # float32 weights run under ctx (autocast): the numerics of training's evaluation, its val loss
+    model = runtime.inference_model(model, dev, run_dtype, compile)
 
     results = {}
     for task in task_list:
         if task == 'hellaswag':
             r = results['hellaswag'] = hellaswag_score(
-                model, rows, dev, None, batch_size, progress=True
+                model, rows, dev, ctx, batch_size, progress=True
             )
             print(
                 f"hellaswag: acc {r['acc']:.4f}, acc_norm {r['acc_norm']:.4f} ({r['items']} items)",
@@ -316,7 +314,8 @@ def main():
                 )
             if not os.path.isfile(path):
                 raise UserError(
-                    f"{path} not found: prepare the dataset, or give --val_path=a val.bin or a text file"
+                    f"{path} not found: prepare the dataset, "
+                    "or give --val_path=a val.bin or a text file"
                 )
             if path.endswith('.bin'):
                 # refuses an empty or odd-length file, which np.memmap cannot map
@@ -338,12 +337,12 @@ def main():
                     f"{path} holds token id {int(data.max())} but the model's vocab_size is "
                     f"{model.config.vocab_size}: the data was prepared for another vocabulary"
                 )
-            r = results['val'] = val_loss(model, data, dev, batch_size=batch_size, progress=True)
+            r = results['val'] = val_loss(model, data, dev, ctx, batch_size, progress=True)
             r['perplexity'] = float(np.exp(r['loss']))
             r['path'] = os.path.abspath(path)
             print(
-                f"val: loss {r['loss']:.4f}, perplexity {r['perplexity']:.3f} ({r['windows']} windows of "
-                f"{model.config.block_size} tokens in {path})",
+                f"val: loss {r['loss']:.4f}, perplexity {r['perplexity']:.3f} "
+                f"({r['windows']} windows of {model.config.block_size} tokens in {path})",
                 flush=True,
             )
 

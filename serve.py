@@ -16,7 +16,6 @@ import sys
 import time
 import uuid
 
-import torch
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -27,7 +26,6 @@ from nanogpt import checkpoints
 from nanogpt import runtime
 from nanogpt.batching import Engine, Row
 from configurator import ANY, NON_NEGATIVE, POSITIVE, OneOf, Range, UserError, check, configure
-from nanogpt.tokenizer import load_tokenizer
 
 # -----------------------------------------------------------------------------
 # 'resume' (from out_dir/ckpt.pt), a gpt2 variant (e.g. 'gpt2-xl') or a local Hugging Face dir
@@ -452,40 +450,18 @@ def build_app(engine, served, encode, decode, block_size, vocab_size):
     return app
 
 
-def load(init_from, out_dir, allow_unsafe_pickle):
-    """The model and its tokenizer, read as sample.py reads them: (model, encode, decode, eot token
-    or None)."""
-    model, source = checkpoints.load_model(init_from, out_dir, allow_unsafe_pickle)
-    meta_path, record = source['meta_path'], source['record']
-    if (
-        model.config.vocab_size < 50257
-        and not record
-        and not (meta_path and os.path.exists(meta_path))
-    ):
-        raise UserError(
-            f"this model has a {model.config.vocab_size}-token vocabulary but its meta.pkl was not "
-            f"found (looked for {meta_path}); prepare that dataset again with its "
-            "data/<name>/prepare.py"
-        )
-    encode, decode = load_tokenizer(meta_path, record, model.config.vocab_size)
-    # GPT-2's vocabulary ends documents with <|endoftext|>: a completion stops there, as OpenAI's do
-    eot = (
-        50256
-        if model.config.vocab_size >= 50257 and (not record or record['tokenizer'] == 'gpt2')
-        else None
-    )
-    return model, encode, decode, eot
-
-
 def main(config):
     check_settings(config)
-    dev = runtime.pick_device(device)
-    runtime.allow_tf32(dev)
-    model, encode, decode, eot = load(init_from, out_dir, allow_unsafe_pickle)
-    # its weights in dtype, as sample.py
-    model = runtime.inference_model(model, dev, runtime.pick_dtype(dtype, dev))
-    if compile:  # the forward that reads prompts and decodes every step
-        model.forward = torch.compile(model.forward, dynamic=True)
+    dev, run_dtype, _ = runtime.setup(device, dtype)
+    model, encode, decode, source = checkpoints.load_model_and_tokenizer(
+        init_from, out_dir, allow_unsafe_pickle
+    )
+    # GPT-2's vocabulary ends documents with <|endoftext|>: a completion stops there, as OpenAI's do
+    record = source['record']
+    gpt2 = model.config.vocab_size >= 50257 and (not record or record['tokenizer'] == 'gpt2')
+    eot = 50256 if gpt2 else None
+    # its weights in dtype, as sample.py's: no autocast, logits upcast to float32 for sampling
+    model = runtime.inference_model(model, dev, run_dtype, compile, cast=True)
     served = model_name or (
         os.path.basename(os.path.abspath(out_dir)) if init_from == 'resume' else init_from
     )

@@ -4,9 +4,9 @@ keys): writing it atomically, reading it safely (weights_only, memory-mapped) an
 anything is built from it, the compatibility patch for older files and nanoGPT's (their GELU), and
 gathering a sharded (FSDP) model's and optimizer's state into the full tensors a file holds,
 sharding it again on resume. A Hugging Face directory: checked before transformers reads it. And
-building the model that sample.py and eval.py run from either. And the out_dir these files are in:
-one run at a time (a lock), never a new run over an earlier one unasked, and its log.jsonl, kept in
-memory until the run's first save.
+building the model that sample.py and eval.py run from either (with its tokenizer for sample.py
+and serve.py). And the out_dir these files are in: one run at a time (a lock), never a new run over
+an earlier one unasked, and its log.jsonl, kept in memory until the run's first save.
 """
 
 import atexit
@@ -24,6 +24,7 @@ import torch.distributed as dist
 
 from nanogpt import lora
 from nanogpt import runtime
+from nanogpt.tokenizer import load_tokenizer
 from configurator import ROOT, UserError
 from model import GPT, GPTConfig
 
@@ -464,6 +465,21 @@ def load_model(init_from, out_dir, allow_unsafe_pickle=False):
         meta_path=meta_path,
         record=checkpoint.get('tokenizer'),
     )
+
+
+def load_model_and_tokenizer(init_from, out_dir, allow_unsafe_pickle=False):
+    """load_model's model and the tokenizer its text is read with, as sample.py and serve.py run
+    them: (model, encode, decode, source). A character-level model whose meta.pkl is gone is
+    refused: GPT-2's tokenizer would read its text wrong."""
+    model, source = load_model(init_from, out_dir, allow_unsafe_pickle)
+    meta_path, record, vocab_size = source['meta_path'], source['record'], model.config.vocab_size
+    if vocab_size < 50257 and not record and not (meta_path and os.path.exists(meta_path)):
+        raise UserError(
+            f"this model has a {vocab_size}-token vocabulary but its meta.pkl was not found "
+            f"(looked for {meta_path}); prepare that dataset again with its data/<name>/prepare.py"
+        )
+    encode, decode = load_tokenizer(meta_path, record, vocab_size)
+    return model, encode, decode, source
 
 
 def parameter_names(model, optimizer):

@@ -5,9 +5,11 @@ flops, torchrun's process group and its collective helpers, applying activation 
 torch.compile, FSDP2 or DDP to a model from outside it, the random number generators' state, and the
 line that says what produced a run's numbers.
 
-    device = pick_device(device)              # 'auto' -> cuda, else mps, else cpu
-    dtype = pick_dtype(dtype, device)         # 'auto' -> bfloat16 / float16 on CUDA, float32 elsewhere
-    ctx = autocast_context(device, dtype)     # `with ctx:` around forward passes
+    device = pick_device(device)           # 'auto' -> cuda, else mps, else cpu
+    dtype = pick_dtype(dtype, device)      # 'auto' -> bfloat16 / float16 on CUDA, float32 elsewhere
+    ctx = autocast_context(device, dtype)  # `with ctx:` around forward passes
+    device, dtype, ctx = setup(device, dtype, seed)  # the three above, TF32 and the seeds at once
+    model = inference_model(model, device, dtype, compile)  # for eval.py; cast=True to generate
 """
 
 import atexit
@@ -51,7 +53,8 @@ def pick_device(device='auto'):
     kind = device_type(device)
     if kind == 'cuda' and not torch.cuda.is_available():
         raise UserError(
-            f"device '{device}' requested but no CUDA GPU is available here; use --device=cpu (or auto)"
+            f"device '{device}' requested but no CUDA GPU is available here; "
+            "use --device=cpu (or auto)"
         )
     if kind == 'mps' and not torch.backends.mps.is_available():
         raise UserError(
@@ -118,13 +121,36 @@ def autocast_context(device, dtype):
     return torch.autocast(device_type=device_type(device), dtype=DTYPES[dtype])
 
 
-def inference_model(model, device, dtype):
-    """model in eval mode on device with its weights in dtype, for sampling and evaluation without
-    autocast. Under autocast, compiled decoding would convert every weight to dtype at every token:
-    eager autocast caches its casts, a compiled graph cannot. Converted once, LayerNorms and the
-    residual stream run in
-    dtype too (the logits are upcast for sampling and the loss); training keeps float32 weights."""
-    return model.eval().to(device=device, dtype=DTYPES[dtype])
+def setup(device='auto', dtype='auto', seed=None, tf32=True):
+    """What every script does first (nanochat's compute_init): the device and dtype resolved and
+    checked, TF32 allowed for CUDA's float32 matmuls or not (tf32=False: float32 is float32), every
+    random generator seeded (seed None: left as they are), and the autocast context that forward
+    passes run in. Returns (device, dtype, ctx)."""
+    device = pick_device(device)
+    dtype = pick_dtype(dtype, device)
+    allow_tf32(device, tf32)
+    if seed is not None:
+        seed_everything(seed)
+    return device, dtype, autocast_context(device, dtype)
+
+
+def inference_model(model, device, dtype, compile=False, cast=False):
+    """model in eval mode on device, ready for evaluation (cast=False) or generation (cast=True).
+    Evaluation keeps the float32 weights, to be run under autocast_context(device, dtype): what
+    training's evaluation computes, and nanoGPT's (matmuls in dtype; LayerNorms, the residual
+    stream, softmax and the loss in float32), so eval.py gives the training log's val loss.
+    Generation converts the weights to dtype once and runs without autocast, so LayerNorms and the
+    residual stream run in dtype too, and the logits are upcast to float32 for sampling: faster to
+    decode compiled, as eager autocast caches its weight casts but a compiled graph cannot, and
+    under autocast would convert every weight at every token.
+    compile (None: on CUDA only): torch.compile the forward pass, which generate() calls too, so the
+    model stays a GPT (its config, generate, state_dict keys); with dynamic shapes, as decoding's
+    rows and cache positions change from step to step and evaluation's lengths from batch to batch.
+    """
+    model = model.eval().to(device=device, dtype=DTYPES[dtype] if cast else torch.float32)
+    if pick_compile(compile, device):
+        model.forward = torch.compile(model.forward, dynamic=True)
+    return model
 
 
 def allow_tf32(device, allowed=True):
@@ -541,6 +567,6 @@ def print_environment(device, dtype):
     """One line saying what produced this run's numbers: versions, device, dtype, code version."""
     name = torch.cuda.get_device_name(device) if device_type(device) == 'cuda' else device
     print(
-        f"python {sys.version.split()[0]}, torch {torch.__version__}, device {name}, dtype {dtype}, "
-        f"threads {torch.get_num_threads()}, commit {git_commit() or 'unknown'}"
+        f"python {sys.version.split()[0]}, torch {torch.__version__}, device {name}, "
+        f"dtype {dtype}, threads {torch.get_num_threads()}, commit {git_commit() or 'unknown'}"
     )

@@ -4,6 +4,7 @@ need a CUDA GPU
 and are skipped without one (see conftest.py); run them on a GPU machine with `python -m pytest -q
 -m gpu`."""
 
+import json
 import math
 import os
 import re
@@ -16,6 +17,8 @@ import torch
 from nanogpt import checkpoints
 from nanogpt import runtime
 from conftest import ROOT, error_line, hermetic_env, read_log
+from test_eval import eval_equals_training_log
+from test_eval import run as run_eval
 from configurator import UserError
 from model import GPT, GPTConfig
 from nanogpt.runtime import device_peak_flops, matmul_flops, table_peak_flops
@@ -94,7 +97,7 @@ def test_compiled_decoding_in_bfloat16_converts_no_weights():
     model = GPT(
         GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=64, vocab_size=65, dropout=0.0)
     )
-    model = runtime.inference_model(model, 'cpu', 'bfloat16')
+    model = runtime.inference_model(model, 'cpu', 'bfloat16', cast=True)
     assert all(p.dtype == torch.bfloat16 for p in model.parameters()) and not model.training
     prompt = torch.randint(65, (2, 5))
     expected = model.generate(prompt, 12, temperature=0)
@@ -328,11 +331,38 @@ def test_device_index_selects_the_current_gpu():
     n = torch.cuda.device_count()
     with pytest.raises(UserError, match=f"this machine has {n} GPU"):
         runtime.pick_device(f'cuda:{n}')
-    code = f"import torch; from nanogpt import runtime; runtime.pick_device('cuda:{n - 1}'); print(torch.cuda.current_device())"
+    code = (
+        f"import torch; from nanogpt import runtime; runtime.pick_device('cuda:{n - 1}'); "
+        "print(torch.cuda.current_device())"
+    )
     result = subprocess.run(
         [sys.executable, '-c', code], cwd=ROOT, capture_output=True, text=True, env=hermetic_env()
     )
     assert result.stdout.strip() == str(n - 1), result.stderr
+
+
+@pytest.mark.gpu
+def test_eval_gives_the_training_logs_val_loss_on_the_gpu(train, tmp_path, shakespeare_char):
+    # eval.py runs the float32 weights under autocast, as training's evaluation does
+    dtype = 'bfloat16' if torch.cuda.is_bf16_supported(including_emulation=False) else 'float16'
+    logged, evaluated = eval_equals_training_log(train, tmp_path, shakespeare_char, 'cuda', dtype)
+    assert evaluated == pytest.approx(logged, rel=1e-5)
+    # compiled (its forward, dynamic shapes) under autocast: fused kernels round a little otherwise
+    out = tmp_path / 'out'
+    run_eval(f'--out_dir={out}', '--device=cuda', f'--dtype={dtype}', '--compile=True')
+    compiled = json.load(open(out / 'eval.json'))['results']['val']['loss']
+    assert compiled == pytest.approx(logged, rel=2e-3)
+    # and its float32 is float32 (TF32 off): the CPU's loss, to float rounding
+    losses = {}
+    for device in ('cpu', 'cuda'):
+        run_eval(
+            f'--out_dir={out}',
+            f'--device={device}',
+            '--dtype=float32',
+            f'--out_json={tmp_path / device}.json',
+        )
+        losses[device] = json.load(open(f'{tmp_path / device}.json'))['results']['val']['loss']
+    assert losses['cuda'] == pytest.approx(losses['cpu'], rel=1e-5)
 
 
 @pytest.mark.gpu
