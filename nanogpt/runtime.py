@@ -6,7 +6,7 @@ torch.compile, FSDP2 or DDP to a model from outside it, the random number genera
 line that says what produced a run's numbers.
 
     device = pick_device(device)              # 'auto' -> cuda, else mps, else cpu
-    dtype = pick_dtype(dtype, device)         # 'auto' -> bfloat16 / float16 on CUDA, float32 elsewhere
+    dtype = pick_dtype(dtype, device)         # 'auto' -> bfloat16/float16 on CUDA, else float32
     ctx = autocast_context(device, dtype)     # `with ctx:` around forward passes
 """
 
@@ -51,7 +51,8 @@ def pick_device(device='auto'):
     kind = device_type(device)
     if kind == 'cuda' and not torch.cuda.is_available():
         raise UserError(
-            f"device '{device}' requested but no CUDA GPU is available here; use --device=cpu (or auto)"
+            f"device '{device}' requested but no CUDA GPU is available here; "
+            "use --device=cpu (or auto)"
         )
     if kind == 'mps' and not torch.backends.mps.is_available():
         raise UserError(
@@ -288,8 +289,8 @@ def exit_run():
     """End a run whose work is done and saved. A torchrun worker waits for every rank, destroys the
     process group and exits at once: with gloo (torch 2.13) a worker sometimes aborts in the
     interpreter's or C++'s teardown ("terminate called without an active exception", SIGABRT) after
-    everything was saved, and
-    torchrun then reports the finished job as failed, or restarts it. A single process only skips the
+    everything was saved, and torchrun then reports the finished job as failed, or restarts it. A
+    single process only skips the
     slowest part of Python's shutdown: its garbage collector walks every object torch._dynamo
     created (each torch.optim optimizer imports it; measured in docs/optimizers.md); frozen objects
     are skipped,
@@ -456,9 +457,12 @@ def parallelize(
     model.to(device)
     model = train_model = compiler(model) if compiler else model
     if distributed:
+        # the gradients are views into DDP's all-reduce buckets, not a second copy of them beside
+        # the buckets (4 bytes per parameter); they stay views only if zero_grad keeps them
         train_model = DDP(
             model,
             device_ids=[torch.device(device).index] if device_type(device) == 'cuda' else None,
+            gradient_as_bucket_view=True,
         )
     return model, train_model
 
@@ -475,6 +479,15 @@ def set_gradient_sync(train_model, last_micro_step, fsdp_every_micro_step=True):
         module.require_backward_grad_sync = last_micro_step
     elif sharded(module):
         module.set_requires_gradient_sync(last_micro_step or fsdp_every_micro_step)
+
+
+def zero_grad(optimizer, train_model):
+    """Reset the gradients after an optimizer step: freed (set to None), except under DDP, where
+    they are views into its all-reduce buckets (gradient_as_bucket_view) and are zeroed in place:
+    set to None, the next backward without gradient sync (gradient accumulation) would allocate a
+    second copy of them beside the buckets."""
+    module = getattr(train_model, '_orig_mod', train_model)  # under torch.compile
+    optimizer.zero_grad(set_to_none=not isinstance(module, DDP))
 
 
 def sharded(module):
@@ -541,6 +554,6 @@ def print_environment(device, dtype):
     """One line saying what produced this run's numbers: versions, device, dtype, code version."""
     name = torch.cuda.get_device_name(device) if device_type(device) == 'cuda' else device
     print(
-        f"python {sys.version.split()[0]}, torch {torch.__version__}, device {name}, dtype {dtype}, "
-        f"threads {torch.get_num_threads()}, commit {git_commit() or 'unknown'}"
+        f"python {sys.version.split()[0]}, torch {torch.__version__}, device {name}, "
+        f"dtype {dtype}, threads {torch.get_num_threads()}, commit {git_commit() or 'unknown'}"
     )
