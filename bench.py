@@ -306,9 +306,44 @@ if mode == 'memory':
         peaks[checkpointing] = peak_memory(lambda: forward_backward(net))
     if rank == 0:
         print(
-            f"peak memory of forward+backward, batch {batch_size} x {block_size}: without activation checkpointing "
-            f"{peaks[False] / mib:.2f} MiB, with {peaks[True] / mib:.2f} MiB ({peaks[True] / peaks[False]:.2f}x)"
+            f"peak memory of forward+backward, batch {batch_size} x {block_size}: without "
+            f"activation checkpointing {peaks[False] / mib:.2f} MiB, with {peaks[True] / mib:.2f} "
+            f"MiB ({peaks[True] / peaks[False]:.2f}x)"
         )
+    # what bfloat16 autocast holds beside the training state, against docs/scale.md's arithmetic
+    # (measured with saved-tensor hooks and the profiler at several small sizes): a bfloat16 copy of
+    # every matmul weight (2 bytes each), and per token 36 bytes per unit of n_embd in each Block
+    # (3.6 with activation checkpointing: the Block's float32 input), 10 per vocabulary entry (the
+    # logits, their float32 log-softmax and its gradient) and 17 per unit of n_embd outside the
+    # Blocks. The peak of an eager forward+backward once the gradients exist (a step after the
+    # first under DDP, whose buckets hold them, or a micro-step after the first)
+    if rank == 0 and runtime.bfloat16_native(device):
+        half = runtime.autocast_context(device, 'bfloat16')
+        matmul_weights = n_layer * 12 * n_embd**2 + vocab_size * n_embd
+        tokens = batch_size * block_size
+        for checkpointing, per_block in ((False, 36), (True, 3.6)):
+            net = GPT(gptconf).to(device)
+            runtime.parallelize(
+                net, device, 'bfloat16', False, activation_checkpointing=checkpointing
+            )
+
+            def half_step():
+                X, Y = get_batch()
+                with half:
+                    _, loss = net(X, Y)  # the logits stay alive through backward, as in train.py
+                loss.backward()
+
+            half_step()
+            held = peak_memory(half_step)
+            paper = 2 * matmul_weights + tokens * (
+                per_block * n_layer * n_embd + 10 * vocab_size + 17 * n_embd
+            )
+            print(
+                f"bfloat16 autocast, batch {batch_size} x {block_size}, activation checkpointing "
+                f"{checkpointing}: peak of forward+backward {held / mib:.2f} MiB, arithmetic "
+                f"{paper / mib:.2f} MiB ({held / paper:.3f}x), of which weight copies "
+                f"{2 * matmul_weights / mib:.2f} MiB"
+            )
     # FSDP with gradient accumulation: reduce-scatter after every micro-step, or only the last
     if distributed:
         held = {}
@@ -325,9 +360,9 @@ if mode == 'memory':
             del net
         for r in range(world_size if rank == 0 else 0):
             print(
-                f"FSDP rank {r} of {world_size}, memory held between {accumulation} micro-steps: reduce-scatter after "
-                f"every micro-step {held[True][r] / mib:.2f} MiB, only after the last {held[False][r] / mib:.2f} MiB "
-                f"({held[False][r] / held[True][r]:.2f}x)"
+                f"FSDP rank {r} of {world_size}, memory held between {accumulation} micro-steps: "
+                f"reduce-scatter after every micro-step {held[True][r] / mib:.2f} MiB, only after "
+                f"the last {held[False][r] / mib:.2f} MiB ({held[False][r] / held[True][r]:.2f}x)"
             )
     # finetuning in one process: all weights, the top Blocks only, or LoRA adapters (train.py's
     # settings)
@@ -354,15 +389,16 @@ if mode == 'memory':
         expected, trainable, total = arithmetic(net)
         if rank == 0:
             print(
-                f"finetuning, {how}: {trainable:,} of {total:,} parameters trainable ({100 * trainable / total:.2f}%); "
+                f"finetuning, {how}: {trainable:,} of {total:,} parameters trainable "
+                f"({100 * trainable / total:.2f}%); "
                 + ", ".join(f"{k} {v / mib:.2f} MiB" for k, v in size.items())
                 + f", total "
                 f"{sum(size.values()) / mib:.2f} MiB (arithmetic: {expected / mib:.2f} MiB)"
             )
     if rank == 0:
         print(
-            f"the same arithmetic for GPT-2's shapes (meta tensors), GiB per process; freeze_layers: the lowest 3/4 "
-            f"of the Blocks; LoRA rank {lora_rank}:"
+            f"the same arithmetic for GPT-2's shapes (meta tensors), GiB per process; "
+            f"freeze_layers: the lowest 3/4 of the Blocks; LoRA rank {lora_rank}:"
         )
         for name, (layers, width) in dict(
             gpt2=(12, 768), gpt2_medium=(24, 1024), gpt2_large=(36, 1280), gpt2_xl=(48, 1600)
