@@ -422,7 +422,7 @@ def test_ddp_gradients_are_its_buckets_on_the_gpu(tmp_path):
     # DDP's buckets (with the gradients freed after each step they would, every iteration)
     from test_train_ddp import assert_gradients_are_buckets
 
-    allocated = assert_gradients_are_buckets('cuda', 'nccl', tmp_path)
+    allocated = assert_gradients_are_buckets('cuda:0', 'nccl', tmp_path)
     config = GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=65)
     gradients = 4 * sum(p.numel() for p in GPT(config).parameters())
     assert max(allocated) - min(allocated) < gradients / 2, allocated
