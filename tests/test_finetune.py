@@ -229,11 +229,18 @@ def assert_merged_by_peft(ckpt):
     )
     layers = {name: m for name, m in adapted.named_modules() if hasattr(m, 'base_layer')}
     assert len(layers) == len(ckpt['lora']['base']) > 0
+    scaling = ckpt['lora']['alpha'] / ckpt['lora']['rank']
     for name, layer in layers.items():
+        # and W + B A * scaling computed in float64, within float32's rounding of the products,
+        # their sum and W: an exact float32 merge, not one in a lower precision
+        w = layer.base_layer.weight.detach().double()
+        a, b = (getattr(layer, f'lora_{x}')[lora.ADAPTER].weight.detach().double() for x in 'AB')
+        bound = 8 * torch.finfo(torch.float32).eps * (w.abs() + scaling * b.abs() @ a.abs())
         layer.merge()
         merged = ckpt['model'][f'{name}.weight']
         assert merged.device.type == 'cpu', name
         assert torch.equal(layer.base_layer.weight, merged), name
+        assert ((merged.double() - (w + scaling * b @ a)).abs() <= bound).all(), name
 
 
 def test_lora_float16_stopped_by_sigterm_resumes_exactly(
