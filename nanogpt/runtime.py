@@ -434,12 +434,15 @@ def parallelize(
         )
         rest = MixedPrecisionPolicy(reduce_dtype=torch.float32)
         full = model.state_dict() if dist.get_rank() == 0 else {}  # CPU tensors
+        if compiler:
+            # Dynamo does not trace FSDP's hooks, and a graph break in the root's loop over the
+            # Blocks would make it skip the root's forward, and with activation checkpointing
+            # everything: so compile what runs inside the hooks, and of the root the lm_head and
+            # the loss (eager, the logits' float32 copy and log-softmax would be held apart); the
+            # embeddings, LayerNorms and residual adds run eager
+            model.logits_and_loss = compiler(model.logits_and_loss)
         for block in model.transformer.h:
             if compiler:
-                # Dynamo does not trace FSDP's hooks, and a graph break in the root's loop over the
-                # Blocks would make it skip the root's forward, and with activation checkpointing
-                # everything: so compile what runs inside the hooks, and leave the root (embeddings,
-                # lm_head, loss) eager
                 block.attn.forward, block.mlp.forward = (
                     compiler(block.attn.forward),
                     compiler(block.mlp.forward),
