@@ -306,6 +306,40 @@ if mode == 'memory':
             f"without activation checkpointing {peaks[False] / mib:.2f} MiB, "
             f"with {peaks[True] / mib:.2f} MiB ({peaks[True] / peaks[False]:.2f}x)"
         )
+    # what bfloat16 autocast holds beside the training state, against docs/scale.md's arithmetic
+    # (measured with saved-tensor hooks and the profiler at several small sizes): a bfloat16 copy of
+    # every matmul weight (2 bytes each), and per token 36 bytes per unit of n_embd in each Block
+    # (3.6 with activation checkpointing: the Block's float32 input), 10 per vocabulary entry (the
+    # logits, their float32 log-softmax and its gradient) and 17 per unit of n_embd outside the
+    # Blocks. The peak of an eager forward+backward once the gradients exist (a step after the
+    # first under DDP, whose buckets hold them, or a micro-step after the first)
+    if rank == 0 and runtime.bfloat16_native(device):
+        half = runtime.autocast_context(device, 'bfloat16')
+        matmul_weights = n_layer * 12 * n_embd**2 + vocab_size * n_embd
+        tokens = batch_size * block_size
+        for checkpointing, per_block in ((False, 36), (True, 3.6)):
+            net = GPT(gptconf).to(device)
+            runtime.parallelize(
+                net, device, 'bfloat16', False, activation_checkpointing=checkpointing
+            )
+
+            def half_step():
+                X, Y = get_batch()
+                with half:
+                    _, loss = net(X, Y)  # the logits stay alive through backward, as in train.py
+                loss.backward()
+
+            half_step()
+            held = peak_memory(half_step)
+            paper = 2 * matmul_weights + tokens * (
+                per_block * n_layer * n_embd + 10 * vocab_size + 17 * n_embd
+            )
+            print(
+                f"bfloat16 autocast, batch {batch_size} x {block_size}, activation checkpointing "
+                f"{checkpointing}: peak of forward+backward {held / mib:.2f} MiB, arithmetic "
+                f"{paper / mib:.2f} MiB ({held / paper:.3f}x), of which weight copies "
+                f"{2 * matmul_weights / mib:.2f} MiB"
+            )
     # FSDP with gradient accumulation: reduce-scatter after every micro-step, or only the last
     if distributed:
         held = {}

@@ -203,17 +203,24 @@ class GPT(nn.Module):
 
         if targets is not None:
             # if we are given some desired targets also calculate the loss
-            logits = self.lm_head(x)
-            # in float32 also for a model run in bfloat16 (runtime.inference_model); autocast does
-            # so itself
-            loss = F.cross_entropy(
-                logits.float().view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1
-            )
+            logits, loss = self.logits_and_loss(x, targets)
         else:
             # inference-time mini-optimization: only forward the lm_head on the very last position
             logits = self.lm_head(x[:, [-1], :])  # note: using list [-1] to preserve the time dim
             loss = None
 
+        return logits, loss
+
+    def logits_and_loss(self, x, targets):
+        """x (B, T, n_embd) from ln_f -> logits (B, T, vocab_size) and their mean cross-entropy
+        against targets (B, T). A method of its own so that runtime.parallelize can compile it
+        where it cannot compile forward (under FSDP)."""
+        logits = self.lm_head(x)
+        # in float32 also for a model run in bfloat16 (runtime.inference_model); autocast does so
+        # itself
+        loss = F.cross_entropy(
+            logits.float().view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1
+        )
         return logits, loss
 
     def load_state_dict(self, state_dict, strict=True, assign=False):

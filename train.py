@@ -666,8 +666,8 @@ while True:
     # step the optimizer and scaler if training in fp16 (it skips steps whose gradients overflowed)
     scaler.step(opt)
     scaler.update()
-    # flush the gradients as soon as we can, no need for this memory anymore
-    opt.zero_grad(set_to_none=True)
+    # reset the gradients: freed, or under DDP zeroed in its buckets (runtime.zero_grad)
+    runtime.zero_grad(opt, train_model)
     # the iteration's one host sync, once its whole step is queued. To log another number, add it
     # here as a 0-dim tensor on the device: it is averaged over the ranks and logged under its name
     # (docs/code.md). 'stop' is whether any rank was asked to stop, so that all of them stop at the

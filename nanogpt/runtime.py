@@ -314,8 +314,8 @@ def exit_run():
     """End a run whose work is done and saved. A torchrun worker waits for every rank, destroys the
     process group and exits at once: with gloo (torch 2.13) a worker sometimes aborts in the
     interpreter's or C++'s teardown ("terminate called without an active exception", SIGABRT) after
-    everything was saved, and
-    torchrun then reports the finished job as failed, or restarts it. A single process only skips the
+    everything was saved, and torchrun then reports the finished job as failed, or restarts it. A
+    single process only skips the
     slowest part of Python's shutdown: its garbage collector walks every object torch._dynamo
     created (each torch.optim optimizer imports it; measured in docs/optimizers.md); frozen objects
     are skipped,
@@ -459,12 +459,15 @@ def parallelize(
         )
         rest = MixedPrecisionPolicy(reduce_dtype=torch.float32)
         full = model.state_dict() if dist.get_rank() == 0 else {}  # CPU tensors
+        if compiler:
+            # Dynamo does not trace FSDP's hooks, and a graph break in the root's loop over the
+            # Blocks would make it skip the root's forward, and with activation checkpointing
+            # everything: so compile what runs inside the hooks, and of the root the lm_head and
+            # the loss (eager, the logits' float32 copy and log-softmax would be held apart); the
+            # embeddings, LayerNorms and residual adds run eager
+            model.logits_and_loss = compiler(model.logits_and_loss)
         for block in model.transformer.h:
             if compiler:
-                # Dynamo does not trace FSDP's hooks, and a graph break in the root's loop over the
-                # Blocks would make it skip the root's forward, and with activation checkpointing
-                # everything: so compile what runs inside the hooks, and leave the root (embeddings,
-                # lm_head, loss) eager
                 block.attn.forward, block.mlp.forward = (
                     compiler(block.attn.forward),
                     compiler(block.mlp.forward),
@@ -482,9 +485,12 @@ def parallelize(
     model.to(device)
     model = train_model = compiler(model) if compiler else model
     if distributed:
+        # the gradients are views into DDP's all-reduce buckets, not a second copy of them beside
+        # the buckets (4 bytes per parameter); they stay views only if zero_grad keeps them
         train_model = DDP(
             model,
             device_ids=[torch.device(device).index] if device_type(device) == 'cuda' else None,
+            gradient_as_bucket_view=True,
         )
     return model, train_model
 
@@ -501,6 +507,15 @@ def set_gradient_sync(train_model, last_micro_step, fsdp_every_micro_step=True):
         module.require_backward_grad_sync = last_micro_step
     elif sharded(module):
         module.set_requires_gradient_sync(last_micro_step or fsdp_every_micro_step)
+
+
+def zero_grad(optimizer, train_model):
+    """Reset the gradients after an optimizer step: freed (set to None), except under DDP, where
+    they are views into its all-reduce buckets (gradient_as_bucket_view) and are zeroed in place:
+    set to None, the next backward without gradient sync (gradient accumulation) would allocate a
+    second copy of them beside the buckets."""
+    module = getattr(train_model, '_orig_mod', train_model)  # under torch.compile
+    optimizer.zero_grad(set_to_none=not isinstance(module, DDP))
 
 
 def sharded(module):
