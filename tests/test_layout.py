@@ -1,6 +1,7 @@
 """The repository's layout: imports point one way (scripts on top, the model at the bottom), with no
 cycle and none hidden inside a function; model.py imports nothing of ours at import time (only its
-delegates do, when called: Muon's optimizer, and nanoGPT's GPT.from_pretrained and GPT.generate); the core files stay nanoGPT's size."""
+delegates do, when called: Muon's optimizer, and nanoGPT's GPT.from_pretrained and GPT.generate);
+the core files stay nanoGPT's size."""
 
 import ast
 import glob
