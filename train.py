@@ -48,7 +48,7 @@ from configurator import (
     check,
     configure,
 )
-from eval import check_gpt2_tokenizer, hellaswag_score, load_hellaswag
+from nanogpt.hellaswag import check_gpt2_tokenizer, hellaswag_score, load_hellaswag
 from model import GPT, GPTConfig
 
 # -----------------------------------------------------------------------------
