@@ -374,9 +374,8 @@ def estimate_loss():
         for k in range(eval_iters):
             # a stop signal (on any rank: they stop together, FSDP's forward needs them all) ends it
             # within a batch
-            if runtime.mean_over_ranks(dict(stop=torch.tensor(float(stop.name is not None))))[
-                'stop'
-            ]:
+            asked = runtime.mean_over_ranks(dict(stop=torch.tensor(float(stop.name is not None))))
+            if asked['stop']:
                 bar.close()
                 return None
             # (B, T) each
@@ -456,17 +455,9 @@ if master_process:
     log = outdir.RunLog(os.path.join(out_dir, 'log.jsonl'), iter_num, wandb_run)
     print(f"tokens per iteration will be: {tokens_per_iter:,}")
 stop = runtime.StopSignals()
-# on a CPU an evaluation can take minutes: say so before the first one, from the time of one row
-# of a batch (a whole one can take longer than this note is worth)
+# on a CPU an evaluation can take minutes: say so before the first one, timed on one row of a batch
 if device_type == 'cpu' and not compile:
-    x = torch.zeros((1, block_size), dtype=torch.long)
-    with torch.no_grad(), ctx:
-        model.eval()
-        model(x, x)  # the first pass allocates; the second is timed
-        t0 = time.time()
-        model(x, x)
-        eval_s = 2 * eval_iters * batch_size * (time.time() - t0)
-        model.train()
+    eval_s = 2 * eval_iters * batch_size * runtime.forward_seconds(model, block_size, ctx)
     if eval_s > 60 and master_process:
         print(
             f"note: each evaluation will take about {outdir.duration(eval_s)} on this CPU "
@@ -482,14 +473,9 @@ if rng_states and len(rng_states) == world_size:
     runtime.set_rng_state(rng_states[rank])
 # this rank's micro-batches of each global batch
 my_rows = slice(rank * accum_steps, (rank + 1) * accum_steps)
+batch_shape, n_windows = (gradient_accumulation_steps, batch_size), n_tokens['train'] - block_size
 batches = dataloader.train_batches(
-    data_dir,
-    n_tokens['train'] - block_size,
-    sampler,
-    (gradient_accumulation_steps, batch_size),
-    my_rows,
-    block_size,
-    device,
+    data_dir, n_windows, sampler, batch_shape, my_rows, block_size, device
 )
 X, Y = next(batches)  # fetch the very first batch
 t_start = t0 = time.time()
@@ -518,20 +504,11 @@ while True:
             )
         if master_process:
             # a new metric is one more entry here: printed, in log.jsonl and in wandb
-            scores = dict(
-                train_loss=losses['train'],
-                val_loss=losses['val'],
-                **{f'hellaswag_{k}': v for k, v in hellaswag.items()},
-            )
-            log(
-                dict(iter=iter_num, **scores, lr=lr, tokens=iter_num * tokens_per_iter),
-                f"step {iter_num}: "
-                + ", ".join(
-                    f"{k.replace('_', ' ')} {v:.4f}"
-                    for k, v in scores.items()
-                    if isinstance(v, float)
-                ),
-            )
+            scores = dict(train_loss=losses['train'], val_loss=losses['val'])
+            scores.update({f'hellaswag_{k}': v for k, v in hellaswag.items()})
+            text = [f"{k.replace('_', ' ')} {v:.4f}" for k, v in scores.items() if type(v) is float]
+            row = dict(iter=iter_num, **scores, lr=lr, tokens=iter_num * tokens_per_iter)
+            log(row, f"step {iter_num}: {', '.join(text)}")
         evaluated, improved = True, losses['val'] < best_val_loss
         best_val_loss = min(best_val_loss, losses['val'])
         evals_since_best = 0 if improved else evals_since_best + 1
@@ -576,13 +553,8 @@ while True:
     # the iteration's one host sync, once its whole step is queued. To log another number, add it
     # here as a 0-dim tensor on the device: it is averaged over the ranks and logged under its name.
     # 'stop' is whether any rank was asked to stop, so that all of them stop at the same iteration
-    stats = runtime.mean_over_ranks(
-        dict(
-            loss=loss_sum,
-            grad_norm=grad_norm,
-            stop=torch.full_like(loss_sum, stop.name is not None),
-        )
-    )
+    stop_flag = torch.full_like(loss_sum, stop.name is not None)
+    stats = runtime.mean_over_ranks(dict(loss=loss_sum, grad_norm=grad_norm, stop=stop_flag))
     stopped = stats.pop('stop') > 0
     # checked before anything can be saved: checkpoints are written below
     if not math.isfinite(stats['loss']):
@@ -602,7 +574,7 @@ while True:
             mfu = raw_model.estimate_mfu(batch_size * accum_steps, dt, peak_flops)
             running_mfu = mfu if running_mfu == -1.0 else 0.9 * running_mfu + 0.1 * mfu
         # None for data_order='random'
-        epoch = sampler.epoch(sampler.state_to_save, n_tokens['train'] - block_size)
+        epoch = sampler.epoch(sampler.state_to_save, n_windows)
         row = dict(
             iter=iter_num,
             **stats,

@@ -285,6 +285,22 @@ def init_distributed(device, timeout=600):
     return True, rank, local_rank, world_size, device
 
 
+@torch.no_grad()
+def forward_seconds(model, block_size, ctx):
+    """Seconds a forward pass with the loss takes for one row of block_size tokens, in eval mode,
+    timed after a first pass (which allocates); it draws nothing from the random streams."""
+    x = torch.zeros((1, block_size), dtype=torch.long, device=next(model.parameters()).device)
+    model.eval()
+    with ctx:
+        model(x, x)
+        synchronize(x.device)
+        t0 = time.perf_counter()
+        model(x, x)
+        synchronize(x.device)
+    model.train()
+    return time.perf_counter() - t0
+
+
 class StopSignals:
     """SIGINT (Ctrl-C) and SIGTERM (preemption), from now on noted instead of acted on at once:
     `name` is the last one received (None until then). A training loop looks at it between batches,
