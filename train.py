@@ -308,8 +308,7 @@ if not 0 <= freeze_layers <= model.config.n_layer:
         f"freeze_layers must be between 0 and n_layer ({model.config.n_layer}), got {freeze_layers}"
     )
 # the settings as this run uses them: a checkpoint's or GPT-2's shape replaces the ones asked for
-config.update({k: getattr(model.config, k) for k in ('n_layer', 'n_head', 'n_embd', 'bias')})
-config.update(block_size=block_size)
+config.update({k: getattr(model.config, k) for k in model_args if k in config})
 if master_process:
     print(f"number of parameters: {model.get_num_params() / 1e6:.2f}M")
     print("config: " + ", ".join(f"{k}={v!r}" for k, v in config.items()))
