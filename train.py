@@ -1,28 +1,11 @@
 """
-This training script can be run both on a single device (CPU, one GPU, Apple MPS) and
-in distributed data parallel (DDP) mode through torchrun.
-
-To run on a single device, example:
+nanoGPT's training loop, on one device (CPU, one GPU, Apple MPS) or on many through torchrun:
 $ python train.py config/train_shakespeare_char_cpu.py
-
-To run with DDP on 4 gpus on 1 node, example:
 $ torchrun --standalone --nproc_per_node=4 train.py config/train_gpt2.py
+Several nodes, NCCL, FSDP (--fsdp=True), restarts after a failure: docs/training.md, docs/scale.md.
 
-To run with DDP on 4 gpus across 2 nodes, example:
-- Run on the first (master) node with example IP 123.456.123.456:
-$ torchrun --nproc_per_node=4 --nnodes=2 --node_rank=0 --master_addr=123.456.123.456 \
-    --master_port=1234 train.py
-- Run on the worker node:
-$ torchrun --nproc_per_node=4 --nnodes=2 --node_rank=1 --master_addr=123.456.123.456 \
-    --master_port=1234 train.py
-(If your cluster does not have Infiniband interconnect prepend NCCL_IB_DISABLE=1)
-
-To shard parameters, gradients and optimizer state over the processes (models too big for DDP), add
---fsdp=True; launched with torchrun --max-restarts=N, a job resumes by itself from its last
-checkpoint after a failure (docs/scale.md).
-
-A run writes out_dir/ckpt.pt (continue it with --init_from=resume) and out_dir/log.jsonl
-(docs/training.md: what it prints, logs and saves, and what a Ctrl-C does).
+A run writes out_dir/ckpt.pt (continue it with --init_from=resume) and out_dir/log.jsonl;
+docs/training.md says what it prints, logs and saves, and what a Ctrl-C does.
 """
 
 import math
