@@ -19,6 +19,7 @@ import gc
 import os
 import random
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -310,16 +311,45 @@ def init_distributed(device, timeout=600):
     return True, rank, local_rank, world_size, device
 
 
+@torch.no_grad()
+def forward_seconds(model, block_size, ctx):
+    """Seconds a forward pass with the loss takes for one row of block_size tokens, in eval mode,
+    timed after a first pass (which allocates); it draws nothing from the random streams."""
+    x = torch.zeros((1, block_size), dtype=torch.long, device=next(model.parameters()).device)
+    model.eval()
+    with ctx:
+        model(x, x)
+        synchronize(x.device)
+        t0 = time.perf_counter()
+        model(x, x)
+        synchronize(x.device)
+    model.train()
+    return time.perf_counter() - t0
+
+
+class StopSignals:
+    """SIGINT (Ctrl-C) and SIGTERM (preemption), from now on noted instead of acted on at once:
+    `name` is the last one received (None until then). A training loop looks at it between batches,
+    so a stop ends the step or evaluation under way cleanly, and the run saves what it has."""
+
+    def __init__(self):
+        self.name = None
+        signal.signal(signal.SIGINT, self.note)
+        signal.signal(signal.SIGTERM, self.note)
+
+    def note(self, signum, frame):
+        self.name = signal.Signals(signum).name
+
+
 def exit_run():
     """End a run whose work is done and saved. A torchrun worker waits for every rank, destroys the
     process group and exits at once: with gloo (torch 2.13) a worker sometimes aborts in the
-    interpreter's or C++'s teardown ("terminate called without an active exception", SIGABRT) after
-    everything was saved, and torchrun then reports the finished job as failed, or restarts it. A
-    single process only skips the
-    slowest part of Python's shutdown: its garbage collector walks every object torch._dynamo
-    created (each torch.optim optimizer imports it; measured in docs/optimizers.md); frozen objects
-    are skipped,
-    while atexit handlers still run and the OS takes the memory back."""
+    interpreter's or C++'s teardown ("terminate called without an active exception", SIGABRT)
+    after everything was saved, and torchrun then reports the finished job as failed, or restarts
+    it. A single process only skips the slowest part of Python's shutdown: its garbage collector
+    walks every object torch._dynamo created (each torch.optim optimizer imports it; measured in
+    docs/optimizers.md); frozen objects are skipped, while atexit handlers still run and the OS
+    takes the memory back."""
     if not (dist.is_available() and dist.is_initialized()):
         gc.freeze()
         return

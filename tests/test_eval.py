@@ -31,6 +31,7 @@ from conftest import (
 sys.path.insert(0, ROOT)
 from nanogpt import checkpoints  # noqa: E402
 from nanogpt import dataloader  # noqa: E402
+from nanogpt import hellaswag  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 
 
@@ -196,11 +197,9 @@ def gpt2_run(tmp_path_factory):
 def test_hellaswag_equals_reference_checkpoint_and_export(gpt2_run):
     g = gpt2_run
     # our scorer item by item == the independent reference on the exported model
-    import eval as evaluation
-
     ours = []
     for row in g['rows']:
-        r = evaluation.hellaswag_score(g['model'], [row], 'cpu')
+        r = hellaswag.hellaswag_score(g['model'], [row], 'cpu')
         ours.append((r['acc'] == 1.0, r['acc_norm'] == 1.0))
     reference = reference_predictions(g['export'], g['rows'])
     assert ours == reference
@@ -231,7 +230,7 @@ def test_hellaswag_equals_reference_checkpoint_and_export(gpt2_run):
         in result.stdout
     )
     exported = GPT.from_pretrained(g['export'])
-    assert evaluation.hellaswag_score(exported, g['rows'], 'cpu', batch_size=4) == pytest.approx(
+    assert hellaswag.hellaswag_score(exported, g['rows'], 'cpu', batch_size=4) == pytest.approx(
         expected, abs=1e-12
     )
     # train.py scored the same checkpoint, sharded over its 2 processes, and logged it
