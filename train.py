@@ -2,10 +2,8 @@
 nanoGPT's training loop, on one device (CPU, one GPU, Apple MPS) or on many through torchrun:
 $ python train.py config/train_shakespeare_char_cpu.py
 $ torchrun --standalone --nproc_per_node=4 train.py config/train_gpt2.py
-Several nodes, NCCL, FSDP (--fsdp=True), restarts after a failure: docs/training.md, docs/scale.md.
-
-A run writes out_dir/ckpt.pt (continue it with --init_from=resume) and out_dir/log.jsonl;
-docs/training.md says what it prints, logs and saves, and what a Ctrl-C does.
+It writes out_dir/ckpt.pt (continue it with --init_from=resume) and out_dir/log.jsonl.
+docs/training.md: what a run prints, logs and saves, a Ctrl-C, several nodes, FSDP; docs/scale.md.
 """
 
 import math
@@ -20,10 +18,10 @@ from nanogpt import checkpoints, dataloader, lora, outdir, runtime, tokenizer
 from configurator import ANY, FRACTION, NON_NEGATIVE, POSITIVE, SEED, OneOf, OutPath, Range
 from configurator import UserError, check, configure
 from nanogpt.hellaswag import check_gpt2_tokenizer, hellaswag_score, load_hellaswag
-from model import GPT, GPTConfig
+from model import GPTConfig
 
 # -----------------------------------------------------------------------------
-# default config values designed to train a gpt2 (124M) on OpenWebText
+# default config values designed to train a gpt2 (124M) on OpenWebText (docs/training.md: each one)
 # I/O
 out_dir = 'out'
 eval_interval = 2000
@@ -31,35 +29,24 @@ log_interval = 1
 eval_iters = 200
 eval_only = False  # if True, script exits right after the first eval
 always_save_checkpoint = True  # if True, always save a checkpoint after each eval
-# stop after this many evals without a new best val loss, keeping the best checkpoint (0 = off)
-early_stop_patience = 0
-# also score HellaSwag at each eval (GPT-2 tokenizer only), sharded over the processes
-eval_hellaswag = False
-# a local HellaSwag .jsonl; '' = Rowan/hellaswag's validation split from the hub
-hellaswag_path = ''
-# 'scratch', 'resume' (out_dir/ckpt.pt), 'gpt2*', a Hugging Face dir, or a run's ckpt.pt/out_dir to
-# start anew from
-init_from = 'scratch'
-# True: a new run may replace the one whose ckpt.pt is in out_dir (at its first save)
-overwrite = False
-# True: a Hugging Face directory may load pytorch_model.bin, a pickle that can run code
-allow_unsafe_pickle = False
-# also save a checkpoint every this many iterations, whatever the eval; 0: only at evals
-checkpoint_interval = 0
+early_stop_patience = 0  # stop after this many evals without a new best val loss; 0 = off
+eval_hellaswag = False  # also score HellaSwag at each eval (GPT-2 tokenizer only)
+hellaswag_path = ''  # a local HellaSwag .jsonl; '' = the hub's validation split
+init_from = 'scratch'  # 'scratch', 'resume', 'gpt2*', a Hugging Face dir, a run's ckpt.pt/out_dir
+overwrite = False  # True: a new run may replace the one in out_dir (at its first save)
+allow_unsafe_pickle = False  # True: a Hugging Face dir may load pytorch_model.bin (a pickle)
+checkpoint_interval = 0  # also save every this many iterations, whatever the eval; 0 = off
 # wandb logging
 wandb_log = False  # disabled by default
 wandb_project = 'owt'
 wandb_run_name = 'gpt2'
 # data
 dataset = 'openwebtext'
-# where train.bin, val.bin and meta.pkl are; '' means data/<dataset> in this repository
-data_dir = ''
-# global count over all processes, to simulate larger batch sizes
-gradient_accumulation_steps = 5 * 8
+data_dir = ''  # the folder of train.bin and val.bin; '' = data/<dataset>
+gradient_accumulation_steps = 5 * 8  # over all processes, to simulate larger batch sizes
 batch_size = 12  # if gradient_accumulation_steps > 1, this is the micro-batch size
 block_size = 1024
-# 'random': windows drawn with replacement (nanoGPT); 'epoch': each window once per epoch
-data_order = 'random'
+data_order = 'random'  # 'random': drawn with replacement (nanoGPT); 'epoch': each window once
 # model
 n_layer = 12
 n_head = 12
@@ -73,10 +60,8 @@ weight_decay = 1e-1
 beta1 = 0.9
 beta2 = 0.95
 grad_clip = 1.0  # clip gradients at this value, or disable if == 0.0
-# 'adamw' (nanoGPT's), or 'muon': Muon for the blocks' weight matrices, AdamW for the rest
-optimizer = 'adamw'
-# Muon's peak lr: its schedule is learning_rate's, times muon_learning_rate / learning_rate
-muon_learning_rate = 0.02
+optimizer = 'adamw'  # 'adamw' (nanoGPT's), or 'muon' (docs/optimizers.md)
+muon_learning_rate = 0.02  # Muon's peak lr (its schedule is learning_rate's, scaled)
 muon_momentum = 0.95  # Muon's (Nesterov) momentum
 muon_weight_decay = 0.0  # Muon's decoupled weight decay, per step lr * muon_weight_decay
 # learning rate decay settings
@@ -86,27 +71,17 @@ lr_decay_iters = 600000  # should be ~= max_iters per Chinchilla
 min_lr = 6e-5  # minimum learning rate, should be ~= learning_rate/10 per Chinchilla
 # system
 device = 'auto'  # 'auto' (cuda, else mps, else cpu), 'cpu', 'cuda', 'cuda:1', 'mps'
-# 'auto' (bfloat16, float16 on GPUs without it, float32 on cpu/mps), 'float32', 'bfloat16',
-# 'float16'
-dtype = 'auto'
+dtype = 'auto'  # 'auto', 'float32', 'bfloat16', 'float16'
 compile = None  # use PyTorch 2.0 to compile the model to be faster; None: on CUDA only
-# under torchrun, shard parameters, gradients and optimizer state (FSDP2) instead of DDP
-fsdp = False
-# FSDP: reduce-scatter gradients after each micro-step (memory), else only the last
-fsdp_reduce_every_micro_step = True
-# recompute each Block's activations in backward: less memory, ~1/3 more compute
-activation_checkpointing = False
-# finetune only above this: embeddings (so the tied lm_head) and the lowest N Blocks stay fixed
-freeze_layers = 0
-# LoRA: train rank-r adapters (peft) of lora_targets, every base weight frozen; 0 = off
-# (docs/finetuning.md)
-lora_rank = 0
+fsdp = False  # under torchrun, shard the model and optimizer state (FSDP2) instead of DDP
+fsdp_reduce_every_micro_step = True  # FSDP: reduce-scatter gradients every micro-step, or last
+activation_checkpointing = False  # recompute activations in backward: less memory, more compute
+freeze_layers = 0  # finetune only above the embeddings and the lowest N Blocks
+lora_rank = 0  # LoRA: train rank-r adapters (peft), every base weight frozen; 0 = off
 lora_alpha = 16.0  # the adapters' output is scaled by lora_alpha / lora_rank
 lora_dropout = 0.0  # dropout on the adapters' input
-# the Blocks' nn.Linear layers that get adapters: c_attn, c_proj, c_fc, attn.c_proj, mlp.c_proj
-lora_targets = 'c_attn,c_proj,c_fc'
-# seconds a collective waits for a lost peer before failing (torchrun can then restart)
-dist_timeout = 600
+lora_targets = 'c_attn,c_proj,c_fc'  # the Blocks' nn.Linear layers that get adapters
+dist_timeout = 600  # seconds a collective waits for a lost peer before failing
 seed = 1337
 # -----------------------------------------------------------------------------
 config = configure(globals())  # config files and --key=value from the command line
@@ -115,26 +90,22 @@ config = configure(globals())  # config files and --key=value from the command l
 # -----------------------------------------------------------------------------
 # settings checks: every value is refused here, in one line, before anything is touched
 def check_settings(c):
-    """Each setting's allowed values (configurator.check: bools need none), then how they go
-    together."""
-    rules = dict(out_dir=OutPath(folder=True), data_order=OneOf('random', 'epoch'))
-    rules.update(dict.fromkeys(('eval_interval', 'log_interval', 'eval_iters'), POSITIVE))
-    rules.update(
-        dict.fromkeys(('gradient_accumulation_steps', 'batch_size', 'block_size'), POSITIVE)
+    """Each setting's allowed values (bools need none), then how they go together."""
+    grouped = (
+        (POSITIVE, 'eval_interval log_interval eval_iters gradient_accumulation_steps batch_size'),
+        (POSITIVE, 'block_size n_layer n_head n_embd dist_timeout'),
+        (NON_NEGATIVE, 'early_stop_patience checkpoint_interval learning_rate max_iters'),
+        (NON_NEGATIVE, 'weight_decay grad_clip warmup_iters lr_decay_iters min_lr'),
+        (NON_NEGATIVE, 'muon_learning_rate muon_weight_decay freeze_layers lora_rank'),
+        (FRACTION, 'dropout beta1 beta2 muon_momentum lora_dropout'),
+        (ANY, 'hellaswag_path init_from wandb_project wandb_run_name dataset data_dir device'),
+        (ANY, 'lora_targets'),
     )
-    rules.update(dict.fromkeys(('n_layer', 'n_head', 'n_embd', 'dist_timeout'), POSITIVE))
-    rules.update(dict.fromkeys(('early_stop_patience', 'checkpoint_interval'), NON_NEGATIVE))
-    rules.update(dict.fromkeys(('learning_rate', 'max_iters', 'weight_decay'), NON_NEGATIVE))
-    rules.update(dict.fromkeys(('grad_clip', 'warmup_iters', 'lr_decay_iters'), NON_NEGATIVE))
-    rules.update(dict.fromkeys(('min_lr', 'muon_learning_rate', 'muon_weight_decay'), NON_NEGATIVE))
-    rules.update(dict.fromkeys(('freeze_layers', 'lora_rank'), NON_NEGATIVE))
-    rules.update(dict.fromkeys(('dropout', 'beta1', 'beta2', 'muon_momentum'), FRACTION))
-    rules.update(dict.fromkeys(('hellaswag_path', 'init_from', 'wandb_project'), ANY))
-    rules.update(dict.fromkeys(('wandb_run_name', 'dataset', 'data_dir', 'device'), ANY))
-    rules.update(optimizer=OneOf('adamw', 'muon'), lora_targets=ANY, seed=SEED)
+    rules = {name: rule for rule, names in grouped for name in names.split()}
+    rules.update(out_dir=OutPath(folder=True), data_order=OneOf('random', 'epoch'), seed=SEED)
+    rules.update(optimizer=OneOf('adamw', 'muon'), compile=OneOf(None, True, False))
     rules.update(dtype=OneOf('auto', 'float32', 'bfloat16', 'float16'))
-    rules.update(compile=OneOf(None, True, False), lora_alpha=Range(0, open_lo=True))
-    rules.update(lora_dropout=FRACTION)
+    rules.update(lora_alpha=Range(0, open_lo=True))
     check(c, rules)
     if c['early_stop_patience'] and c['checkpoint_interval']:
         raise UserError(
@@ -165,44 +136,21 @@ lora_settings = lora.settings(
 
 # -----------------------------------------------------------------------------
 # devices, precision and processes
-ddp, rank, local_rank, world_size, device = runtime.init_distributed(
-    runtime.pick_device(device), dist_timeout
-)
+device = runtime.pick_device(device)
+ddp, rank, local_rank, world_size, device = runtime.init_distributed(device, dist_timeout)
 master_process = rank == 0  # this process prints, logs and writes checkpoints
 ckpt_path = os.path.join(out_dir, 'ckpt.pt')
-# by torchrun after a failure: continue from ckpt.pt
-restarted = runtime.restarted_with_checkpoint(ckpt_path)
+restarted = runtime.restarted_with_checkpoint(ckpt_path)  # by torchrun: continue from ckpt.pt
 init_from = 'resume' if restarted else init_from
-# one run at a time in out_dir (rank 0 locks it for the job), and a new run never replaces an
-# earlier one unasked
-runtime.check_on_rank0(
-    lambda: (
-        outdir.lock_out_dir(out_dir, wait=60 if restarted else 0),
-        outdir.check_new_run(out_dir, init_from, overwrite),
-    )
-)
+# one run at a time in out_dir (rank 0 locks it for the job), and no new run over an earlier one
+wait = 60 if restarted else 0  # seconds for the failed job's lock to be released
+runtime.check_on_rank0(lambda: outdir.claim_out_dir(out_dir, init_from, overwrite, wait))
 dtype = runtime.pick_dtype(dtype, device, fsdp)
 compile = runtime.pick_compile(compile, device)
 config.update(device=device, dtype=dtype, compile=compile)
 device_type = runtime.device_type(device)
-if gradient_accumulation_steps % world_size != 0:
-    raise UserError(
-        f"gradient_accumulation_steps ({gradient_accumulation_steps}) is the global count and "
-        f"must be divisible by the number of processes ({world_size})"
-    )
+runtime.check_resolved(gradient_accumulation_steps, world_size, optimizer, dtype, fsdp and ddp)
 accum_steps = gradient_accumulation_steps // world_size  # micro-steps per process and iteration
-if optimizer == 'muon' and dtype == 'float16':
-    raise UserError(
-        "optimizer muon with float16 is not supported: GradScaler skips an overflowed step "
-        "without a host sync only for optimizers that take its overflow flag, which Muon does not "
-        "(a second sync every iteration); use --dtype=bfloat16 (a GPU from Ampere on) or float32, "
-        "or --optimizer=adamw"
-    )
-if optimizer == 'muon' and fsdp and ddp:
-    raise UserError(
-        "optimizer muon orthogonalizes whole weight matrices, which fsdp shards over the "
-        "processes: use --optimizer=adamw with --fsdp=True, or muon with DDP (--fsdp=False)"
-    )
 if master_process:
     runtime.print_environment(device, dtype)
     if runtime.shared_rendezvous_store():
@@ -218,66 +166,24 @@ scaler = torch.amp.GradScaler(device_type, enabled=(dtype == 'float16'))  # no-o
 # -----------------------------------------------------------------------------
 # data: token ids as uint16 in train.bin and val.bin
 data_dir = dataloader.find_dataset(dataset, data_dir)
-n_tokens = {
-    split: dataloader.count_tokens(os.path.join(data_dir, f'{split}.bin'))
-    for split in ('train', 'val')
-}
+bins = {split: os.path.join(data_dir, f'{split}.bin') for split in ('train', 'val')}
+n_tokens = {split: dataloader.count_tokens(path) for split, path in bins.items()}
 meta_path = os.path.join(data_dir, 'meta.pkl')
-# a char-level dataset's, from its meta.pkl; else None
-meta_vocab_size = dataloader.meta_vocab_size(data_dir)
+meta_vocab_size = dataloader.meta_vocab_size(data_dir)  # a char-level dataset's meta.pkl, else None
 if meta_vocab_size and master_process:
     print(f"found vocab_size = {meta_vocab_size} (inside {meta_path})")
-# what made the .bin files; None for older data folders
-data_tokenizer = tokenizer.data_tokenizer(data_dir)
-# the window starts of each iteration's global batch
-sampler = dataloader.WindowSampler(data_order, seed)
+data_tokenizer = tokenizer.data_tokenizer(data_dir)  # what made the .bin files (None: older ones)
+sampler = dataloader.WindowSampler(data_order, seed)  # where each global batch's windows start
 
 # -----------------------------------------------------------------------------
 # model: from scratch, from a checkpoint (resume, or the weights of another run) or from GPT-2's
-# weights. A new model option is a GPTConfig field and a setting of the same name: a new model takes
-# the setting (model_args below), and checkpoints keep it beside nanoGPT's model_args
-iter_num = 0
-best_val_loss = 1e9
+# weights, in the data's tokens (checkpoints.start_model). A new model option is a GPTConfig field
+# and a setting of the same name (model_args), which checkpoints keep beside nanoGPT's model_args
 model_args = {k: v for k, v in config.items() if k in GPTConfig.__dataclass_fields__}
 model_args['vocab_size'] = meta_vocab_size or 50304  # GPT-2's 50257 padded up, for efficiency
-checkpoint = None
-try:
-    if init_from == 'scratch':
-        model = GPT(GPTConfig(**model_args))
-    elif init_from == 'resume' or checkpoints.checkpoint_file(init_from):
-        # resume: out_dir/ckpt.pt and its loop state; a path: a run's (merged) weights only, for a
-        # fresh run here. The checkpoint fixes the model; dropout comes from this run's settings
-        source = ckpt_path if init_from == 'resume' else checkpoints.checkpoint_file(init_from)
-        if master_process:
-            print(
-                f"resuming training from {out_dir}"
-                if init_from == 'resume'
-                else f"starting from the weights of {source}"
-            )
-        resume = ('model', 'optimizer', 'model_args', 'iter_num')
-        keys = resume if init_from == 'resume' else ('model', 'model_args')
-        checkpoint = checkpoints.load_checkpoint(source, keys=keys)
-        model = checkpoints.build_model(checkpoint, source, dropout)
-        if init_from == 'resume':  # with settings that continue it: block_size, optimizer, LoRA
-            checkpoints.check_resumable(checkpoint, ckpt_path, block_size, optimizer, lora_settings)
-            iter_num = checkpoint['iter_num']
-            # nanoGPT stores a tensor
-            best_val_loss = float(checkpoint.get('best_val_loss', best_val_loss))
-    else:  # 'gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl' or a local Hugging Face directory
-        model = checkpoints.load_pretrained(init_from, dropout, allow_unsafe_pickle)
-# e.g. n_embd not divisible by n_head, unknown or unreachable GPT-2 weights
-except (ValueError, OSError) as e:
-    raise UserError(str(e)) from None
-if init_from != 'scratch':  # resuming or finetuning: the data must be in the model's own tokens
-    trained_on = (
-        checkpoint.get('tokenizer')
-        if checkpoint is not None
-        else tokenizer.pretrained_record(model.config)
-    )
-    tokenizer.check_same(
-        trained_on, data_tokenizer, source if checkpoint is not None else init_from, data_dir
-    )
-    data_tokenizer = data_tokenizer or trained_on
+model, checkpoint, iter_num, best_val_loss, data_tokenizer = checkpoints.start_model(
+    init_from, model_args, config, lora_settings, data_tokenizer, data_dir, master_process
+)
 if block_size < model.config.block_size:
     model.crop_block_size(block_size)  # model surgery, e.g. GPT-2's 1024 positions down
 block_size = model.config.block_size
@@ -286,10 +192,6 @@ dataloader.check_fits(data_dir, n_tokens, block_size, model.config.vocab_size, m
 if eval_hellaswag:
     check_gpt2_tokenizer(model.config.vocab_size, meta_path, f"the dataset in {data_dir}")
     hellaswag_rows = load_hellaswag(hellaswag_path)
-if not 0 <= freeze_layers <= model.config.n_layer:
-    raise UserError(
-        f"freeze_layers must be between 0 and n_layer ({model.config.n_layer}), got {freeze_layers}"
-    )
 # the settings as this run uses them: a checkpoint's or GPT-2's shape replaces the ones asked for
 config.update({k: getattr(model.config, k) for k in model_args if k in config})
 if master_process:
@@ -297,13 +199,10 @@ if master_process:
     print("config: " + ", ".join(f"{k}={v!r}" for k, v in config.items()))
 if freeze_layers:
     model.freeze(freeze_layers)
-# LoRA: peft's adapters in the targeted layers, the rest frozen; a resume restores them (lora.py)
-if lora_rank:
-    lora.add_adapters(
-        model, lora_settings, checkpoint if init_from == 'resume' else None, verbose=master_process
-    )
-# what checkpoints save: no torch.compile or DDP wrappers, so no '_orig_mod.' prefixes
-raw_model = model
+if lora_rank:  # peft's adapters in the targeted layers, the rest frozen; a resume restores them
+    resumed = checkpoint if init_from == 'resume' else None
+    lora.add_adapters(model, lora_settings, resumed, verbose=master_process)
+raw_model = model  # what checkpoints save: no compile or DDP wrappers ('_orig_mod.' prefixes)
 if master_process and compile:
     print("compiling the model... (takes a ~minute)")
 model, train_model = runtime.parallelize(
@@ -315,61 +214,43 @@ model, train_model = runtime.parallelize(
 # Muon's Newton-Schulz in bfloat16 only where the device runs it natively
 muon_bf16 = optimizer == 'muon' and runtime.bfloat16_native(device, verbose=master_process)
 muon = dict(lr=muon_learning_rate, momentum=muon_momentum, weight_decay=muon_weight_decay)
+muon = muon if optimizer == 'muon' else None  # None: nanoGPT's AdamW for every parameter
 opt = raw_model.configure_optimizers(
-    weight_decay,
-    learning_rate,
-    (beta1, beta2),
-    device_type,
-    verbose=master_process,
-    muon=muon if optimizer == 'muon' else None,
-    muon_bf16=muon_bf16,
+    weight_decay, learning_rate, (beta1, beta2), device_type, master_process, muon, muon_bf16
 )
-rng_states = None
-if init_from == 'resume':
-    rng_states = checkpoints.restore_state(checkpoint, raw_model, opt, scaler, sampler, ckpt_path)
-    if len(rng_states or ()) != world_size and master_process:
-        print(
-            "note: the checkpoint has no random state for this number of processes (from nanoGPT, "
-            "or another world size): dropout masks will differ from an uninterrupted run"
-        )
+rng_states = None  # each process's random state, restored last, right before the loop
+if init_from == 'resume':  # the optimizer, the loss scaler and the batch order as saved
+    rng_states = checkpoints.restore_state(
+        checkpoint, raw_model, opt, scaler, sampler, ckpt_path, world_size, master_process
+    )
 checkpoint = None  # free the memory
-# measured once, before the loop, so it skews no iteration's timing
-peak_flops = runtime.device_peak_flops(device, dtype)
+peak_flops = runtime.device_peak_flops(device, dtype)  # measured here: it skews no iteration
 
 
 @torch.no_grad()
 def estimate_loss():
-    """Mean loss over eval_iters batches of each split, in eval mode (None: a stop signal ended it).
-    Their batches come from their own generator, reseeded every time: evaluations compare like with
-    like, shift no stream. A progress bar on stderr, when it is a terminal."""
+    """Mean loss over eval_iters batches of each split (None: a stop signal ended it), drawn from
+    their own generator reseeded every time: evaluations compare like with like, shift no stream."""
     out = {}
     model.eval()
-    bar = tqdm(
-        total=2 * eval_iters, desc='eval', leave=False, disable=None if master_process else True
-    )
-    for split in ('train', 'val'):
-        generator = torch.Generator().manual_seed(seed)
-        ix = torch.randint(
-            n_tokens[split] - block_size, (eval_iters, batch_size), generator=generator
-        )
-        losses = torch.zeros(eval_iters)
-        for k in range(eval_iters):
-            # a stop signal (on any rank: they stop together, FSDP's forward needs them all) ends it
-            # within a batch
-            asked = runtime.mean_over_ranks(dict(stop=torch.tensor(float(stop.name is not None))))
-            if asked['stop']:
-                bar.close()
-                return None
-            # (B, T) each
-            X, Y = dataloader.get_batch(
-                dataloader.split_tokens(data_dir, split), ix[k], block_size, device
-            )
-            with ctx:
-                logits, loss = model(X, Y)
-            losses[k] = loss.item()
-            bar.update()
-        out[split] = losses.mean().item()
-    bar.close()
+    quiet = None if master_process else True  # None: the bar shows when stderr is a terminal
+    with tqdm(total=2 * eval_iters, desc='eval', leave=False, disable=quiet) as bar:
+        for split in ('train', 'val'):
+            g = torch.Generator().manual_seed(seed)
+            ix = torch.randint(n_tokens[split] - block_size, (eval_iters, batch_size), generator=g)
+            losses = torch.zeros(eval_iters)
+            for k in range(eval_iters):
+                # a stop signal on any rank ends it on all (FSDP's forward needs them all)
+                stop_flag = torch.tensor(float(stop.name is not None))
+                if runtime.mean_over_ranks(dict(stop=stop_flag))['stop']:
+                    return None
+                tokens = dataloader.split_tokens(data_dir, split)
+                X, Y = dataloader.get_batch(tokens, ix[k], block_size, device)  # (B, T) each
+                with ctx:
+                    logits, loss = model(X, Y)
+                losses[k] = loss.item()
+                bar.update()
+            out[split] = losses.mean().item()
     model.train()
     return out
 
@@ -393,45 +274,32 @@ def save_due(evaluated, improved):
     if local_iter_num == 0 or eval_only:
         return False
     interval = checkpoint_interval > 0 and iter_num % checkpoint_interval == 0
-    return (
-        interval or evaluated and (improved or always_save_checkpoint and not early_stop_patience)
-    )
+    every_eval = always_save_checkpoint and not early_stop_patience
+    return interval or evaluated and (improved or every_eval)
 
 
 def save_checkpoint():
-    """Every rank takes part (FSDP gathers the shards, each rank adds its RNG state); rank 0
-    writes."""
+    """Every rank takes part (FSDP gathers the shards, each its RNG state); rank 0 writes."""
     rng_states = runtime.gather_to_rank0(runtime.rng_state())
-    model_state, optimizer_state = checkpoints.full_state(raw_model, opt)
+    model_state, opt_state = checkpoints.full_state(raw_model, opt)
     if not master_process:
         return
-    # 'model' gets the merged weights (what sample.py reads), 'lora' what resuming needs
-    if lora_rank:
-        model_state, lora_state = lora.split_state(model_state, lora_settings)
-    checkpoint = {
-        'model': model_state,
-        'optimizer': optimizer_state,
-        'iter_num': iter_num,
-        'best_val_loss': best_val_loss,
-        'config': config,
-        # 'model_args' (nanoGPT's) and our GPTConfig fields beside it, e.g. 'gelu'
-        **checkpoints.model_entries(raw_model.config),
-        # beyond nanoGPT's keys: the tokenizer, and what continuing exactly needs
-        'tokenizer': data_tokenizer,
-        'rng_states': rng_states,
-        'sampler_state': sampler.state_to_save,
-        'scaler': scaler.state_dict(),
-        **({'lora': lora_state} if lora_rank else {}),
-    }
+    # nanoGPT's model, optimizer and model_args (our GPTConfig fields beside it; LoRA: merged)
+    checkpoint = checkpoints.training_checkpoint(raw_model, model_state, opt_state, lora_settings)
+    checkpoint.update(iter_num=iter_num, best_val_loss=best_val_loss, config=config)
+    # beyond nanoGPT's keys: the tokenizer, and what continuing exactly needs
+    checkpoint['tokenizer'] = data_tokenizer
+    checkpoint.update(rng_states=rng_states, sampler_state=sampler.state_to_save)
+    checkpoint.update(scaler=scaler.state_dict())
     print(f"saving checkpoint to {out_dir}")
     checkpoints.save_checkpoint(checkpoint, ckpt_path)
     log.commit()  # at the first save, the log kept in memory until now
 
 
 # -----------------------------------------------------------------------------
-# logging: log(row, line) prints line and writes row to log.jsonl (kept in memory until the first
-# save) and to wandb; and stop signals: SIGINT (Ctrl-C) or SIGTERM (preemption) ends the step or
-# evaluation under way, saves a checkpoint if this run has trained, and exits
+# logging: log(row, line) prints line, writes row to log.jsonl (in memory until the first save) and
+# wandb; and stop signals: SIGINT (Ctrl-C) or SIGTERM ends the step or evaluation under way, saves
+# a checkpoint if this run has trained, and exits
 if master_process:
     wandb_run = wandb_log and outdir.start_wandb(out_dir, wandb_project, wandb_run_name, config)
     log = outdir.RunLog(os.path.join(out_dir, 'log.jsonl'), iter_num, wandb_run)
@@ -441,20 +309,14 @@ stop = runtime.StopSignals()
 if device_type == 'cpu' and not compile:
     eval_s = 2 * eval_iters * batch_size * runtime.forward_seconds(model, block_size, ctx)
     if eval_s > 60 and master_process:
-        print(
-            f"note: each evaluation will take about {outdir.duration(eval_s)} on this CPU "
-            f"({2 * eval_iters} batches of {batch_size}x{block_size}); a run that suits a CPU: "
-            "python train.py config/train_shakespeare_char_cpu.py, or fewer --eval_iters"
-        )
+        print(outdir.eval_note(eval_s, eval_iters, batch_size, block_size))
 
 # -----------------------------------------------------------------------------
 # training loop
 evals_since_best = 0  # for early stopping
-if rng_states and len(rng_states) == world_size:
-    # last, so nothing above draws from the restored streams
+if rng_states:  # last: nothing above draws from the restored streams
     runtime.set_rng_state(rng_states[rank])
-# this rank's micro-batches of each global batch
-my_rows = slice(rank * accum_steps, (rank + 1) * accum_steps)
+my_rows = slice(rank * accum_steps, (rank + 1) * accum_steps)  # this rank's micro-batches
 batch_shape, n_windows = (gradient_accumulation_steps, batch_size), n_tokens['train'] - block_size
 batches = dataloader.train_batches(
     data_dir, n_windows, sampler, batch_shape, my_rows, block_size, device
@@ -468,8 +330,7 @@ while True:
     # determine and set the learning rate for this iteration
     lr = get_lr(iter_num) if decay_lr else learning_rate
     for param_group in opt.param_groups:
-        # Muon's groups have their own peak
-        param_group['lr'] = lr * param_group.get('lr_scale', 1.0)
+        param_group['lr'] = lr * param_group.get('lr_scale', 1.0)  # Muon's: their own peak
 
     # once in a while: evaluate the loss on train/val sets (and HellaSwag)
     evaluated = improved = False
@@ -506,15 +367,12 @@ while True:
     if iter_num >= max_iters or eval_only:
         break
 
-    # the training step: forward backward update, with gradient accumulation to simulate larger
-    # batch size
+    # the training step: forward backward update, with gradient accumulation for a larger batch
     loss_sum = torch.zeros((), device=device)
     for micro_step in range(accum_steps):
-        # DDP averages the gradients over ranks only after the last micro-step; FSDP by default
-        # after each
-        runtime.set_gradient_sync(
-            train_model, micro_step == accum_steps - 1, fsdp_reduce_every_micro_step
-        )
+        # DDP averages the gradients over ranks after the last micro-step only; FSDP after each
+        last = micro_step == accum_steps - 1
+        runtime.set_gradient_sync(train_model, last, fsdp_reduce_every_micro_step)
         with ctx:
             logits, loss = train_model(X, Y)  # logits (B, T, vocab_size), loss a scalar
             loss = loss / accum_steps  # scale the loss to account for gradient accumulation
@@ -523,18 +381,16 @@ while True:
         X, Y = next(batches)
         # backward pass, with gradient scaling if training in fp16
         scaler.scale(loss).backward()
-    # clip the gradient; its norm before clipping is logged, so it is measured even without clipping
+    # clip the gradient; its norm before clipping (a tensor: no host sync) is logged, even unclipped
     scaler.unscale_(opt)  # a no-op unless float16
-    # a tensor: no host sync here
     grad_norm = runtime.clip_grad_norm(model.parameters(), grad_clip or math.inf)
     # step the optimizer and scaler if training in fp16 (it skips steps whose gradients overflowed)
     scaler.step(opt)
     scaler.update()
     # reset the gradients: freed, or under DDP zeroed in its buckets (runtime.zero_grad)
     runtime.zero_grad(opt, train_model)
-    # the iteration's one host sync, once its whole step is queued. To log another number, add it
-    # here as a 0-dim tensor on the device: it is averaged over the ranks and logged under its name.
-    # 'stop' is whether any rank was asked to stop, so that all of them stop at the same iteration
+    # the iteration's one host sync, once its step is queued. Another number to log: one more 0-dim
+    # tensor here, averaged over the ranks. 'stop': any rank was asked to, so all stop here
     stop_flag = torch.full_like(loss_sum, stop.name is not None)
     stats = runtime.mean_over_ranks(dict(loss=loss_sum, grad_norm=grad_norm, stop=stop_flag))
     stopped = stats.pop('stop') > 0
@@ -555,56 +411,27 @@ while True:
         if local_iter_num >= 5:  # let the training loop settle a bit
             mfu = raw_model.estimate_mfu(batch_size * accum_steps, dt, peak_flops)
             running_mfu = mfu if running_mfu == -1.0 else 0.9 * running_mfu + 0.1 * mfu
-        # None for data_order='random'
-        epoch = sampler.epoch(sampler.state_to_save, n_windows)
-        row = dict(
-            iter=iter_num,
-            **stats,
-            lr=lr,
-            ms=dt * 1000,
-            tokens_per_s=tokens_per_iter / dt,
-            mfu=running_mfu,
-            tokens=iter_num * tokens_per_iter,
-            **({} if epoch is None else {'epoch': epoch}),
-        )
-        # measured from the 6th iteration
-        mfu_text = f"{running_mfu * 100:.2f}%" if running_mfu >= 0 else "n/a"
-        left = (
-            (t1 - t_first) / local_iter_num * (max_iters - iter_num - 1) if local_iter_num else None
-        )
-        log(
-            row,
-            f"iter {iter_num}: loss {row['loss']:.4f}, lr {lr:.3e}, time {row['ms']:.2f}ms, "
-            f"{row['tokens_per_s']:,.0f} tok/s, mfu {mfu_text}"
-            + ("" if epoch is None else f", epoch {epoch}")
-            + f", {100 * (iter_num + 1) / max_iters:.0f}% done"
-            + ("" if left is None else f", {outdir.duration(left)} left"),
-        )
+        row = dict(iter=iter_num, **stats, lr=lr, ms=dt * 1000, tokens_per_s=tokens_per_iter / dt)
+        row.update(mfu=running_mfu, tokens=iter_num * tokens_per_iter)  # mfu -1: not measured yet
+        epoch = sampler.epoch(sampler.state_to_save, n_windows)  # None for data_order='random'
+        row.update({} if epoch is None else {'epoch': epoch})
+        log(row, outdir.iteration_line(row, max_iters, t1 - t_first, local_iter_num))
     iter_num += 1
     local_iter_num += 1
     if stopped:
         break
 
 # a stop signal: save what this run has trained (every rank takes part), nothing if it has not
-if stopped and local_iter_num and not eval_only:
+saved = stopped and local_iter_num > 0 and not eval_only
+if saved:
     save_checkpoint()
 if master_process:
     if stopped:
-        print(
-            f"{stop.name or 'a stop signal'} received: "
-            + (
-                f"saved a checkpoint at iter {iter_num} to {ckpt_path}; continue with "
-                "--init_from=resume"
-                if local_iter_num and not eval_only
-                else f"stopped before the first training step; nothing saved, {out_dir} as it was"
-            )
-        )
+        print(outdir.stop_note(stop.name, saved, iter_num, ckpt_path, out_dir))
     else:
         log.commit()  # a run that ended without saving (eval_only) writes its log too
-    print(
-        f"done: {local_iter_num} iterations in {time.time() - t_start:.1f} s"
-        + (f", best val loss {best_val_loss:.4f}" if best_val_loss < 1e9 else "")
-    )
+    best = f", best val loss {best_val_loss:.4f}" if best_val_loss < 1e9 else ""
+    print(f"done: {local_iter_num} iterations in {time.time() - t_start:.1f} s{best}")
     if wandb_log:
         wandb_run.finish()
 runtime.exit_run()  # quickly: the run is saved

@@ -25,7 +25,7 @@ import torch.distributed as dist
 
 from nanogpt import lora
 from nanogpt import runtime
-from nanogpt.tokenizer import load_tokenizer
+from nanogpt.tokenizer import check_same, load_tokenizer, pretrained_record
 from configurator import ROOT, UserError
 from model import GPT, GPTConfig
 
@@ -115,8 +115,7 @@ def load_checkpoint(path, keys=('model', 'model_args')):
 def check_checkpoint(checkpoint, path):
     """Check what train.py and sample.py take from a loaded checkpoint before anything is built from
     it, so a damaged or foreign file ends in one line at start-up, not in a traceback mid-run (or in
-    a
-    checkpoint saved over it). Keys that are absent are left to the caller (load_checkpoint's
+    a checkpoint saved over it). Keys that are absent are left to the caller (load_checkpoint's
     keys)."""
 
     def bad(what):
@@ -190,8 +189,7 @@ def check_checkpoint(checkpoint, path):
 def checkpoint_gelu(checkpoint):
     """The GELU a checkpoint's weights were trained with (GPTConfig.gelu): its 'gelu' record.
     Without one, nanoGPT's checkpoints (no 'sampler_state') used the exact GELU, and older ones of
-    ours the
-    tanh GELU, which this code gave every model before the record existed."""
+    ours the tanh GELU, which this code gave every model before the record existed."""
     if 'gelu' in checkpoint:
         return checkpoint['gelu']
     return 'tanh' if 'sampler_state' in checkpoint else 'exact'
@@ -226,22 +224,30 @@ def build_model(checkpoint, path, dropout=None):
     return model
 
 
-def restore_state(checkpoint, model, optimizer, scaler, sampler, path):
+def restore_state(checkpoint, model, optimizer, scaler, sampler, path, world_size, verbose):
     """Put a resumed run's optimizer, loss scaler and batch order back as checkpoint has them, and
-    return the processes' saved random states (None from nanoGPT's checkpoints)."""
+    return the processes' saved random states: None, with a note, when there is none for each of
+    world_size processes (nanoGPT's checkpoints, or another world size)."""
     load_optimizer_state(model, optimizer, checkpoint['optimizer'], path)
     if scaler.is_enabled() and checkpoint.get('scaler'):
         scaler.load_state_dict(checkpoint['scaler'])
     if 'sampler_state' in checkpoint:
         sampler.set_state(checkpoint['sampler_state'])
-    return checkpoint.get('rng_states')
+    rng_states = checkpoint.get('rng_states')
+    if len(rng_states or ()) == world_size:
+        return rng_states
+    if verbose:
+        print(
+            "note: the checkpoint has no random state for this number of processes (from nanoGPT, "
+            "or another world size): dropout masks will differ from an uninterrupted run"
+        )
+    return None
 
 
 def checkpoint_file(init_from):
     """The ckpt.pt that init_from names when it is a path (the file itself, or an out_dir holding
-    one), or None
-    for a GPT-2 name or a Hugging Face directory (config.json). A path that holds neither is
-    refused."""
+    one), or None for a GPT-2 name or a Hugging Face directory (config.json). A path that holds
+    neither is refused."""
     if os.path.isfile(init_from):
         return init_from
     if os.path.isfile(os.path.join(init_from, 'ckpt.pt')):
@@ -295,9 +301,8 @@ def check_hf_dir(path, allow_unsafe_pickle=False):
 
 def load_pretrained(init_from, dropout=0.0, allow_unsafe_pickle=False):
     """OpenAI's GPT-2 ('gpt2', 'gpt2-medium', ...) or a local Hugging Face directory, checked first,
-    as a GPT
-    on CPU (GPT.from_pretrained). Raises ValueError or OSError, which the scripts print as one
-    line."""
+    as a GPT on CPU (GPT.from_pretrained). Raises ValueError or OSError, which the scripts print as
+    one line."""
     if os.path.isdir(init_from):
         check_hf_dir(init_from, allow_unsafe_pickle)
     return GPT.from_pretrained(init_from, dict(dropout=dropout), allow_unsafe_pickle)
@@ -306,8 +311,7 @@ def load_pretrained(init_from, dropout=0.0, allow_unsafe_pickle=False):
 def check_resumable(checkpoint, path, block_size, optimizer, lora_settings):
     """Refuse, before anything is built, to resume a checkpoint with settings that would not
     continue it: a smaller block_size (cropping would leave its optimizer state the wrong shape),
-    another optimizer, other
-    LoRA settings (lora.check_resume)."""
+    another optimizer, other LoRA settings (lora.check_resume)."""
     trained = checkpoint['model_args']['block_size']
     if block_size < trained:
         raise UserError(
@@ -323,13 +327,69 @@ def check_resumable(checkpoint, path, block_size, optimizer, lora_settings):
     lora.check_resume(checkpoint, lora_settings, path)
 
 
+def start_model(init_from, model_args, settings, lora_settings, data_record, data_dir, verbose):
+    """train.py's model, on CPU: from scratch (model_args), resumed from out_dir/ckpt.pt, a new run
+    from the weights in a run's ckpt.pt (the checkpoint fixes the model; dropout is this run's), or
+    GPT-2 / a Hugging Face dir. settings: train.py's (out_dir, dropout, allow_unsafe_pickle,
+    freeze_layers; block_size and optimizer, with lora_settings, which a resume must continue). A
+    model trained on other tokens than the data's (data_record, of data_dir) is refused. Returns
+    (model, checkpoint, iter_num, best_val_loss, the tokenizer record: the data's, else the
+    model's)."""
+    out_dir, dropout = settings['out_dir'], settings['dropout']
+    checkpoint, iter_num, best_val_loss, source, trained_on = None, 0, 1e9, None, None
+    try:
+        if init_from == 'scratch':
+            model = GPT(GPTConfig(**model_args))
+        elif init_from == 'resume' or checkpoint_file(init_from):
+            # resume: out_dir/ckpt.pt and its loop state; a path: a run's (merged) weights only
+            resume = init_from == 'resume'
+            source = os.path.join(out_dir, 'ckpt.pt') if resume else checkpoint_file(init_from)
+            if verbose and resume:
+                print(f"resuming training from {out_dir}")
+            elif verbose:
+                print(f"starting from the weights of {source}")
+            resume_keys = ('model', 'optimizer', 'model_args', 'iter_num')
+            checkpoint = load_checkpoint(source, resume_keys if resume else ('model', 'model_args'))
+            model = build_model(checkpoint, source, dropout)
+            if resume:
+                check_resumable(
+                    checkpoint, source, settings['block_size'], settings['optimizer'], lora_settings
+                )
+                iter_num = checkpoint['iter_num']
+                # nanoGPT stores a tensor
+                best_val_loss = float(checkpoint.get('best_val_loss', best_val_loss))
+            trained_on = checkpoint.get('tokenizer')
+        else:  # 'gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl' or a local Hugging Face directory
+            model = load_pretrained(init_from, dropout, settings['allow_unsafe_pickle'])
+            source, trained_on = init_from, pretrained_record(model.config)
+    # e.g. n_embd not divisible by n_head, unknown or unreachable GPT-2 weights
+    except (ValueError, OSError) as e:
+        raise UserError(str(e)) from None
+    check_same(trained_on, data_record, source, data_dir)  # the data in the model's own tokens
+    freeze_layers, n_layer = settings['freeze_layers'], model.config.n_layer
+    if not 0 <= freeze_layers <= n_layer:
+        raise UserError(
+            f"freeze_layers must be between 0 and n_layer ({n_layer}), got {freeze_layers}"
+        )
+    return model, checkpoint, iter_num, best_val_loss, data_record or trained_on
+
+
+def training_checkpoint(model, model_state, optimizer_state, lora_settings):
+    """A checkpoint's model part, as train.py saves it: nanoGPT's 'model', 'optimizer' and
+    'model_args', and our GPTConfig fields beside them (model_entries). With LoRA, 'model' gets the
+    merged weights (what sample.py reads) and 'lora' what resuming needs (lora.split_state)."""
+    checkpoint = dict(optimizer=optimizer_state, **model_entries(model.config))
+    if lora_settings:
+        model_state, checkpoint['lora'] = lora.split_state(model_state, lora_settings)
+    return dict(model=model_state, **checkpoint)
+
+
 def load_model(init_from, out_dir, allow_unsafe_pickle=False):
     """The model sample.py and eval.py run: out_dir/ckpt.pt (init_from='resume'), OpenAI's GPT-2 or
     a local Hugging Face directory, on CPU. Returns (model, source) where source says where the
     model came from and what reads its text: 'what' (for messages), 'data_dir' and 'meta_path' of
-    the data it was trained
-    on (None when unknown) and 'record', the tokenizer record train.py stored (None when there is
-    none)."""
+    the data it was trained on (None when unknown) and 'record', the tokenizer record train.py
+    stored (None when there is none)."""
     if init_from != 'resume':
         try:
             with contextlib.redirect_stdout(sys.stderr):  # a script's stdout is for its results
@@ -374,8 +434,7 @@ def load_model_and_tokenizer(init_from, out_dir, allow_unsafe_pickle=False):
 
 def parameter_names(model, optimizer):
     """The name of each parameter of optimizer, in its param_groups order (a parameter's position
-    there
-    is its key in optimizer.state_dict())."""
+    there is its key in optimizer.state_dict())."""
     names = {p: name for name, p in model.named_parameters()}
     return [names[p] for group in optimizer.param_groups for p in group['params']]
 
@@ -385,8 +444,7 @@ def full_state(model, optimizer):
     the optimizer state keyed by each parameter's position in optimizer.param_groups, so a
     checkpoint resumes under any parallelism and world size. Under FSDP the shards are gathered into
     CPU memory on rank 0 (no GPU ever holds the full model) with torch's state-dict helpers; every
-    rank must call it, and the
-    others get ({}, {}). Works for any torch.optim.Optimizer."""
+    rank must call it, and the others get ({}, {}). Works for any torch.optim.Optimizer."""
     if not runtime.sharded(model):
         return model.state_dict(), optimizer.state_dict()
     from torch.distributed.checkpoint.state_dict import (
@@ -413,8 +471,7 @@ def load_optimizer_state(model, optimizer, state, path):
     """Load an optimizer state dict that full_state() wrote (in any parallelism and world size) into
     optimizer, sharding it under FSDP. Refuses state for other trainable parameters (another
     freeze_layers) or of other shapes: torch checks the groups' sizes, not the shapes of the moment
-    buffers, which would
-    only fail at the first step."""
+    buffers, which would only fail at the first step."""
     try:
         if 'muon' in state:  # muon.MuonAdamW's: one state dict for each of its two optimizers
             for part in ('muon', 'adamw'):

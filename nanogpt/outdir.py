@@ -90,6 +90,13 @@ def remove_if_empty(folder):
         os.rmdir(folder)  # only ever removes an empty folder
 
 
+def claim_out_dir(out_dir, init_from, overwrite, wait=0.0):
+    """Lock out_dir for this run (lock_out_dir: one run at a time) and refuse a new run there over
+    an earlier one unasked (check_new_run)."""
+    lock_out_dir(out_dir, wait)
+    check_new_run(out_dir, init_from, overwrite)
+
+
 def check_new_run(out_dir, init_from, overwrite):
     """A new run (init_from other than 'resume') in an out_dir that holds a checkpoint would replace
     it at its first save: refused, with the command that continues that run, unless overwrite
@@ -144,6 +151,41 @@ def duration(seconds):
         else f"{s // 60}m{s % 60:02d}s"
         if s < 3600
         else f"{s // 3600}h{s // 60 % 60:02d}m"
+    )
+
+
+def iteration_line(row, max_iters, seconds, iters):
+    """train.py's line for a training iteration's row (mfu < 0: not measured yet; 'epoch' with
+    data_order='epoch'), then how far the run is and its time left at the pace of the iters
+    iterations that took seconds (none before the first)."""
+    mfu = f"{row['mfu'] * 100:.2f}%" if row['mfu'] >= 0 else "n/a"
+    line = f"iter {row['iter']}: loss {row['loss']:.4f}, lr {row['lr']:.3e}, "
+    line += f"time {row['ms']:.2f}ms, {row['tokens_per_s']:,.0f} tok/s, mfu {mfu}"
+    line += f", epoch {row['epoch']}" if 'epoch' in row else ""
+    line += f", {100 * (row['iter'] + 1) / max_iters:.0f}% done"
+    left = seconds / iters * (max_iters - row['iter'] - 1) if iters else None
+    return line + ("" if left is None else f", {duration(left)} left")
+
+
+def eval_note(seconds, eval_iters, batch_size, block_size):
+    """train.py's note, before the first evaluation, on a CPU where it takes over a minute."""
+    return (
+        f"note: each evaluation will take about {duration(seconds)} on this CPU "
+        f"({2 * eval_iters} batches of {batch_size}x{block_size}); a run that suits a CPU: "
+        "python train.py config/train_shakespeare_char_cpu.py, or fewer --eval_iters"
+    )
+
+
+def stop_note(signal, saved, iter_num, ckpt_path, out_dir):
+    """train.py's last words after a stop signal (signal: its name, if known): what it saved."""
+    if saved:
+        return (
+            f"{signal or 'a stop signal'} received: saved a checkpoint at iter {iter_num} to "
+            f"{ckpt_path}; continue with --init_from=resume"
+        )
+    return (
+        f"{signal or 'a stop signal'} received: stopped before the first training step; nothing "
+        f"saved, {out_dir} as it was"
     )
 
 

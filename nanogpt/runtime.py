@@ -447,6 +447,28 @@ def shared_rendezvous_store():
     )
 
 
+def check_resolved(gradient_accumulation_steps, world_size, optimizer, dtype, fsdp):
+    """train.py's checks that need the processes and the resolved dtype (the others: its
+    check_settings), one line each, before any data or model is touched. fsdp: FSDP in use."""
+    if gradient_accumulation_steps % world_size != 0:
+        raise UserError(
+            f"gradient_accumulation_steps ({gradient_accumulation_steps}) is the global count and "
+            f"must be divisible by the number of processes ({world_size})"
+        )
+    if optimizer == 'muon' and dtype == 'float16':
+        raise UserError(
+            "optimizer muon with float16 is not supported: GradScaler skips an overflowed step "
+            "without a host sync only for optimizers that take its overflow flag, which Muon does "
+            "not (a second sync every iteration); use --dtype=bfloat16 (a GPU from Ampere on) or "
+            "float32, or --optimizer=adamw"
+        )
+    if optimizer == 'muon' and fsdp:  # FSDP in use: under torchrun
+        raise UserError(
+            "optimizer muon orthogonalizes whole weight matrices, which fsdp shards over the "
+            "processes: use --optimizer=adamw with --fsdp=True, or muon with DDP (--fsdp=False)"
+        )
+
+
 def parallelize(
     model, device, dtype, distributed, fsdp=False, activation_checkpointing=False, compile=False
 ):
