@@ -2,8 +2,7 @@
 nanoGPT's training loop, on one device (CPU, one GPU, Apple MPS) or on many through torchrun:
 $ python train.py config/train_shakespeare_char_cpu.py
 $ torchrun --standalone --nproc_per_node=4 train.py config/train_gpt2.py
-It writes out_dir/ckpt.pt (continue it with --init_from=resume) and out_dir/log.jsonl.
-docs/training.md: what a run prints, logs and saves, a Ctrl-C, several nodes, FSDP; docs/scale.md.
+It writes out_dir/ckpt.pt (--init_from=resume continues it) and out_dir/log.jsonl: docs/training.md.
 """
 
 import math
@@ -90,7 +89,7 @@ config = configure(globals())  # config files and --key=value from the command l
 # -----------------------------------------------------------------------------
 # settings checks: every value is refused here, in one line, before anything is touched
 def check_settings(c):
-    """Each setting's allowed values (bools need none), then how they go together."""
+    """Each setting's allowed values (bools need none), then how they go together: one line."""
     grouped = (
         (POSITIVE, 'eval_interval log_interval eval_iters gradient_accumulation_steps batch_size'),
         (POSITIVE, 'block_size n_layer n_head n_embd dist_timeout'),
@@ -99,13 +98,12 @@ def check_settings(c):
         (NON_NEGATIVE, 'muon_learning_rate muon_weight_decay freeze_layers lora_rank'),
         (FRACTION, 'dropout beta1 beta2 muon_momentum lora_dropout'),
         (ANY, 'hellaswag_path init_from wandb_project wandb_run_name dataset data_dir device'),
-        (ANY, 'lora_targets'),
     )
     rules = {name: rule for rule, names in grouped for name in names.split()}
     rules.update(out_dir=OutPath(folder=True), data_order=OneOf('random', 'epoch'), seed=SEED)
     rules.update(optimizer=OneOf('adamw', 'muon'), compile=OneOf(None, True, False))
     rules.update(dtype=OneOf('auto', 'float32', 'bfloat16', 'float16'))
-    rules.update(lora_alpha=Range(0, open_lo=True))
+    rules.update(lora_alpha=Range(0, open_lo=True), lora_targets=ANY)
     check(c, rules)
     if c['early_stop_patience'] and c['checkpoint_interval']:
         raise UserError(
@@ -143,8 +141,7 @@ ckpt_path = os.path.join(out_dir, 'ckpt.pt')
 restarted = runtime.restarted_with_checkpoint(ckpt_path)  # by torchrun: continue from ckpt.pt
 init_from = 'resume' if restarted else init_from
 # one run at a time in out_dir (rank 0 locks it for the job), and no new run over an earlier one
-wait = 60 if restarted else 0  # seconds for the failed job's lock to be released
-runtime.check_on_rank0(lambda: outdir.claim_out_dir(out_dir, init_from, overwrite, wait))
+runtime.check_on_rank0(lambda: outdir.claim_out_dir(out_dir, init_from, overwrite, restarted))
 dtype = runtime.pick_dtype(dtype, device, fsdp)
 compile = runtime.pick_compile(compile, device)
 config.update(device=device, dtype=dtype, compile=compile)
@@ -176,32 +173,26 @@ data_tokenizer = tokenizer.data_tokenizer(data_dir)  # what made the .bin files 
 sampler = dataloader.WindowSampler(data_order, seed)  # where each global batch's windows start
 
 # -----------------------------------------------------------------------------
-# model: from scratch, from a checkpoint (resume, or the weights of another run) or from GPT-2's
-# weights, in the data's tokens (checkpoints.start_model). A new model option is a GPTConfig field
-# and a setting of the same name (model_args), which checkpoints keep beside nanoGPT's model_args
+# model: new, a checkpoint's (resume, or another run's weights) or GPT-2's, in the data's tokens
+# (checkpoints.start_model); a new model option is a GPTConfig field and a setting of that name
 model_args = {k: v for k, v in config.items() if k in GPTConfig.__dataclass_fields__}
 model_args['vocab_size'] = meta_vocab_size or 50304  # GPT-2's 50257 padded up, for efficiency
 model, checkpoint, iter_num, best_val_loss, data_tokenizer = checkpoints.start_model(
     init_from, model_args, config, lora_settings, data_tokenizer, data_dir, master_process
 )
-if block_size < model.config.block_size:
-    model.crop_block_size(block_size)  # model surgery, e.g. GPT-2's 1024 positions down
-block_size = model.config.block_size
+block_size = model.config.block_size  # at most the one asked for (start_model crops GPT-2's 1024)
 tokens_per_iter = gradient_accumulation_steps * batch_size * block_size
 dataloader.check_fits(data_dir, n_tokens, block_size, model.config.vocab_size, meta_vocab_size)
-if eval_hellaswag:
+if eval_hellaswag:  # every rank scores its share of the items at each evaluation
     check_gpt2_tokenizer(model.config.vocab_size, meta_path, f"the dataset in {data_dir}")
-    hellaswag_rows = load_hellaswag(hellaswag_path)
+    hellaswag_args = (load_hellaswag(hellaswag_path), device, ctx, batch_size, rank, world_size)
 # the settings as this run uses them: a checkpoint's or GPT-2's shape replaces the ones asked for
 config.update({k: getattr(model.config, k) for k in model_args if k in config})
 if master_process:
     print(f"number of parameters: {model.get_num_params() / 1e6:.2f}M")
     print("config: " + ", ".join(f"{k}={v!r}" for k, v in config.items()))
-if freeze_layers:
-    model.freeze(freeze_layers)
 if lora_rank:  # peft's adapters in the targeted layers, the rest frozen; a resume restores them
-    resumed = checkpoint if init_from == 'resume' else None
-    lora.add_adapters(model, lora_settings, resumed, verbose=master_process)
+    lora.add_adapters(model, lora_settings, checkpoint, verbose=master_process)
 raw_model = model  # what checkpoints save: no compile or DDP wrappers ('_orig_mod.' prefixes)
 if master_process and compile:
     print("compiling the model... (takes a ~minute)")
@@ -210,19 +201,17 @@ model, train_model = runtime.parallelize(
 )
 
 # -----------------------------------------------------------------------------
-# optimizer, and the rest of the state a resumed run continues from
-# Muon's Newton-Schulz in bfloat16 only where the device runs it natively
+# optimizer (Muon's Newton-Schulz in bfloat16 where native), and the state a resume continues from
 muon_bf16 = optimizer == 'muon' and runtime.bfloat16_native(device, verbose=master_process)
 muon = dict(lr=muon_learning_rate, momentum=muon_momentum, weight_decay=muon_weight_decay)
 muon = muon if optimizer == 'muon' else None  # None: nanoGPT's AdamW for every parameter
 opt = raw_model.configure_optimizers(
     weight_decay, learning_rate, (beta1, beta2), device_type, master_process, muon, muon_bf16
 )
-rng_states = None  # each process's random state, restored last, right before the loop
-if init_from == 'resume':  # the optimizer, the loss scaler and the batch order as saved
-    rng_states = checkpoints.restore_state(
-        checkpoint, raw_model, opt, scaler, sampler, ckpt_path, world_size, master_process
-    )
+# a resume: the optimizer, loss scaler and batch order as saved; the RNG states, restored last
+rng_states = checkpoints.restore_state(
+    checkpoint, raw_model, opt, scaler, sampler, ckpt_path, world_size, master_process
+)
 checkpoint = None  # free the memory
 peak_flops = runtime.device_peak_flops(device, dtype)  # measured here: it skews no iteration
 
@@ -268,9 +257,8 @@ def get_lr(it):
 
 def save_due(evaluated, improved):
     """The save policy (a stop signal saves after any training step): every checkpoint_interval
-    iterations, and after an evaluation that found a new best val loss or, with
-    always_save_checkpoint, after every evaluation; never the state this run started from, nor with
-    eval_only. With early stopping only a new best is saved, so the checkpoint left is the best."""
+    iterations; after an evaluation with a new best val loss, or any with always_save_checkpoint
+    (not when early stopping keeps the best); never the state the run began with, nor eval_only."""
     if local_iter_num == 0 or eval_only:
         return False
     interval = checkpoint_interval > 0 and iter_num % checkpoint_interval == 0
@@ -284,10 +272,9 @@ def save_checkpoint():
     model_state, opt_state = checkpoints.full_state(raw_model, opt)
     if not master_process:
         return
-    # nanoGPT's model, optimizer and model_args (our GPTConfig fields beside it; LoRA: merged)
+    # nanoGPT's keys (our GPTConfig fields beside model_args), the tokenizer, what resuming needs
     checkpoint = checkpoints.training_checkpoint(raw_model, model_state, opt_state, lora_settings)
     checkpoint.update(iter_num=iter_num, best_val_loss=best_val_loss, config=config)
-    # beyond nanoGPT's keys: the tokenizer, and what continuing exactly needs
     checkpoint['tokenizer'] = data_tokenizer
     checkpoint.update(rng_states=rng_states, sampler_state=sampler.state_to_save)
     checkpoint.update(scaler=scaler.state_dict())
@@ -298,15 +285,13 @@ def save_checkpoint():
 
 # -----------------------------------------------------------------------------
 # logging: log(row, line) prints line, writes row to log.jsonl (in memory until the first save) and
-# wandb; and stop signals: SIGINT (Ctrl-C) or SIGTERM ends the step or evaluation under way, saves
-# a checkpoint if this run has trained, and exits
+# wandb; stop signals (Ctrl-C, SIGTERM) end the step or evaluation under way, save, and exit
 if master_process:
     wandb_run = wandb_log and outdir.start_wandb(out_dir, wandb_project, wandb_run_name, config)
     log = outdir.RunLog(os.path.join(out_dir, 'log.jsonl'), iter_num, wandb_run)
     print(f"tokens per iteration will be: {tokens_per_iter:,}")
 stop = runtime.StopSignals()
-# on a CPU an evaluation can take minutes: say so before the first one, timed on one row of a batch
-if device_type == 'cpu' and not compile:
+if device_type == 'cpu' and not compile:  # an evaluation can take minutes there: say so first
     eval_s = 2 * eval_iters * batch_size * runtime.forward_seconds(model, block_size, ctx)
     if eval_s > 60 and master_process:
         print(outdir.eval_note(eval_s, eval_iters, batch_size, block_size))
@@ -316,11 +301,10 @@ if device_type == 'cpu' and not compile:
 evals_since_best = 0  # for early stopping
 if rng_states:  # last: nothing above draws from the restored streams
     runtime.set_rng_state(rng_states[rank])
-my_rows = slice(rank * accum_steps, (rank + 1) * accum_steps)  # this rank's micro-batches
-batch_shape, n_windows = (gradient_accumulation_steps, batch_size), n_tokens['train'] - block_size
-batches = dataloader.train_batches(
-    data_dir, n_windows, sampler, batch_shape, my_rows, block_size, device
-)
+shape = (gradient_accumulation_steps, batch_size)  # each global batch, in micro-batches
+rows = slice(rank * accum_steps, (rank + 1) * accum_steps)  # this rank's micro-batches
+n_windows = n_tokens['train'] - block_size  # where a window of train.bin can start
+batches = dataloader.train_batches(data_dir, n_windows, sampler, shape, rows, block_size, device)
 X, Y = next(batches)  # fetch the very first batch
 t_start = t0 = time.time()
 local_iter_num = 0  # number of iterations in the lifetime of this process
@@ -331,7 +315,6 @@ while True:
     lr = get_lr(iter_num) if decay_lr else learning_rate
     for param_group in opt.param_groups:
         param_group['lr'] = lr * param_group.get('lr_scale', 1.0)  # Muon's: their own peak
-
     # once in a while: evaluate the loss on train/val sets (and HellaSwag)
     evaluated = improved = False
     if iter_num % eval_interval == 0 or iter_num == max_iters or eval_only:
@@ -340,11 +323,7 @@ while True:
             stopped = True
             break
         losses = runtime.on_rank0(lambda: losses)  # and all of them act on rank 0's numbers
-        hellaswag = {}
-        if eval_hellaswag:  # every rank scores its share
-            hellaswag = hellaswag_score(
-                model, hellaswag_rows, device, ctx, batch_size, rank, world_size
-            )
+        hellaswag = hellaswag_score(model, *hellaswag_args) if eval_hellaswag else {}
         if master_process:
             # a new metric is one more entry here: printed, in log.jsonl and in wandb
             scores = dict(train_loss=losses['train'], val_loss=losses['val'])
@@ -359,14 +338,10 @@ while True:
         save_checkpoint()
     if early_stop_patience and evals_since_best >= early_stop_patience:
         if master_process:
-            print(
-                f"early stopping at iter {iter_num}: no new best val loss in {early_stop_patience} "
-                f"evals; {ckpt_path} holds the best model (val loss {best_val_loss:.4f})"
-            )
+            print(outdir.early_stop_note(iter_num, early_stop_patience, ckpt_path, best_val_loss))
         break
     if iter_num >= max_iters or eval_only:
         break
-
     # the training step: forward backward update, with gradient accumulation for a larger batch
     loss_sum = torch.zeros((), device=device)
     for micro_step in range(accum_steps):
@@ -387,20 +362,16 @@ while True:
     # step the optimizer and scaler if training in fp16 (it skips steps whose gradients overflowed)
     scaler.step(opt)
     scaler.update()
-    # reset the gradients: freed, or under DDP zeroed in its buckets (runtime.zero_grad)
-    runtime.zero_grad(opt, train_model)
-    # the iteration's one host sync, once its step is queued. Another number to log: one more 0-dim
-    # tensor here, averaged over the ranks. 'stop': any rank was asked to, so all stop here
-    stop_flag = torch.full_like(loss_sum, stop.name is not None)
+    runtime.zero_grad(opt, train_model)  # freed, or under DDP zeroed in its buckets
+    # the iteration's one host sync, its step queued: each 0-dim tensor here is averaged and logged
+    stop_flag = torch.full_like(loss_sum, stop.name is not None)  # any rank asked: all stop here
     stats = runtime.mean_over_ranks(dict(loss=loss_sum, grad_norm=grad_norm, stop=stop_flag))
     stopped = stats.pop('stop') > 0
-    # checked before anything can be saved: checkpoints are written below
-    if not math.isfinite(stats['loss']):
+    if not math.isfinite(stats['loss']):  # checked before anything can be saved (below)
         raise UserError(
             f"loss is {stats['loss']} at iter {iter_num}: training diverged (try a lower "
             f"learning_rate); the last checkpoint in {out_dir}, if any, is untouched"
         )
-
     # timing and logging
     t1 = time.time()
     dt = t1 - t0

@@ -225,9 +225,11 @@ def build_model(checkpoint, path, dropout=None):
 
 
 def restore_state(checkpoint, model, optimizer, scaler, sampler, path, world_size, verbose):
-    """Put a resumed run's optimizer, loss scaler and batch order back as checkpoint has them, and
-    return the processes' saved random states: None, with a note, when there is none for each of
-    world_size processes (nanoGPT's checkpoints, or another world size)."""
+    """Put a resumed run's optimizer, loss scaler and batch order back as checkpoint has them (None:
+    not a resume, nothing to do), and return the processes' saved random states: None, with a note,
+    when there is none for each of world_size processes (nanoGPT's, or another count)."""
+    if checkpoint is None:
+        return None
     load_optimizer_state(model, optimizer, checkpoint['optimizer'], path)
     if scaler.is_enabled() and checkpoint.get('scaler'):
         scaler.load_state_dict(checkpoint['scaler'])
@@ -330,11 +332,11 @@ def check_resumable(checkpoint, path, block_size, optimizer, lora_settings):
 def start_model(init_from, model_args, settings, lora_settings, data_record, data_dir, verbose):
     """train.py's model, on CPU: from scratch (model_args), resumed from out_dir/ckpt.pt, a new run
     from the weights in a run's ckpt.pt (the checkpoint fixes the model; dropout is this run's), or
-    GPT-2 / a Hugging Face dir. settings: train.py's (out_dir, dropout, allow_unsafe_pickle,
-    freeze_layers; block_size and optimizer, with lora_settings, which a resume must continue). A
-    model trained on other tokens than the data's (data_record, of data_dir) is refused. Returns
-    (model, checkpoint, iter_num, best_val_loss, the tokenizer record: the data's, else the
-    model's)."""
+    GPT-2 / a Hugging Face dir; then cropped to block_size and frozen below freeze_layers. settings:
+    train.py's (out_dir, dropout, allow_unsafe_pickle, block_size, freeze_layers, and optimizer,
+    which with lora_settings a resume must continue). A model trained on other tokens than the
+    data's (data_record, of data_dir) is refused. Returns (model, the checkpoint a resume continues
+    (else None), iter_num, best_val_loss, the tokenizer record: the data's, else the model's)."""
     out_dir, dropout = settings['out_dir'], settings['dropout']
     checkpoint, iter_num, best_val_loss, source, trained_on = None, 0, 1e9, None, None
     try:
@@ -366,11 +368,16 @@ def start_model(init_from, model_args, settings, lora_settings, data_record, dat
     except (ValueError, OSError) as e:
         raise UserError(str(e)) from None
     check_same(trained_on, data_record, source, data_dir)  # the data in the model's own tokens
+    if settings['block_size'] < model.config.block_size:
+        model.crop_block_size(settings['block_size'])  # model surgery, e.g. GPT-2's 1024 positions
     freeze_layers, n_layer = settings['freeze_layers'], model.config.n_layer
     if not 0 <= freeze_layers <= n_layer:
         raise UserError(
             f"freeze_layers must be between 0 and n_layer ({n_layer}), got {freeze_layers}"
         )
+    if freeze_layers:
+        model.freeze(freeze_layers)
+    checkpoint = checkpoint if init_from == 'resume' else None
     return model, checkpoint, iter_num, best_val_loss, data_record or trained_on
 
 

@@ -90,10 +90,10 @@ def remove_if_empty(folder):
         os.rmdir(folder)  # only ever removes an empty folder
 
 
-def claim_out_dir(out_dir, init_from, overwrite, wait=0.0):
-    """Lock out_dir for this run (lock_out_dir: one run at a time) and refuse a new run there over
-    an earlier one unasked (check_new_run)."""
-    lock_out_dir(out_dir, wait)
+def claim_out_dir(out_dir, init_from, overwrite, restarted=False):
+    """Lock out_dir for this run (lock_out_dir: one run at a time; a job torchrun restarted waits a
+    minute for the failed one's lock) and refuse a new run over an earlier one (check_new_run)."""
+    lock_out_dir(out_dir, wait=60 if restarted else 0)
     check_new_run(out_dir, init_from, overwrite)
 
 
@@ -173,6 +173,14 @@ def eval_note(seconds, eval_iters, batch_size, block_size):
         f"note: each evaluation will take about {duration(seconds)} on this CPU "
         f"({2 * eval_iters} batches of {batch_size}x{block_size}); a run that suits a CPU: "
         "python train.py config/train_shakespeare_char_cpu.py, or fewer --eval_iters"
+    )
+
+
+def early_stop_note(iter_num, patience, ckpt_path, best_val_loss):
+    """train.py's last words when early stopping ends a run."""
+    return (
+        f"early stopping at iter {iter_num}: no new best val loss in {patience} evals; "
+        f"{ckpt_path} holds the best model (val loss {best_val_loss:.4f})"
     )
 
 
