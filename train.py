@@ -150,11 +150,7 @@ runtime.check_resolved(gradient_accumulation_steps, world_size, optimizer, dtype
 accum_steps = gradient_accumulation_steps // world_size  # micro-steps per process and iteration
 if master_process:
     runtime.print_environment(device, dtype)
-    if runtime.shared_rendezvous_store():
-        print(
-            "warning: a restart may fail to reconnect; launch with "
-            "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (docs/scale.md)"
-        )
+    runtime.warn_shared_rendezvous()  # torchrun's restarts may fail to reconnect: say how to launch
 runtime.seed_everything(seed + rank)  # each rank its own dropout masks
 runtime.allow_tf32(device)
 ctx = runtime.autocast_context(device, dtype)

@@ -447,6 +447,15 @@ def shared_rendezvous_store():
     )
 
 
+def warn_shared_rendezvous():
+    """train.py's warning, when shared_rendezvous_store() says a restart may fail to reconnect."""
+    if shared_rendezvous_store():
+        print(
+            "warning: a restart may fail to reconnect; launch with "
+            "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (docs/scale.md)"
+        )
+
+
 def check_resolved(gradient_accumulation_steps, world_size, optimizer, dtype, fsdp):
     """train.py's checks that need the processes and the resolved dtype (the others: its
     check_settings), one line each, before any data or model is touched. fsdp: FSDP in use."""
