@@ -142,6 +142,7 @@ def load_hellaswag(path='', limit=0):
     else:
         import datasets  # imported here: it takes seconds, and only this needs it
 
+        checkpoints.check_hub('Rowan/hellaswag', 'dataset', '--hellaswag_path=hellaswag_val.jsonl')
         try:
             rows = list(datasets.load_dataset('Rowan/hellaswag', split='validation'))
         except Exception as e:
