@@ -326,6 +326,8 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_answering(server, c
 
 
 def test_page_in_a_real_browser(server, tmp_path):
+    if not (shutil.which('chromium') and shutil.which('chromedriver')):
+        pytest.skip("needs Debian's chromium and chromium-driver (README.md, Tests)")
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
