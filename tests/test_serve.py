@@ -347,6 +347,11 @@ def test_page_in_a_real_browser(server, tmp_path):
     )
     try:
         driver.get(server + '/')
+        # sized for a phone's screen; the prompt's limit shown before anything is sent
+        assert driver.find_element(By.CSS_SELECTOR, 'meta[name=viewport]')
+        WebDriverWait(driver, 60).until(
+            lambda d: 'up to 32 tokens' in d.find_element(By.ID, 'context').text
+        )
         for field, value in (
             ('prompt', 'JULIET: O Romeo'),
             ('max_tokens', '40'),
