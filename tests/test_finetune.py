@@ -269,3 +269,23 @@ def test_lora_two_processes_with_activation_checkpointing_match_one(
     ckpt, ref = weights(tmp_path), weights(lora_run)
     torch.testing.assert_close(ckpt['lora']['adapters'], ref['lora']['adapters'], rtol=0, atol=1e-5)
     torch.testing.assert_close(ckpt['model'], ref['model'], rtol=0, atol=1e-5)
+
+
+def test_the_cpu_lora_recipe_trains_adapters_on_a_char_checkpoint(train, pretrained, tmp_path):
+    # config/finetune_shakespeare_char_lora_cpu.py, shrunk, from a character model trained here
+    train(
+        'config/finetune_shakespeare_char_lora_cpu.py',
+        f'--init_from={pretrained}',
+        f'--out_dir={tmp_path}',
+        '--max_iters=8',
+        '--eval_interval=8',
+        '--eval_iters=2',
+        '--batch_size=4',
+        '--learning_rate=1e-2',
+    )
+    before, after = weights(pretrained), weights(tmp_path)
+    assert after['lora']['rank'] == 8 and after['tokenizer'] == before['tokenizer']
+    for k, v in before['model'].items():  # the base weights are the checkpoint's, bit for bit
+        assert torch.equal(after['lora']['base'].get(k, after['model'][k]), v), k
+    _, evals = read_log(tmp_path)
+    assert evals[8]['val_loss'] < evals[0]['val_loss']
