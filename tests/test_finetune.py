@@ -196,7 +196,7 @@ def test_lora_resume_refuses_other_settings_and_damaged_adapters(lora_run):
         lora.check_resume(ckpt, saved, 'out/ckpt.pt')
 
 
-@pytest.mark.compat
+@pytest.mark.format
 def test_lora_checkpoint_is_nanogpt_format_with_merged_weights(lora_run):
     ckpt = weights(lora_run)
     # what nanoGPT's sample.py does with it: the plain GPT, strict, '_orig_mod.' stripped

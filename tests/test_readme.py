@@ -241,6 +241,7 @@ def sandbox(tmp_path):
     return repo, str(hf_dir), str(corpus), str(tmp_path / 'fineweb'), str(hellaswag)
 
 
+@pytest.mark.architecture
 def test_every_readme_command_runs(sandbox):
     repo, *inputs = sandbox
     env = hermetic_env(WANDB_DIR=str(repo))

@@ -58,6 +58,7 @@ def trained(train, tmp_path_factory):
     return str(out)
 
 
+@pytest.mark.smoke
 def test_samples_have_requested_count_and_length_and_are_reproducible(trained):
     args = (f'--out_dir={trained}', '--num_samples=3', '--max_new_tokens=25', '--start=ROMEO:')
     first = run('sample.py', *args)
@@ -98,7 +99,7 @@ def test_file_prompt_is_read(trained, tmp_path):
     assert text.startswith('JULIET:\nO Romeo') and len(text) == len('JULIET:\nO Romeo') + 5
 
 
-@pytest.mark.compat
+@pytest.mark.format
 def test_nanogpt_format_checkpoint_with_gpt2_tokens(tmp_path):
     """A checkpoint as nanoGPT writes it (compiled keys, only its own keys, a BPE dataset)."""
     torch.manual_seed(0)

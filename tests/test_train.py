@@ -108,7 +108,7 @@ FIXTURE_RUN = [
 ]
 
 
-@pytest.mark.compat
+@pytest.mark.format
 def test_a_checkpoint_of_an_earlier_version_resumes_bitwise(tmp_path):
     # written by the code of an earlier commit (tests/fixtures/resume_v2/README.md), at iteration 4:
     # resumed to iteration 8 by today's code, it ends bit for bit where the same state re-saved in
@@ -192,7 +192,7 @@ def test_learning_rate_schedule(straight):
     assert weights(straight)['optimizer']['param_groups'][0]['lr'] == pytest.approx(min_lr)
 
 
-@pytest.mark.compat
+@pytest.mark.format
 def test_checkpoint_is_nanogpt_format(straight):
     # torch.load(weights_only=True) inside
     ckpt = load_checkpoint(os.path.join(straight, 'ckpt.pt'))
@@ -213,6 +213,7 @@ def test_checkpoint_is_nanogpt_format(straight):
     assert isinstance(ckpt['sampler_state'], torch.Tensor) and ckpt['scaler'] == {}
 
 
+@pytest.mark.smoke
 def test_exact_resume(train, straight, tmp_path):
     out = tmp_path / 'out'
     train(*RUN, '--max_iters=20', f'--out_dir={out}')
@@ -338,7 +339,7 @@ def test_best_val_loss_records_only_improvements(train, straight, tmp_path):
     assert weights(out)['iter_num'] == 42 and weights(out)['best_val_loss'] == 0.5
 
 
-@pytest.mark.compat
+@pytest.mark.format
 def test_resumes_a_nanogpt_checkpoint(train, straight, tmp_path):
     ours = weights(straight)
     optimizer = ours['optimizer']
@@ -379,7 +380,7 @@ def test_wandb_offline_run(train, tmp_path):
     assert b'val/loss' in open(runs[0], 'rb').read()  # the logged metrics are in the run's file
 
 
-@pytest.mark.compat
+@pytest.mark.architecture
 def test_finetune_from_local_hugging_face_directory(train, shakespeare_char, tmp_path):
     from transformers import GPT2Config, GPT2LMHeadModel
 
