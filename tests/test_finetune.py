@@ -282,6 +282,7 @@ def test_the_cpu_lora_recipe_trains_adapters_on_a_char_checkpoint(train, pretrai
         '--eval_iters=2',
         '--batch_size=4',
         '--learning_rate=1e-2',
+        '--always_save_checkpoint=True',  # a checkpoint whether the loss went down or not
     )
     before, after = weights(pretrained), weights(tmp_path)
     assert after['lora']['rank'] == 8 and after['tokenizer'] == before['tokenizer']

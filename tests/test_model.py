@@ -302,6 +302,7 @@ def test_temperature_zero_and_top_k():
     assert picks <= top2 and len(picks) == 2
 
 
+@pytest.mark.architecture
 @pytest.mark.format
 def test_nanogpt_checkpoint_with_orig_mod_prefix_loads(tmp_path):
     src = tiny_gpt(seed=3)
@@ -462,6 +463,7 @@ def test_gpt2_parameter_counts(name, shape, total):
         assert f"{model.get_num_params() / 1e6:.2f}M" == "123.65M"
 
 
+@pytest.mark.architecture
 def test_crop_block_size():
     model = tiny_gpt()
     idx = torch.randint(0, 50, (1, 8))
@@ -477,6 +479,7 @@ def test_crop_block_size():
         model.crop_block_size(32)
 
 
+@pytest.mark.architecture
 def test_configure_optimizers_groups_and_fused(capsys):
     model = tiny_gpt()
     opt = model.configure_optimizers(0.1, 6e-4, (0.9, 0.95), "cpu")
