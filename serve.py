@@ -46,7 +46,7 @@ max_batch = 16  # most completions decoded together in one forward pass; more wa
 max_waiting = 256
 max_tokens_limit = 2048  # the largest max_tokens a request may ask for
 max_choices = 16  # the most completions in one request (number of prompts times n)
-log_requests = True  # print one line per request to stderr (uvicorn's access log)
+log_requests = True  # print one line per request to stdout (uvicorn's access log)
 # -----------------------------------------------------------------------------
 
 OPENAI_FIELDS = {

@@ -12,6 +12,11 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHAKESPEARE = os.path.join(ROOT, '..', 'shared', 'data', 'tinyshakespeare', 'input.txt')
+# why a test that needs the text skips without it (README.md's Tests says where to get it)
+NO_SHAKESPEARE = (
+    "the tiny-shakespeare text is not at ../shared/data/tinyshakespeare/input.txt beside the "
+    f"checkout ({os.path.normpath(SHAKESPEARE)}): see README.md, Tests"
+)
 TORCHRUN = os.path.join(os.path.dirname(sys.executable), 'torchrun')
 # small enough that an iteration takes milliseconds on a CPU
 TINY = [
@@ -65,6 +70,20 @@ def pytest_runtest_makereport(item, call):
     ):
         report.outcome = 'failed'
         report.longrepr = f"skipped where nothing may skip: {report.longrepr}"
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Skips for want of the tiny-shakespeare text, counted in one line at the end that says where
+    it goes: pytest -q shows a skip as one letter."""
+    missing = [
+        r for r in terminalreporter.stats.get('skipped', []) if 'tinyshakespeare' in str(r.longrepr)
+    ]
+    if missing:
+        terminalreporter.write_line(
+            f"{len(missing)} tests skipped: {NO_SHAKESPEARE}",
+            yellow=True,
+            bold=True,
+        )
 
 
 def hermetic_env(**extra):
@@ -124,7 +143,7 @@ def shakespeare_char(tmp_path_factory):
             return prepared
         if os.environ.get('CI') == 'true':
             pytest.fail(f"{SHAKESPEARE} is missing: CI needs ../shared/data beside the checkout")
-        pytest.skip(f"{SHAKESPEARE} not found")
+        pytest.skip(NO_SHAKESPEARE)
     out = tmp_path_factory.mktemp('shakespeare_char')
     subprocess.run(
         [

@@ -193,7 +193,8 @@ def gpt2_run(tmp_path_factory):
     )
 
 
-@pytest.mark.compat
+@pytest.mark.architecture
+@pytest.mark.format
 def test_hellaswag_equals_reference_checkpoint_and_export(gpt2_run):
     g = gpt2_run
     # our scorer item by item == the independent reference on the exported model
@@ -242,6 +243,7 @@ def test_hellaswag_equals_reference_checkpoint_and_export(gpt2_run):
     assert evals[4]['hellaswag_items'] == 10
 
 
+@pytest.mark.architecture
 def test_hellaswag_file_with_missing_fields(gpt2_run, tmp_path):
     rows = [dict(r) for r in gpt2_run['rows'][:3]]
     del rows[1]['ctx_b']

@@ -302,7 +302,8 @@ def test_resume_drops_log_lines_that_are_not_ours(trained, tmp_path, train):
     assert rows[:-1] == kept and rows[-1]['iter'] == 2 and 'val_loss' in rows[-1]
 
 
-@pytest.mark.compat
+@pytest.mark.architecture
+@pytest.mark.format
 def test_hf_pickle_weights_load_only_when_allowed(tmp_path):
     from transformers import GPT2Config, GPT2LMHeadModel
 

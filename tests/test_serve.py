@@ -326,6 +326,8 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_answering(server, c
 
 
 def test_page_in_a_real_browser(server, tmp_path):
+    if not (shutil.which('chromium') and shutil.which('chromedriver')):
+        pytest.skip("needs Debian's chromium and chromium-driver (README.md, Tests)")
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
@@ -345,6 +347,11 @@ def test_page_in_a_real_browser(server, tmp_path):
     )
     try:
         driver.get(server + '/')
+        # sized for a phone's screen; the prompt's limit shown before anything is sent
+        assert driver.find_element(By.CSS_SELECTOR, 'meta[name=viewport]')
+        WebDriverWait(driver, 60).until(
+            lambda d: 'up to 32 tokens' in d.find_element(By.ID, 'context').text
+        )
         for field, value in (
             ('prompt', 'JULIET: O Romeo'),
             ('max_tokens', '40'),
