@@ -467,7 +467,9 @@ def load(init_from, out_dir, allow_unsafe_pickle):
     eot = (
         50256
         if model.config.vocab_size >= 50257 and (not record or record['tokenizer'] == 'gpt2')
-        else None
+        else record.get('eot_token')
+        if record
+        else None  # a BPE's own (its last id)
     )
     return model, encode, decode, eot
 

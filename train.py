@@ -282,7 +282,7 @@ meta_path = os.path.join(data_dir, 'meta.pkl')
 # a char-level dataset's, from its meta.pkl; else None
 meta_vocab_size = dataloader.meta_vocab_size(data_dir)
 if meta_vocab_size and master_process:
-    print(f"found vocab_size = {meta_vocab_size} (inside {meta_path})")
+    print(f"found vocab_size = {meta_vocab_size} (inside {data_dir})")
 # what made the .bin files; None for older data folders
 data_tokenizer = tokenizer.data_tokenizer(data_dir)
 # the window starts of each iteration's global batch
@@ -611,6 +611,7 @@ while True:
                     iter=iter_num,
                     train_loss=losses['train'],
                     val_loss=losses['val'],
+                    val_bpb=tokenizer.val_bits_per_byte(losses['val'], data_dir, data_tokenizer),
                     lr=lr,
                     tokens=iter_num * tokens_per_iter,
                     **{f'hellaswag_{k}': v for k, v in hellaswag.items()},

