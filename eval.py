@@ -345,9 +345,8 @@ def main():
             r['bpb'] = bits_per_byte(r['loss'], targets, source['record'], meta_path)
             r['path'] = os.path.abspath(path)
             print(
-                f"val: loss {r['loss']:.4f}, perplexity {r['perplexity']:.3f}, "
-                f"bits per byte {r['bpb']:.4f} ({r['windows']} windows of "
-                f"{model.config.block_size} tokens in {path})",
+                f"val: loss {r['loss']:.4f}, perplexity {r['perplexity']:.3f} ({r['windows']} windows of "
+                f"{model.config.block_size} tokens in {path}), {r['bpb']:.4f} bits per byte",
                 flush=True,
             )
 

@@ -8,7 +8,7 @@ quality of the same small model trained with each tokenizer, in bits per byte of
     python benchmarks/bench_tokenizer.py --part=train --mb=10      # training time, peak memory
     python benchmarks/bench_tokenizer.py --part=encode             # throughput against tiktoken
     python benchmarks/bench_tokenizer.py --part=compression
-    python benchmarks/bench_tokenizer.py --part=quality --max_iters=300
+    python benchmarks/bench_tokenizer.py --part=quality --tokenizers=char,gpt2,bpe
 """
 
 import json
@@ -23,7 +23,7 @@ import time
 
 # the repository's root
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from configurator import ROOT, OneOf, POSITIVE, check, configure
+from configurator import ANY, ROOT, OneOf, POSITIVE, check, configure
 from nanogpt import bpe
 from nanogpt.tokenizer import char_meta, gpt2_encoding
 
@@ -35,8 +35,15 @@ mb = 10  # train and encode: the size of the text, in MB
 vocab_size = 4096  # train, encode: the BPE's vocabulary
 vocab_sizes = '512,1024,2048,4096,8192'  # compression: the BPE's sizes compared
 quality_vocab_size = 1024  # quality: the BPE's size
+tokenizers = 'char,gpt2,bpe'  # quality: the tokenizers compared, a run each
 rounds = 3  # encode: alternate A/B rounds (medians)
-max_iters = 300  # quality: iterations of config/train_shakespeare_char_cpu.py for each tokenizer
+# quality: config/train_shakespeare_char_cpu.py for each tokenizer, with fewer iterations and
+# smaller batches (GPT-2's 50,304-token output layer makes each step ~20x the char model's)
+max_iters = 200
+batch_size = 16
+# quality: bits per byte (eval.py) on the first val_chars characters of the val split, the same text
+# for every tokenizer
+val_chars = 20000
 # -----------------------------------------------------------------------------
 config = configure(globals())
 check(
@@ -49,7 +56,10 @@ check(
         vocab_sizes=OneOf(vocab_sizes),
         quality_vocab_size=POSITIVE,
         rounds=POSITIVE,
+        tokenizers=ANY,
         max_iters=POSITIVE,
+        batch_size=POSITIVE,
+        val_chars=POSITIVE,
     ),
 )
 text = open(input, encoding='utf-8').read()
@@ -131,13 +141,13 @@ with tempfile.TemporaryDirectory() as tmp:
             return result.stdout
 
         prepare = os.path.join(ROOT, 'data', 'prepare_text.py')
-        for name, args in (
-            ('char', ['--tokenizer=char']),
-            ('gpt2', ['--tokenizer=gpt2']),
-            (f'bpe{quality_vocab_size}', ['--tokenizer=bpe', f'--vocab_size={quality_vocab_size}']),
-        ):
+        val_text = os.path.join(tmp, 'val.txt')
+        with open(val_text, 'w', encoding='utf-8') as f:
+            f.write(text[int(len(text) * 0.9) :][:val_chars])
+        for name in tokenizers.split(','):
             data, out = os.path.join(tmp, name), os.path.join(tmp, f'out-{name}')
-            run(prepare, f'--input={input}', f'--out_dir={data}', *args)
+            run(prepare, f'--input={input}', f'--out_dir={data}', f'--tokenizer={name}',
+                f'--vocab_size={quality_vocab_size}')  # fmt: skip
             t0 = time.perf_counter()
             run(
                 'train.py',
@@ -145,15 +155,18 @@ with tempfile.TemporaryDirectory() as tmp:
                 f'--data_dir={data}',
                 f'--out_dir={out}',
                 f'--max_iters={max_iters}',
+                f'--batch_size={batch_size}',
                 f'--lr_decay_iters={max_iters}',
                 f'--eval_interval={max_iters}',
+                '--eval_iters=5',
             )
             dt = time.perf_counter() - t0
-            run('eval.py', f'--out_dir={out}', '--device=cpu')
+            run('eval.py', f'--out_dir={out}', '--device=cpu', f'--val_path={val_text}')
             with open(os.path.join(out, 'eval.json')) as f:
                 r = json.load(f)['results']['val']
             print(
-                f"{name:>8}: {max_iters} iterations in {dt:.0f} s, val loss {r['loss']:.4f} per "
-                f"token, {r['bpb']:.4f} bits per byte",
+                f"{name:>4}: {max_iters} iterations of {batch_size}x64 tokens in {dt:.0f} s, "
+                f"val loss {r['loss']:.4f} per token, {r['bpb']:.4f} bits per byte (the first "
+                f"{val_chars:,} characters of the val split)",
                 flush=True,
             )
