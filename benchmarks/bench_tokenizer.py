@@ -39,8 +39,8 @@ tokenizers = 'char,gpt2,bpe'  # quality: the tokenizers compared, a run each
 rounds = 3  # encode: alternate A/B rounds (medians)
 # quality: config/train_shakespeare_char_cpu.py for each tokenizer, with fewer iterations and
 # smaller batches (GPT-2's 50,304-token output layer makes each step ~20x the char model's)
-max_iters = 200
-batch_size = 16
+max_iters = 100
+batch_size = 8
 # quality: bits per byte (eval.py) on the first val_chars characters of the val split, the same text
 # for every tokenizer
 val_chars = 20000
