@@ -6,8 +6,9 @@ in two: a small GPT is pretrained on the first part, then finetuned from its out
 parameters and its val loss on the finetuning data before (iteration 0: the pretrained model) and
 after, all through train.py and its log.jsonl.
 
-    python bench_finetune.py                                  # ../shared/data/tinyshakespeare/input.txt
-    python bench_finetune.py --input=path/to/input.txt --finetune_iters=400 --pretrain_iters=2000
+    python benchmarks/bench_finetune.py          # ../shared/data/tinyshakespeare/input.txt
+    python benchmarks/bench_finetune.py --input=path/to/input.txt --finetune_iters=400 \
+        --pretrain_iters=2000
 """
 
 import json

@@ -4,9 +4,10 @@ machine's changing load hits both alike: the ratio of the medians, and the media
 ratio (the two runs of a pair ran back to back, under much the same load); also the CPU time (user +
 system) each process used.
 
-    python bench_recipes.py                       # our CPU recipe against nanoGPT's, both through our train.py
-    python bench_recipes.py --nanogpt_dir=../nanoGPT --max_iters=300   # our train.py against nanoGPT's own,
-                                                  # nanoGPT's recipe with identical flags (prepare its data first)
+    # our CPU recipe against nanoGPT's, both through our train.py
+    python benchmarks/bench_recipes.py
+    # our train.py against nanoGPT's own, on nanoGPT's recipe (prepare its data first)
+    python benchmarks/bench_recipes.py --nanogpt_dir=path/to/nanoGPT --max_iters=300
 
 The first prints each command's final val loss too: the recipe has to reach a lower loss in less
 time.
@@ -92,7 +93,8 @@ print(
 )
 ratios = sorted(x / y for x, y in zip(times[b], times[a]))
 print(
-    f"per pair: {a} is {statistics.median(ratios):.2f}x as fast (median of {len(ratios)} pairs, range "
+    f"per pair: {a} is {statistics.median(ratios):.2f}x as fast "
+    f"(median of {len(ratios)} pairs, range "
     f"{ratios[0]:.2f}-{ratios[-1]:.2f})"
 )
 print(

@@ -44,7 +44,8 @@ def test_values_are_literals_of_the_defaults_type():
         (['--batch_sise=8'], "unknown config key 'batch_sise'; did you mean batch_size?"),
         (
             ['--zzz=1'],
-            "unknown config key 'zzz'; known keys: batch_size, compile, dataset, device, eval_only, learning_rate",
+            "unknown config key 'zzz'; known keys: batch_size, compile, dataset, device, "
+            "eval_only, learning_rate",
         ),
         (['--batch_size'], "expected --key=value, got '--batch_size'"),
         (['no/such/config.py'], "config file not found: no/such/config.py"),

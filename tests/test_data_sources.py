@@ -596,7 +596,8 @@ def test_checkpoint_refuses_data_of_another_tokenizer(train, tiny_data, epoch_st
         check=False,
     )
     assert re.search(
-        r"ckpt\.pt uses the tokenizer gpt2 \(50257 tokens\) but the data in .*char was made by char",
+        r"ckpt\.pt uses the tokenizer gpt2 \(50257 tokens\) "
+        r"but the data in .*char was made by char",
         error_line(result),
     )
 

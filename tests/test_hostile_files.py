@@ -152,13 +152,15 @@ def damage(name, case, data, trained, marker):
                 trained,
                 lambda c: c['model'].update({'transformer.wpe.weight': torch.zeros(16, 32)}),
             ),
-            "ckpt.pt is a checkpoint of a format this code does not know (Error(s) in loading state_dict for GPT:",
+            "ckpt.pt is a checkpoint of a format this code does not know "
+            "(Error(s) in loading state_dict for GPT:",
         )
     if name == 'ckpt_bad_model_args':
         return (
             'train.py',
             resume_from(case, trained, lambda c: c['model_args'].pop('n_head')),
-            "ckpt.pt is damaged or of a format this code does not know: model_args['n_head'] is None, not a positive int",
+            "ckpt.pt is damaged or of a format this code does not know: "
+            "model_args['n_head'] is None, not a positive int",
         )
     # a 65-character model on nanoGPT's data (no record) of 13 characters
     if name == 'ckpt_vocab_disagrees':

@@ -67,12 +67,10 @@ def test_model_needs_nothing_of_ours_but_muon():
     assert result.stdout.split() == ["['model',", "'nanogpt.muon']"]
 
 
-def test_no_file_over_480_lines():
-    for path in (
-        glob.glob(os.path.join(ROOT, '*.py'))
-        + glob.glob(os.path.join(ROOT, 'nanogpt', '*.py'))
-        + glob.glob(os.path.join(ROOT, 'data', '**', '*.py'), recursive=True)
-    ):
-        with open(path, encoding='utf-8') as f:
+def test_the_core_files_read_in_one_sitting():
+    # nanoGPT's sizes (model.py 330 lines, train.py 336): the model and the loop, each read at once;
+    # the width of every line is kept by ruff (ruff.toml, run by .ci/run)
+    for name, most in (('model.py', 340), ('train.py', 410)):
+        with open(os.path.join(ROOT, name), encoding='utf-8') as f:
             n = sum(1 for _ in f)
-        assert n <= 480, f"{os.path.relpath(path, ROOT)} has {n} lines: split it by concern"
+        assert n <= most, f"{name} has {n} lines (at most {most}): move what is not its concern out"

@@ -229,8 +229,9 @@ def sandbox(tmp_path):
             sys.executable,
             '-c',
             (
-                "import sys, torch; from transformers import GPT2Config, GPT2LMHeadModel; torch.manual_seed(0); "
-                "GPT2LMHeadModel(GPT2Config(vocab_size=50257, n_positions=64, n_embd=32, n_layer=2, n_head=2))"
+                "import sys, torch; from transformers import GPT2Config, GPT2LMHeadModel; "
+                "torch.manual_seed(0); GPT2LMHeadModel(GPT2Config(vocab_size=50257, "
+                "n_positions=64, n_embd=32, n_layer=2, n_head=2))"
                 ".save_pretrained(sys.argv[1])"
             ),
             str(hf_dir),

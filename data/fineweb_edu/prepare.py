@@ -4,7 +4,7 @@ the way data/openwebtext/prepare.py prepares OpenWebText: every document tokeniz
 plus the end-of-text token 50256, written as uint16 ids to train.bin and val.bin, with
 tokenizer.json beside them.
 
-    python data/fineweb_edu/prepare.py                          # sample-10BT: ~10B tokens, ~20 GB of output
+    python data/fineweb_edu/prepare.py             # sample-10BT: ~10B tokens, ~20 GB of output
     python data/fineweb_edu/prepare.py --max_tokens=1e9         # only the first ~1B tokens
     python data/fineweb_edu/prepare.py --source=~/fineweb-edu --out_dir=data/fineweb_edu_local
 
@@ -122,7 +122,8 @@ def hub_shards(repo, config):
         ) from None
     if not shards:
         raise UserError(
-            f"{repo} has no parquet files for --config={config} (looked under {config_prefix(config)})"
+            f"{repo} has no parquet files for --config={config} "
+            f"(looked under {config_prefix(config)})"
         )
     return shards
 
@@ -269,7 +270,8 @@ if __name__ == '__main__':
         )
     stopped = f", stopped at --max_tokens={int(max_tokens):,}" if full else ""
     print(
-        f"done in {time.time() - t0:,.1f} s: {sum(counts.values()):,} tokens from {sum(n_docs.values()):,} documents "
-        f"of {k + 1} of {len(shards)} shards{stopped}; wrote train.bin, val.bin, {RECORD} to {out_dir}"
+        f"done in {time.time() - t0:,.1f} s: {sum(counts.values()):,} tokens from "
+        f"{sum(n_docs.values()):,} documents of {k + 1} of {len(shards)} shards{stopped}; "
+        f"wrote train.bin, val.bin, {RECORD} to {out_dir}"
     )
     print(train_hint(out_dir))

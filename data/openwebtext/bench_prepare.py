@@ -5,7 +5,7 @@ hand:
 
     python data/openwebtext/bench_prepare.py                      # 100 MB and 250 MB corpora
     python data/openwebtext/bench_prepare.py --sizes_mb=1000 --num_proc=8
-    python data/openwebtext/bench_prepare.py --corpus_format=archives     # the hub repository's layout
+    python data/openwebtext/bench_prepare.py --corpus_format=archives  # the hub repository's layout
 
 Each corpus is a folder of .jsonl files of documents (0.5-9 KB, like OpenWebText's) cut at random
 from a real English text (tiny Shakespeare when found, else synthetic words), or with
@@ -157,7 +157,8 @@ def run(size_mb, text):
     t0 = time.time()
     n_docs, n_chars = make_corpus(os.path.join(folder, 'corpus'), size_mb, text)
     print(
-        f"\n{size_mb} MB corpus: {n_docs:,} documents, {n_chars:,} characters (made in {time.time() - t0:.0f}s)",
+        f"\n{size_mb} MB corpus: {n_docs:,} documents, {n_chars:,} characters "
+        f"(made in {time.time() - t0:.0f}s)",
         flush=True,
     )
     env = dict(
@@ -214,11 +215,13 @@ print(f"base text: {len(text):,} characters; num_proc={num_proc}; cpus={os.cpu_c
 sizes = (100, 250) if sizes_mb is None else sizes_mb if isinstance(sizes_mb, tuple) else (sizes_mb,)
 rows = [run(int(size), text) for size in sizes]
 print(
-    "\n| corpus | documents | tokens | time | tokens/s | largest process (RSS) | whole process tree (PSS), of which anonymous |"
+    "\n| corpus | documents | tokens | time | tokens/s | largest process (RSS) "
+    "| whole process tree (PSS), of which anonymous |"
 )
 print("|---|---|---|---|---|---|---|")
 for r in rows:
     print(
-        f"| {r['size_mb']} MB | {r['documents']:,} | {r['tokens']:,} | {r['seconds']} s | {r['tokens_per_s']:,} | "
+        f"| {r['size_mb']} MB | {r['documents']:,} | {r['tokens']:,} | {r['seconds']} s "
+        f"| {r['tokens_per_s']:,} | "
         f"{r['largest_process_mb']} MB | {r['tree_peak_pss_mb']} MB ({r['tree_peak_anon_mb']} MB) |"
     )

@@ -3,7 +3,7 @@ Prepare OpenWebText (or any corpus of documents) for GPT-2 training, as nanoGPT 
 random 0.05% of the documents as val, tokenize every document with GPT-2 BPE plus the end-of-text
 token 50256, and write all ids of each split into one flat uint16 file, train.bin and val.bin.
 
-    python data/openwebtext/prepare.py                                  # the Hugging Face hub dataset
+    python data/openwebtext/prepare.py                             # the Hugging Face hub dataset
     python data/openwebtext/prepare.py --source=my_corpus/ --out_dir=data/my_corpus
     python data/openwebtext/prepare.py --source='dumps/*.jsonl' --text_column=content
 
@@ -223,7 +223,8 @@ if __name__ == '__main__':
         raise UserError(f"cannot load --source={source}: {type(e).__name__}: {message}") from None
     if text_column not in dataset.column_names:
         raise UserError(
-            f"--source={source} has no '{text_column}' column (it has {', '.join(dataset.column_names)}); "
+            f"--source={source} has no '{text_column}' column "
+            f"(it has {', '.join(dataset.column_names)}); "
             f"pick one with --text_column="
         )
     if len(dataset) < 2:
@@ -304,7 +305,8 @@ if __name__ == '__main__':
         # an earlier char-level run's vocabulary is not this data's
         os.remove(os.path.join(out_dir, 'meta.pkl'))
     print(
-        f"done in {time.time() - t0:,.1f} s: {sum(counts.values()):,} tokens from {len(dataset):,} documents; "
+        f"done in {time.time() - t0:,.1f} s: {sum(counts.values()):,} tokens "
+        f"from {len(dataset):,} documents; "
         f"wrote {', '.join(os.path.basename(p) for p in paths)} "
         f"({sum(os.path.getsize(p) for p in paths) / 1e9:,.2f} GB) to {out_dir}"
     )

@@ -3,7 +3,7 @@ Prepare tiny Shakespeare for character-level language modeling, as nanoGPT does:
 the text's sorted set of characters (65), the first 90% is train.bin and the last 10% val.bin
 (uint16 ids), and meta.pkl holds vocab_size, itos and stoi for train.py and sample.py.
 
-    python data/shakespeare_char/prepare.py                             # downloads input.txt if missing
+    python data/shakespeare_char/prepare.py                        # downloads input.txt if missing
     python data/shakespeare_char/prepare.py --input=/path/to/input.txt  # no network needed
 """
 
