@@ -210,7 +210,7 @@ def test_eval_and_train_log_bits_per_byte_of_the_bpe_model(trained):
 
 
 def test_mismatched_and_damaged_tokenizers_are_refused(trained, tmp_path):
-    out, data, args = trained["out"], trained["data"], trained["args"]
+    out, args = trained["out"], trained["args"]
     # data of another BPE: train.py refuses to resume on it, naming both tokenizers
     other = str(tmp_path)
     prepare_text.prepare(poem_text(60), other, "bpe", vocab_size=300)
