@@ -467,9 +467,7 @@ def load(init_from, out_dir, allow_unsafe_pickle):
     eot = (
         50256
         if model.config.vocab_size >= 50257 and (not record or record['tokenizer'] == 'gpt2')
-        else record.get('eot_token')
-        if record
-        else None  # a BPE's own (its last id)
+        else (record or {}).get('eot_token')  # a BPE's own (its last id); characters have none
     )
     return model, encode, decode, eot
 

@@ -23,8 +23,8 @@ import torch
 import torch.distributed as dist
 
 from nanogpt import lora
-from nanogpt import tokenizer
 from nanogpt import runtime
+from nanogpt import tokenizer
 from configurator import ROOT, UserError
 from model import GPT, GPTConfig
 

@@ -84,7 +84,8 @@ def meta_vocab_size(data_dir):
 def check_fits(data_dir, n_tokens, block_size, vocab_size, meta_vocab_size=None):
     """Refuse data that a model of block_size and vocab_size cannot train on: a vocabulary
     (meta.pkl's, a BPE's) of another size, a split of no more than block_size tokens, or a token id
-    it has no embedding for (which would crash mid-training). Rank 0 scans the files, the others wait for its answer."""
+    it has no embedding for (which would crash mid-training). Rank 0 scans the files, the others
+    wait for its answer."""
     if meta_vocab_size and vocab_size != meta_vocab_size:
         raise UserError(
             f"the model's vocab_size is {vocab_size} but the data's (in {data_dir}) is "
