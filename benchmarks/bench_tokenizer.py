@@ -49,11 +49,11 @@ config = configure(globals())
 check(
     config,
     dict(
-        input=OneOf(input),
+        input=ANY,
         part=OneOf('train', 'encode', 'compression', 'quality'),
         mb=POSITIVE,
         vocab_size=POSITIVE,
-        vocab_sizes=OneOf(vocab_sizes),
+        vocab_sizes=ANY,
         quality_vocab_size=POSITIVE,
         rounds=POSITIVE,
         tokenizers=ANY,
@@ -164,8 +164,9 @@ with tempfile.TemporaryDirectory() as tmp:
             run('eval.py', f'--out_dir={out}', '--device=cpu', f'--val_path={val_text}')
             with open(os.path.join(out, 'eval.json')) as f:
                 r = json.load(f)['results']['val']
+            label = name + (str(quality_vocab_size) if name == 'bpe' else '')
             print(
-                f"{name:>4}: {max_iters} iterations of {batch_size}x64 tokens in {dt:.0f} s, "
+                f"{label:>7}: {max_iters} iterations of {batch_size}x64 tokens in {dt:.0f} s, "
                 f"val loss {r['loss']:.4f} per token, {r['bpb']:.4f} bits per byte (the first "
                 f"{val_chars:,} characters of the val split)",
                 flush=True,
