@@ -1,8 +1,8 @@
 """
 The tokenizers, in one place: GPT-2 BPE (through tiktoken, working offline), character
 vocabularies stored in nanoGPT's meta.pkl format, and byte-level BPEs trained on your own text
-(bpe.py). Used by the data/*/prepare.py scripts, sample.py
-and evaluation.
+(bpe.py); and bits per byte, which compares models of any of them. Used by the data/*/prepare.py
+scripts, sample.py and evaluation.
 
     enc = gpt2_encoding()                  # tiktoken.Encoding, as tiktoken.get_encoding('gpt2')
     meta = char_meta(text)                 # {'vocab_size', 'itos', 'stoi'}: nanoGPT's meta.pkl
