@@ -113,18 +113,15 @@ def check_settings(c):
 
 
 check_settings(config)
-device = runtime.pick_device(device)
+device, dtype, ctx = runtime.setup(device, dtype, seed)
+compile = runtime.pick_compile(compile, device)
 if mode == 'memory':
     if runtime.device_type(device) == 'mps':
         raise UserError(
             "--mode=memory measures on cuda (the allocator's statistics) or cpu (the profiler's)"
         )
+    # under torchrun each process takes its own GPU
     distributed, rank, _, world_size, device = runtime.init_distributed(device)
-dtype = runtime.pick_dtype(dtype, device)
-compile = runtime.pick_compile(compile, device)
-torch.manual_seed(seed)
-runtime.allow_tf32(device)
-ctx = runtime.autocast_context(device, dtype)
 runtime.print_environment(device, dtype)
 
 # data: a prepared dataset when there is one (its vocabulary too), else random tokens
@@ -141,7 +138,8 @@ if real_data:
     # which also refuses a file np.memmap cannot map
     if dataloader.count_tokens(data_path) <= block_size:
         raise UserError(
-            f"{data_path} has too few tokens for block_size {block_size}: use a smaller --block_size"
+            f"{data_path} has too few tokens for block_size {block_size}: "
+            "use a smaller --block_size"
         )
     data = np.memmap(data_path, dtype=np.uint16, mode='r')
 
@@ -173,11 +171,9 @@ model.to(device)
 print(f"number of parameters: {model.get_num_params() / 1e6:.2f}M")
 
 if mode == 'generate':
+    # as sample.py: its weights in dtype, no autocast, compiled as sample.py compiles
+    model = runtime.inference_model(model, device, dtype, compile, cast=True)
     # one-token prompt, as sample.py's default; the same seed for both so they draw alike
-    # as sample.py: its weights in dtype, no autocast
-    model = runtime.inference_model(model, device, dtype)
-    if compile:  # as sample.py does: the forward pass itself, which generate() calls
-        model.forward = torch.compile(model.forward)
     prompt = torch.zeros((1, 1), dtype=torch.long, device=device)
     rates = {}
     for use_cache in (True, False):
@@ -306,9 +302,44 @@ if mode == 'memory':
         peaks[checkpointing] = peak_memory(lambda: forward_backward(net))
     if rank == 0:
         print(
-            f"peak memory of forward+backward, batch {batch_size} x {block_size}: without activation checkpointing "
-            f"{peaks[False] / mib:.2f} MiB, with {peaks[True] / mib:.2f} MiB ({peaks[True] / peaks[False]:.2f}x)"
+            f"peak memory of forward+backward, batch {batch_size} x {block_size}: "
+            f"without activation checkpointing {peaks[False] / mib:.2f} MiB, "
+            f"with {peaks[True] / mib:.2f} MiB ({peaks[True] / peaks[False]:.2f}x)"
         )
+    # what bfloat16 autocast holds beside the training state, against docs/scale.md's arithmetic
+    # (measured with saved-tensor hooks and the profiler at several small sizes): a bfloat16 copy of
+    # every matmul weight (2 bytes each), and per token 36 bytes per unit of n_embd in each Block
+    # (3.6 with activation checkpointing: the Block's float32 input), 10 per vocabulary entry (the
+    # logits, their float32 log-softmax and its gradient) and 17 per unit of n_embd outside the
+    # Blocks. The peak of an eager forward+backward once the gradients exist (a step after the
+    # first under DDP, whose buckets hold them, or a micro-step after the first)
+    if rank == 0 and runtime.bfloat16_native(device):
+        half = runtime.autocast_context(device, 'bfloat16')
+        matmul_weights = n_layer * 12 * n_embd**2 + vocab_size * n_embd
+        tokens = batch_size * block_size
+        for checkpointing, per_block in ((False, 36), (True, 3.6)):
+            net = GPT(gptconf).to(device)
+            runtime.parallelize(
+                net, device, 'bfloat16', False, activation_checkpointing=checkpointing
+            )
+
+            def half_step():
+                X, Y = get_batch()
+                with half:
+                    _, loss = net(X, Y)  # the logits stay alive through backward, as in train.py
+                loss.backward()
+
+            half_step()
+            held = peak_memory(half_step)
+            paper = 2 * matmul_weights + tokens * (
+                per_block * n_layer * n_embd + 10 * vocab_size + 17 * n_embd
+            )
+            print(
+                f"bfloat16 autocast, batch {batch_size} x {block_size}, activation checkpointing "
+                f"{checkpointing}: peak of forward+backward {held / mib:.2f} MiB, arithmetic "
+                f"{paper / mib:.2f} MiB ({held / paper:.3f}x), of which weight copies "
+                f"{2 * matmul_weights / mib:.2f} MiB"
+            )
     # FSDP with gradient accumulation: reduce-scatter after every micro-step, or only the last
     if distributed:
         held = {}
@@ -325,8 +356,9 @@ if mode == 'memory':
             del net
         for r in range(world_size if rank == 0 else 0):
             print(
-                f"FSDP rank {r} of {world_size}, memory held between {accumulation} micro-steps: reduce-scatter after "
-                f"every micro-step {held[True][r] / mib:.2f} MiB, only after the last {held[False][r] / mib:.2f} MiB "
+                f"FSDP rank {r} of {world_size}, memory held between {accumulation} micro-steps: "
+                f"reduce-scatter after every micro-step {held[True][r] / mib:.2f} MiB, "
+                f"only after the last {held[False][r] / mib:.2f} MiB "
                 f"({held[False][r] / held[True][r]:.2f}x)"
             )
     # finetuning in one process: all weights, the top Blocks only, or LoRA adapters (train.py's
@@ -354,15 +386,16 @@ if mode == 'memory':
         expected, trainable, total = arithmetic(net)
         if rank == 0:
             print(
-                f"finetuning, {how}: {trainable:,} of {total:,} parameters trainable ({100 * trainable / total:.2f}%); "
+                f"finetuning, {how}: {trainable:,} of {total:,} parameters trainable "
+                f"({100 * trainable / total:.2f}%); "
                 + ", ".join(f"{k} {v / mib:.2f} MiB" for k, v in size.items())
                 + f", total "
                 f"{sum(size.values()) / mib:.2f} MiB (arithmetic: {expected / mib:.2f} MiB)"
             )
     if rank == 0:
         print(
-            f"the same arithmetic for GPT-2's shapes (meta tensors), GiB per process; freeze_layers: the lowest 3/4 "
-            f"of the Blocks; LoRA rank {lora_rank}:"
+            "the same arithmetic for GPT-2's shapes (meta tensors), GiB per process; "
+            f"freeze_layers: the lowest 3/4 of the Blocks; LoRA rank {lora_rank}:"
         )
         for name, (layers, width) in dict(
             gpt2=(12, 768), gpt2_medium=(24, 1024), gpt2_large=(36, 1280), gpt2_xl=(48, 1600)
@@ -451,11 +484,13 @@ if mode == 'speed':
         f"{tokens / dt['faithful']:,.0f} tokens/s"
     )
     print(
-        f"fast (compile={compile}, {dtype}, {torch.get_num_threads()} threads): {dt['fast'] * 1000:.2f}ms/iter, "
+        f"fast (compile={compile}, {dtype}, {torch.get_num_threads()} threads): "
+        f"{dt['fast'] * 1000:.2f}ms/iter, "
         f"{tokens / dt['fast']:,.0f} tokens/s"
     )
     print(
-        f"training speedup: {dt['faithful'] / dt['fast']:.2f}x (medians of {rounds} alternating blocks of "
+        f"training speedup: {dt['faithful'] / dt['fast']:.2f}x "
+        f"(medians of {rounds} alternating blocks of "
         f"{iters} iterations, batch {batch_size} x {block_size}, {n_layer} layers, {n_embd} wide)"
     )
     raise SystemExit(0)
@@ -502,7 +537,8 @@ if profile:
     )
     print(prof.key_averages().table(sort_by=sort_by, row_limit=20))
     print(
-        f"trace written to {os.path.abspath(profile_dir)} (view with: tensorboard --logdir {profile_dir})"
+        f"trace written to {os.path.abspath(profile_dir)} "
+        f"(view with: tensorboard --logdir {profile_dir})"
     )
 else:
     # simple benchmarking

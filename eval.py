@@ -4,23 +4,19 @@ $ python eval.py --init_from=gpt2 --tasks=hellaswag
 $ python eval.py --out_dir=out-shakespeare-char-cpu --tasks=val
 Prints one line per task and writes the results as JSON to out_json.
 
-hellaswag is scored exactly as lm-evaluation-harness's `hellaswag` task (zero-shot): the query and
-the endings pass through its preprocess(), each ending is a continuation with a space before it, and
-the model's choice is the ending with the highest summed log-probability (acc), or the highest
-log-probability per character of the ending (acc_norm). train.py imports load_hellaswag and
-hellaswag_score from here.
+hellaswag is scored exactly as lm-evaluation-harness's `hellaswag` task (zero-shot): see
+nanogpt/hellaswag.py.
 """
 
 import json
 import os
-import re
 from contextlib import nullcontext
 
 import numpy as np
 import torch
-from torch.nn import functional as F
 
 from nanogpt import checkpoints
+from nanogpt.hellaswag import check_gpt2_tokenizer, hellaswag_score, load_hellaswag
 from nanogpt import dataloader
 from nanogpt import runtime
 from configurator import ANY, NON_NEGATIVE, POSITIVE, OneOf, OutPath, UserError, check, configure
@@ -46,7 +42,6 @@ compile = False  # use PyTorch 2.0 to compile the model to be faster
 allow_unsafe_pickle = False
 # -----------------------------------------------------------------------------
 
-HELLASWAG_FIELDS = ('activity_label', 'ctx_a', 'ctx_b', 'endings', 'label')
 TASKS = ('hellaswag', 'val')
 
 
@@ -71,182 +66,6 @@ def check_settings(c):
     task_list = [t.strip() for t in c['tasks'].split(',') if t.strip()]
     if not task_list or not set(task_list) <= set(TASKS):
         raise UserError(f"tasks must be hellaswag, val or hellaswag,val, got {c['tasks']!r}")
-
-
-def hellaswag_preprocess(text):
-    """lm-evaluation-harness's hellaswag preprocess(): the brackets are artifacts of the WikiHow
-    part."""
-    text = text.strip()
-    text = text.replace(" [title]", ". ")
-    text = re.sub("\\[.*?\\]", "", text)
-    text = text.replace("  ", " ")
-    return text
-
-
-def hellaswag_example(row):
-    """(query, choices, label) of one HellaSwag item, as lm-evaluation-harness's process_docs builds
-    them."""
-    query = hellaswag_preprocess(
-        row['activity_label'] + ': ' + row['ctx_a'] + ' ' + row['ctx_b'].capitalize()
-    )
-    return query, [hellaswag_preprocess(ending) for ending in row['endings']], int(row['label'])
-
-
-def check_hellaswag_row(row, where):
-    missing = [k for k in HELLASWAG_FIELDS if k not in row]
-    if missing:
-        raise UserError(
-            f"{where}: missing field(s) {', '.join(missing)} (a HellaSwag item has {', '.join(HELLASWAG_FIELDS)})"
-        )
-    endings = row['endings']
-    if (
-        not isinstance(endings, list)
-        or len(endings) < 2
-        or not all(isinstance(e, str) for e in endings)
-    ):
-        raise UserError(f"{where}: endings must be a list of at least two strings")
-    if not all(isinstance(row[k], str) for k in HELLASWAG_FIELDS[:3]):
-        raise UserError(f"{where}: activity_label, ctx_a and ctx_b must be strings")
-    if not str(row['label']).isdigit() or int(row['label']) >= len(endings):
-        raise UserError(
-            f"{where}: label must be the index of the right ending (0-{len(endings) - 1}), got {row['label']!r}"
-        )
-
-
-def load_hellaswag(path='', limit=0):
-    """HellaSwag items (dicts with HELLASWAG_FIELDS): from a local .jsonl (one item per line, as in
-    the
-    original hellaswag_val.jsonl) or, for path '', the validation split of Rowan/hellaswag from the
-    hub."""
-    if path:
-        rows = []
-        try:
-            with open(path, encoding='utf-8') as f:
-                for n, line in enumerate(f, 1):
-                    if line.strip():
-                        try:
-                            rows.append(json.loads(line))
-                        except ValueError:
-                            raise UserError(
-                                f"{path} line {n} is not JSON: a HellaSwag file has one item per line"
-                            ) from None
-                        if not isinstance(rows[-1], dict):
-                            raise UserError(f"{path} line {n} is not a JSON object")
-                        check_hellaswag_row(rows[-1], f"{path} line {n}")
-        except OSError as e:
-            raise UserError(f"cannot read the HellaSwag file {path}: {e.strerror}") from None
-        except UnicodeDecodeError:
-            raise UserError(
-                f"{path} is not UTF-8 text: a HellaSwag file has one JSON item per line"
-            ) from None
-    else:
-        import datasets  # imported here: it takes seconds, and only this needs it
-
-        try:
-            rows = list(datasets.load_dataset('Rowan/hellaswag', split='validation'))
-        except Exception as e:
-            reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            raise UserError(
-                f"could not load Rowan/hellaswag from the Hugging Face hub or its cache ({reason}); "
-                "without network access, give a local copy with --hellaswag_path=hellaswag_val.jsonl"
-            ) from None
-    if not rows:
-        raise UserError(f"{path or 'Rowan/hellaswag'} has no items")
-    return rows[:limit] if limit > 0 else rows
-
-
-def encode_pair(enc, context, continuation):
-    """Token ids of (context, continuation) as lm-evaluation-harness's causal models encode them:
-    trailing spaces of the context move to the continuation, the two are encoded as one string, and
-    the context's
-    own encoding marks where the continuation starts."""
-    n_spaces = len(context) - len(context.rstrip())
-    if n_spaces > 0:
-        continuation = context[-n_spaces:] + continuation
-        context = context[:-n_spaces]
-    whole = enc.encode_ordinary(context + continuation)
-    context_ids = enc.encode_ordinary(context)
-    return context_ids, whole[len(context_ids) :]
-
-
-@torch.no_grad()
-def hellaswag_score(
-    model, rows, device, ctx=None, batch_size=8, rank=0, world_size=1, progress=False
-):
-    """{'acc', 'acc_norm', 'items'} of model on the HellaSwag items rows. With world_size > 1 every
-    process
-    scores its share (rows[rank::world_size]) and the counts are summed: every process must call
-    it."""
-    from tqdm import tqdm
-    from nanogpt.tokenizer import gpt2_encoding
-
-    enc = gpt2_encoding()
-    block_size = model.config.block_size
-    share = rows[rank::world_size]
-    # every process runs the same number of forward passes (a sharded model's passes are
-    # collective): shorter shares are topped up with an item that is not counted
-    per_rank = -(-len(rows) // world_size)
-    weights = [1.0] * len(share) + [0.0] * (per_rank - len(share))
-    share = share + rows[:1] * (per_rank - len(share))
-    counts = torch.zeros(3, dtype=torch.float64)  # right by acc, right by acc_norm, items
-    was_training = model.training
-    model.eval()
-    bar = tqdm(total=per_rank, desc='hellaswag', unit='item', disable=not progress)
-    for i in range(0, per_rank, batch_size):
-        seqs, n_cont, items = [], [], []
-        for row in share[i : i + batch_size]:
-            query, choices, label = hellaswag_example(row)
-            # lengths without the space
-            items.append((label, torch.tensor([float(len(c)) for c in choices])))
-            for choice in choices:
-                context_ids, cont_ids = encode_pair(enc, query, ' ' + choice)
-                # lm-eval keeps the last tokens too
-                seqs.append((context_ids + cont_ids)[-(block_size + 1) :])
-                n_cont.append(len(cont_ids))
-        # inputs x and targets y (rows, T), right-padded: -1 marks targets that are not the
-        # continuation's
-        T = max(len(s) for s in seqs) - 1
-        x = torch.zeros(len(seqs), T, dtype=torch.long)
-        y = torch.full((len(seqs), T), -1, dtype=torch.long)
-        for j, s in enumerate(seqs):
-            x[j, : len(s) - 1] = torch.tensor(s[:-1])
-            y[j, len(s) - 1 - n_cont[j] : len(s) - 1] = torch.tensor(s[-n_cont[j] :])
-        x, y = x.to(device), y.to(device)
-        with ctx or nullcontext():
-            logits, _ = model(x, y)  # (rows, T, vocab_size)
-        logprobs = (
-            F.log_softmax(logits.float(), dim=-1)
-            .gather(2, y.clamp(min=0).unsqueeze(-1))
-            .squeeze(-1)
-        )
-        # (rows,) log-probability of each continuation
-        lls = (logprobs * (y >= 0)).sum(dim=1).cpu().double()
-        k = 0
-        for (label, lengths), weight in zip(items, weights[i : i + batch_size]):
-            ll = lls[k : k + len(lengths)]
-            k += len(lengths)
-            counts += weight * torch.tensor(
-                [float(ll.argmax() == label), float((ll / lengths).argmax() == label), 1.0],
-                dtype=torch.float64,
-            )
-        bar.update(len(items))
-    bar.close()
-    model.train(was_training)
-    if world_size > 1:
-        counts = counts.to(device)
-        torch.distributed.all_reduce(counts)
-        counts = counts.cpu()
-    right, right_norm, n = counts.tolist()
-    return {'acc': right / n, 'acc_norm': right_norm / n, 'items': int(n)}
-
-
-def check_gpt2_tokenizer(vocab_size, meta_path, what):
-    """HellaSwag is text: it needs a model that reads GPT-2 BPE, not a character vocabulary."""
-    if (meta_path and os.path.exists(meta_path)) or vocab_size < 50257:
-        raise UserError(
-            f"hellaswag needs a model with the GPT-2 tokenizer, but {what} has a {vocab_size}-token "
-            f"character-level vocabulary{f' ({meta_path})' if meta_path else ''}; use --tasks=val"
-        )
 
 
 @torch.no_grad()
@@ -282,9 +101,8 @@ def main():
     from nanogpt.tokenizer import bits_per_byte, load_tokenizer
 
     task_list = [t.strip() for t in tasks.split(',') if t.strip()]
-    dev = runtime.pick_device(device)
-    run_dtype = runtime.pick_dtype(dtype, dev)
-    runtime.allow_tf32(dev)
+    # TF32 off: evaluation in float32 is exact float32, on CUDA too
+    dev, run_dtype, ctx = runtime.setup(device, dtype, tf32=False)
 
     # model, and where its vocabulary and data are; a model that cannot read HellaSwag is refused
     # before the items are loaded (from the hub, which may take a while to answer)
@@ -294,15 +112,14 @@ def main():
     if 'hellaswag' in task_list:
         check_gpt2_tokenizer(model.config.vocab_size, meta_path, what)
         rows = load_hellaswag(hellaswag_path, hellaswag_limit)
-    model = runtime.inference_model(model, dev, run_dtype)  # its weights in dtype: no autocast
-    if compile:
-        model = torch.compile(model)  # model.config still reaches the GPT's config
+    # float32 weights run under ctx (autocast): the numerics of training's evaluation, its val loss
+    model = runtime.inference_model(model, dev, run_dtype, compile)
 
     results = {}
     for task in task_list:
         if task == 'hellaswag':
             r = results['hellaswag'] = hellaswag_score(
-                model, rows, dev, None, batch_size, progress=True
+                model, rows, dev, ctx, batch_size, progress=True
             )
             print(
                 f"hellaswag: acc {r['acc']:.4f}, acc_norm {r['acc_norm']:.4f} ({r['items']} items)",
@@ -316,7 +133,8 @@ def main():
                 )
             if not os.path.isfile(path):
                 raise UserError(
-                    f"{path} not found: prepare the dataset, or give --val_path=a val.bin or a text file"
+                    f"{path} not found: prepare the dataset, "
+                    "or give --val_path=a val.bin or a text file"
                 )
             if path.endswith('.bin'):
                 # refuses an empty or odd-length file, which np.memmap cannot map
@@ -338,15 +156,16 @@ def main():
                     f"{path} holds token id {int(data.max())} but the model's vocab_size is "
                     f"{model.config.vocab_size}: the data was prepared for another vocabulary"
                 )
-            r = results['val'] = val_loss(model, data, dev, batch_size=batch_size, progress=True)
+            r = results['val'] = val_loss(model, data, dev, ctx, batch_size, progress=True)
             r['perplexity'] = float(np.exp(r['loss']))
             # the windows' targets: every token from the second, up to a tail shorter than a window
             targets = data[1 : r['tokens'] + 1]
             r['bpb'] = bits_per_byte(r['loss'], targets, source['record'], meta_path)
             r['path'] = os.path.abspath(path)
             print(
-                f"val: loss {r['loss']:.4f}, perplexity {r['perplexity']:.3f} ({r['windows']} windows of "
-                f"{model.config.block_size} tokens in {path}), {r['bpb']:.4f} bits per byte",
+                f"val: loss {r['loss']:.4f}, perplexity {r['perplexity']:.3f} "
+                f"({r['windows']} windows of {model.config.block_size} tokens in {path}), "
+                f"{r['bpb']:.4f} bits per byte",
                 flush=True,
             )
 

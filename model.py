@@ -9,28 +9,15 @@ https://github.com/huggingface/transformers/blob/main/src/transformers/models/gp
 The GELU follows the weights' origin (GPTConfig.gelu): the exact one, nanoGPT's, for models trained
 from scratch and for nanoGPT's checkpoints; GPT-2's tanh approximation for OpenAI's weights and
 models finetuned from them, so each computes the function it was trained as (docs/checkpoints.md).
+Training, sampling, evaluation and serving all run GPT.forward (decoding: nanogpt/generate.py).
 """
 
 import math
-import os
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
-
-from nanogpt.muon import Float32Muon, MuonAdamW
-
-PRETRAINED = ('gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl')  # OpenAI's 124M, 350M, 774M, 1558M
-# OpenAI's checkpoints use a "Conv1D" module, a Linear with its weight transposed: these are
-# transposed on import and export
-CONV1D_WEIGHTS = (
-    'attn.c_attn.weight',
-    'attn.c_proj.weight',
-    'mlp.c_fc.weight',
-    'mlp.c_proj.weight',
-)
-HF_GELU = {'gelu': 'exact', 'gelu_new': 'tanh', 'gelu_pytorch_tanh': 'tanh'}  # transformers' names
 
 
 class LayerNorm(nn.Module):
@@ -43,25 +30,6 @@ class LayerNorm(nn.Module):
 
     def forward(self, input):
         return F.layer_norm(input, self.weight.shape, self.weight, self.bias, 1e-5)
-
-
-class KVCache:
-    """Keys and values of one attention layer for the positions processed so far, so that
-    generating a token costs one position instead of the whole context."""
-
-    def __init__(self):
-        self.k = self.v = None  # (B, nh, block_size, hs), allocated on first use
-        self.pos = 0  # number of positions filled
-
-    def append(self, k, v, block_size):
-        B, nh, T, hs = k.shape
-        if self.k is None:
-            self.k = k.new_empty(B, nh, block_size, hs)
-            self.v = v.new_empty(B, nh, block_size, hs)
-        self.k[:, :, self.pos : self.pos + T] = k
-        self.v[:, :, self.pos : self.pos + T] = v
-        self.pos += T
-        return self.k[:, :, : self.pos], self.v[:, :, : self.pos]  # (B, nh, pos, hs)
 
 
 class CausalSelfAttention(nn.Module):
@@ -78,45 +46,36 @@ class CausalSelfAttention(nn.Module):
         self.n_head = config.n_head
         self.n_embd = config.n_embd
         self.dropout = config.dropout
-        self.block_size = config.block_size
-        # flash attention through PyTorch's fused kernel; False selects the explicit masked
-        # softmax below, which computes the same thing (the tests compare the two)
+        # PyTorch's fused attention; False: the explicit masked softmax (the tests compare the two)
         self.flash = True
 
     def forward(self, x, kv_cache=None):
         B, T, C = x.size()  # batch size, sequence length, embedding dimensionality (n_embd)
-        # calculate query, key, values for all heads in batch and move head forward to be the batch
-        # dim
+        # query, key, values for all heads in batch, and the head moved forward as a batch dim
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
-        past = 0
-        if kv_cache is not None:
-            past = kv_cache.pos
-            k, v = kv_cache.append(k, v, self.block_size)  # (B, nh, past + T, hs)
-        # query i (at position past + i) may attend to keys 0 .. past + i. T is tested first so that
-        # these stay plain bools: in compiled decoding (T == 1) past is a symbolic int, and a
-        # symbolic is_causal would make SDPA break the graph
-        prefix = T > 1 and past > 0  # several queries after cached keys: an explicit mask
         mask = None
-        if prefix or not self.flash:
-            mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
+        if kv_cache is not None:
+            K, V, pos = kv_cache  # this layer's (B, nh, block_size, hs) x2, x's positions (B, T)
+            rows = torch.arange(B, device=x.device)[:, None]  # (B, 1): with pos, (B, T) places
+            K[rows, :, pos] = k.transpose(1, 2)  # (B, T, nh, hs) into (B, nh, block_size, hs)
+            V[rows, :, pos] = v.transpose(1, 2)
+            k, v = K, V
+            # a query at position p sees its row's keys 0..p: one shape, alone or batched
+            mask = torch.arange(K.size(2), device=x.device) <= pos[:, None, :, None]  # (B,1,T,L)
+        elif not self.flash:
+            mask = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
         if self.flash:
-            y = F.scaled_dot_product_attention(
-                q,
-                k,
-                v,
-                attn_mask=mask,
-                dropout_p=self.dropout if self.training else 0,
-                is_causal=T > 1 and not prefix,
-            )
+            dropout = self.dropout if self.training else 0
+            y = F.scaled_dot_product_attention(q, k, v, mask, dropout, is_causal=mask is None)
         else:
-            att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))  # (B, nh, T, past + T)
+            att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))  # (B, nh, T, L)
             att = att.masked_fill(~mask, float('-inf'))
             att = F.softmax(att, dim=-1)
             att = self.attn_dropout(att)
-            y = att @ v  # (B, nh, T, past + T) x (B, nh, past + T, hs) -> (B, nh, T, hs)
+            y = att @ v  # (B, nh, T, L) x (B, nh, L, hs) -> (B, nh, T, hs)
         # re-assemble all head outputs side by side
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         # output projection
@@ -171,42 +130,6 @@ class GPTConfig:
     gelu: str = 'exact'
 
 
-def check_same_keys(missing, unexpected, what):
-    """Refuse a conversion between models whose parameters differ (a changed architecture): copying
-    only
-    the names both have would compute another function without a word."""
-    if missing or unexpected:
-        raise ValueError(
-            f"this GPT's parameters differ from {what}: missing {', '.join(missing[:4]) or 'none'}; "
-            f"unexpected {', '.join(unexpected[:4]) or 'none'} (a changed architecture: see docs/code.md)"
-        )
-
-
-@torch.no_grad()
-def check_same_function(model, model_hf, vocab_size, what):
-    """Refuse a conversion whose two models hold the same weights under the same names but compute
-    other
-    logits: a change that kept every parameter (RMSNorm for LayerNorm, say) but not the function."""
-    # (1, T) fixed token ids
-    idx = (torch.arange(min(8, model.config.block_size)) * 7919 % vocab_size)[None]
-    modes = model.training, model_hf.training
-    ours = model.eval()(idx.to(model.lm_head.weight.device), idx.to(model.lm_head.weight.device))[0]
-    diff = (
-        (
-            ours[..., :vocab_size].float().cpu()
-            - model_hf.float().eval()(idx).logits[..., :vocab_size]
-        )
-        .abs()
-        .max()
-    )
-    model.train(modes[0]), model_hf.train(modes[1])
-    if not diff <= 1e-3 * max(1.0, ours.abs().max().item()):
-        raise ValueError(
-            f"this GPT computes another function than {what} with the same weights (logits differ by "
-            f"up to {diff:.3g}): a changed architecture, see docs/code.md"
-        )
-
-
 class GPT(nn.Module):
     def __init__(self, config):
         super().__init__()
@@ -239,8 +162,7 @@ class GPT(nn.Module):
                 torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
 
     def get_num_params(self, non_embedding=True):
-        # non_embedding leaves out the position embeddings; the token embeddings stay in because
-        # they are shared with lm_head, where they count as weights of the final layer
+        # non_embedding: without the position embeddings (the token embeddings are lm_head's too)
         n_params = sum(p.numel() for p in self.parameters())
         if non_embedding:
             n_params -= self.transformer.wpe.weight.numel()
@@ -257,42 +179,48 @@ class GPT(nn.Module):
     def forward(self, idx, targets=None, kv_cache=None):
         """idx: (B, T) token ids. With targets (B, T): logits (B, T, vocab_size) and the mean
         cross-entropy (targets of -1 are ignored). Without: logits of the last position only,
-        (B, 1, vocab_size), and loss None. kv_cache: a list of one KVCache per layer, holding
-        the positions before idx (see generate)."""
+        (B, 1, vocab_size), and loss None. kv_cache: a generate.KVCache of B rows; row b's tokens go
+        after the kv_cache.lengths[b] positions it holds, and its length grows by T."""
         if idx.dtype not in (torch.long, torch.int32):
-            raise TypeError(
-                f"idx must be an integer tensor of token ids (torch.long), got {idx.dtype}"
-            )
+            raise TypeError(f"idx must be an integer tensor of token ids, got {idx.dtype}")
         b, t = idx.size()
-        past = 0 if kv_cache is None else kv_cache[0].pos
-        if past + t > self.config.block_size:
-            raise ValueError(
-                f"Cannot forward sequence of length {past + t}, "
-                f"block size is only {self.config.block_size}"
-            )
-        pos = torch.arange(past, past + t, dtype=torch.long, device=idx.device)  # shape (t)
+        if t > self.config.block_size:
+            block = self.config.block_size
+            raise ValueError(f"Cannot forward sequence of length {t}, block size is only {block}")
+        pos = torch.arange(0, t, dtype=torch.long, device=idx.device)  # shape (t)
+        if kv_cache is not None:
+            pos = kv_cache.lengths[:, None] + pos  # (b, t): each row at its own position
 
         # forward the GPT model itself
         tok_emb = self.transformer.wte(idx)  # token embeddings of shape (b, t, n_embd)
-        pos_emb = self.transformer.wpe(pos)  # position embeddings of shape (t, n_embd)
+        pos_emb = self.transformer.wpe(pos)  # position embeddings of shape (t or (b, t), n_embd)
         x = self.transformer.drop(tok_emb + pos_emb)
         for i, block in enumerate(self.transformer.h):
-            x = block(x, None if kv_cache is None else kv_cache[i])
+            x = block(x, None if kv_cache is None else (kv_cache.k[i], kv_cache.v[i], pos))
         x = self.transformer.ln_f(x)
+        if kv_cache is not None:
+            kv_cache.lengths += t
 
         if targets is not None:
             # if we are given some desired targets also calculate the loss
-            logits = self.lm_head(x)
-            # in float32 also for a model run in bfloat16 (runtime.inference_model); autocast does
-            # so itself
-            loss = F.cross_entropy(
-                logits.float().view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1
-            )
+            logits, loss = self.logits_and_loss(x, targets)
         else:
             # inference-time mini-optimization: only forward the lm_head on the very last position
             logits = self.lm_head(x[:, [-1], :])  # note: using list [-1] to preserve the time dim
             loss = None
 
+        return logits, loss
+
+    def logits_and_loss(self, x, targets):
+        """x (B, T, n_embd) from ln_f -> logits (B, T, vocab_size) and their mean cross-entropy
+        against targets (B, T). A method of its own so that runtime.parallelize can compile it
+        where it cannot compile forward (under FSDP)."""
+        logits = self.lm_head(x)
+        # in float32 also for a model run in bfloat16 (runtime.inference_model); autocast does so
+        # itself
+        loss = F.cross_entropy(
+            logits.float().view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1
+        )
         return logits, loss
 
     def load_state_dict(self, state_dict, strict=True, assign=False):
@@ -302,173 +230,29 @@ class GPT(nn.Module):
 
     def crop_block_size(self, block_size):
         # model surgery, e.g. to use GPT-2's weights (block size 1024) with a smaller block size
-        if block_size > self.config.block_size:
-            raise ValueError(
-                f"block_size {block_size} is larger than the model's {self.config.block_size}; "
-                "a block size can only be cropped, not extended"
-            )
+        if block_size > (old := self.config.block_size):  # a block can be cropped, not extended
+            raise ValueError(f"block_size {block_size} is larger than the model's {old}")
         self.config.block_size = block_size
         self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size])
-        for block in self.transformer.h:
-            block.attn.block_size = block_size
 
     def freeze(self, n_blocks):
-        """Stop training the token and position embeddings and the lowest n_blocks Blocks: they get
-        no gradients, and configure_optimizers (which takes only parameters that require grad) gives
-        them no optimizer state. lm_head.weight is the same tensor as wte.weight (weight tying), so
-        the output layer is frozen too: the model keeps reading its logits off the pretrained token
-        embeddings, and
-        only the Blocks above n_blocks and ln_f learn."""
+        """Stop training the token and position embeddings (lm_head too: weight tying) and the
+        lowest n_blocks Blocks: no gradients, no optimizer state. The Blocks above, ln_f learn."""
         for module in (self.transformer.wte, self.transformer.wpe, *self.transformer.h[:n_blocks]):
             module.requires_grad_(False)
 
     @classmethod
     def from_pretrained(cls, model_type, override_args=None, allow_unsafe_pickle=False):
-        """Load OpenAI's GPT-2 weights ('gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl') through
-        transformers, or any GPT-2 model saved in Hugging Face format in a local directory
-        (config.json + weights), which is how to work offline. Only dropout can be overridden.
-        Weights are read from safetensors only, unless allow_unsafe_pickle (see
-        checkpoints.check_hf_dir)."""
-        override_args = override_args or {}
-        if any(k != 'dropout' for k in override_args):
-            raise ValueError(
-                f"only dropout can be overridden for a pretrained model, got {sorted(override_args)}"
-            )
-        if model_type not in PRETRAINED and not os.path.isdir(model_type):
-            raise ValueError(
-                f"unknown pretrained model '{model_type}': use one of {', '.join(PRETRAINED)} "
-                "or a local directory holding a Hugging Face GPT-2 (config.json + model.safetensors)"
-            )
-        # imported here: it takes seconds, and only this needs it
-        from transformers import GPT2LMHeadModel
+        """OpenAI's GPT-2 ('gpt2' ... 'gpt2-xl') or a local Hugging Face directory: hf.py."""
+        from nanogpt.hf import from_pretrained
 
-        print(f"loading weights from pretrained gpt: {model_type}")
-        # OpenAI's GPT-2 on the hub has model.safetensors too; None: safetensors if there, else the
-        # pickle
-        try:
-            model_hf, info = GPT2LMHeadModel.from_pretrained(
-                model_type,
-                use_safetensors=None if allow_unsafe_pickle else True,
-                output_loading_info=True,
-            )
-        except OSError as e:
-            # the hub client's message runs over several lines
-            reason = str(e).strip().splitlines()[0]
-            if os.path.isdir(model_type):
-                raise ValueError(f"cannot load {model_type} ({reason})") from None
-            raise OSError(
-                f"could not load '{model_type}' from the Hugging Face hub or its local cache ({reason}). "
-                "Without network access, download it once elsewhere and point at the directory "
-                "instead, e.g. init_from='/path/to/gpt2' (a directory with config.json and "
-                "model.safetensors, as written by save_pretrained)"
-            ) from None
-        # a damaged weights file (safetensors' own error), shapes that disagree with config.json
-        except Exception as e:
-            reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            raise ValueError(
-                f"cannot load the weights of {model_type} ({type(e).__name__}: {reason})"
-            ) from None
-        # transformers would fill these in at random
-        if info['missing_keys'] or info['mismatched_keys']:
-            names = sorted(info['missing_keys']) + sorted(str(k) for k in info['mismatched_keys'])
-            raise ValueError(
-                f"{model_type}: its weights do not fit its config.json ({len(names)} tensors missing "
-                f"or of another shape, e.g. {names[0]})"
-            )
-        hf = model_hf.config
-        if hf.activation_function not in HF_GELU:
-            raise ValueError(
-                f"{model_type}: activation_function '{hf.activation_function}' is not a GELU "
-                f"this model has ({', '.join(HF_GELU)})"
-            )
-        config = GPTConfig(
-            block_size=hf.n_positions,
-            vocab_size=hf.vocab_size,
-            n_layer=hf.n_layer,
-            n_head=hf.n_head,
-            n_embd=hf.n_embd,
-            bias=True,
-            dropout=override_args.get('dropout', 0.0),
-            gelu=HF_GELU[hf.activation_function],
-        )
-        model = GPT(config)
-        sd = model.state_dict()
-        sd_hf = model_hf.state_dict()
-        check_same_keys(
-            [k for k in sd if k not in sd_hf],
-            [k for k in sd_hf if k not in sd],
-            f"{model_type}'s weights",
-        )
-        with torch.no_grad():
-            for k in sd:
-                w = sd_hf[k].t() if k.endswith(CONV1D_WEIGHTS) else sd_hf[k]
-                if w.shape != sd[k].shape:
-                    raise ValueError(
-                        f"{model_type}: {k} has shape {tuple(w.shape)}, expected {tuple(sd[k].shape)}"
-                    )
-                sd[k].copy_(w)
-        check_same_function(model, model_hf, hf.vocab_size, f"{model_type}'s weights")
-        return model
+        return from_pretrained(model_type, override_args, allow_unsafe_pickle)
 
     def export_hf(self, path, vocab_size=None, tokenizer=None):
-        """Write this model as a Hugging Face GPT-2 directory (config.json + model.safetensors)
-        that transformers.GPT2LMHeadModel.from_pretrained(path) loads with the same logits.
-        A padded vocabulary (e.g. 50304 = 50257 rounded up to a multiple of 64) is exported whole
-        by default, so the logits match row for row; pass vocab_size=50257 to keep only GPT-2's
-        real tokens (the padding rows never occur in the data, so nothing is lost). A model
-        without biases is exported with zero biases, which computes exactly the same function,
-        and the GELU as transformers names it: 'gelu' (exact) or 'gelu_new' (tanh). With
-        tokenizer (a transformers tokenizer: nanogpt.bpe.hf_tokenizer of ckpt.pt's 'tokenizer'), it
-        is saved beside the weights, its end-of-text token the model's bos and eos."""
-        from transformers import GPT2Config, GPT2LMHeadModel
+        """Write this model as a Hugging Face GPT-2 directory: hf.py."""
+        from nanogpt.hf import export_hf
 
-        c = self.config
-        vocab_size = vocab_size or c.vocab_size
-        if vocab_size > c.vocab_size:
-            raise ValueError(f"vocab_size {vocab_size} is larger than the model's {c.vocab_size}")
-        hf_config = GPT2Config(
-            vocab_size=vocab_size,
-            n_positions=c.block_size,
-            n_embd=c.n_embd,
-            n_layer=c.n_layer,
-            n_head=c.n_head,
-            activation_function='gelu_new' if c.gelu == 'tanh' else 'gelu',
-            resid_pdrop=c.dropout,
-            embd_pdrop=c.dropout,
-            attn_pdrop=c.dropout,
-            layer_norm_epsilon=1e-5,
-            tie_word_embeddings=True,
-            bos_token_id=tokenizer.bos_token_id if tokenizer is not None else 50256,
-            eos_token_id=tokenizer.eos_token_id if tokenizer is not None else 50256,
-        )
-        model_hf = GPT2LMHeadModel(hf_config)
-        sd, sd_hf = self.state_dict(), model_hf.state_dict()
-        zero_bias = [
-            k
-            for k in sd_hf
-            if not c.bias and k.endswith('.bias') and k.replace('.bias', '.weight') in sd
-        ]
-        check_same_keys(
-            [k for k in sd_hf if k not in sd and k not in zero_bias],
-            [k for k in sd if k not in sd_hf],
-            "GPT-2's format",
-        )
-        with torch.no_grad():
-            for k, v in sd_hf.items():
-                if k in zero_bias:
-                    v.zero_()
-                    continue
-                w = sd[k].t() if k.endswith(CONV1D_WEIGHTS) else sd[k]
-                w = w[:vocab_size] if k in ('transformer.wte.weight', 'lm_head.weight') else w
-                if w.shape != v.shape:
-                    raise ValueError(
-                        f"GPT-2's format: {k} has shape {tuple(v.shape)}, this model's {tuple(w.shape)}"
-                    )
-                v.copy_(w)
-        check_same_function(self, model_hf, vocab_size, "GPT-2's format")
-        model_hf.save_pretrained(path)
-        if tokenizer is not None:  # AutoTokenizer.from_pretrained(path) reads the model's text
-            tokenizer.save_pretrained(path)
+        export_hf(self, path, vocab_size, tokenizer)
 
     def configure_optimizers(
         self,
@@ -482,22 +266,15 @@ class GPT(nn.Module):
     ):
         """AdamW for all parameters (nanoGPT), or with muon=dict(lr=, momentum=, weight_decay=):
         Muon for the blocks' weight matrices and AdamW for the rest, as one muon.MuonAdamW.
-        muon_bf16: Newton-Schulz in
-        bfloat16 (torch.optim.Muon), for devices whose bfloat16 matmuls are native; else in float32.
-        """
+        muon_bf16: Newton-Schulz in bfloat16 (torch.optim.Muon), for devices whose bfloat16 matmuls
+        are native; else in float32."""
         # start with all of the candidate parameters that require grad
         param_dict = {pn: p for pn, p in self.named_parameters() if p.requires_grad}
-        if muon is not None:
-            # the attention and MLP matrices of the blocks (all 2-D) go to Muon; the embeddings (the
-            # token embedding is also lm_head), the LayerNorm gains and the biases stay with AdamW
-            muon_params = [
-                p for n, p in param_dict.items() if n.startswith('transformer.h.') and p.dim() == 2
-            ]
-            param_dict = {
-                n: p
-                for n, p in param_dict.items()
-                if not (n.startswith('transformer.h.') and p.dim() == 2)
-            }
+        # with muon, the blocks' matrices go to Muon; embeddings, gains and biases stay with AdamW
+        names = [
+            n for n, p in param_dict.items() if n.startswith('transformer.h.') and p.dim() == 2
+        ]
+        muon_params = [param_dict.pop(n) for n in names] if muon is not None else []
         # create optim groups. Any parameters that is 2D will be weight decayed, otherwise no.
         # i.e. all weight tensors in matmuls + embeddings decay, all biases and layernorms don't.
         decay_params = [p for n, p in param_dict.items() if p.dim() >= 2]
@@ -514,89 +291,56 @@ class GPT(nn.Module):
             optimizer = torch.optim.AdamW(optim_groups, lr=learning_rate, betas=betas)
             use_fused = False
         if verbose:
-            num_decay = sum(p.numel() for p in decay_params)
-            num_nodecay = sum(p.numel() for p in nodecay_params)
-            print(
-                f"num decayed parameter tensors: {len(decay_params)}, with {num_decay:,} parameters"
-            )
-            print(
-                f"num non-decayed parameter tensors: {len(nodecay_params)}, with {num_nodecay:,} parameters"
-            )
+            for name, group in (('decayed', decay_params), ('non-decayed', nodecay_params)):
+                n = sum(p.numel() for p in group)
+                print(f"num {name} parameter tensors: {len(group)}, with {n:,} parameters")
             print(f"using fused AdamW: {use_fused} ({device_type})")
         if muon is not None:
-            # torch's Muon runs Newton-Schulz in bfloat16: where bfloat16 matmuls are emulated (CPUs
-            # without AVX-512 BF16 or AMX) that is ~100x slower, so the caller says (muon_bf16)
-            # which one to take
-            muon_optimizer = (torch.optim.Muon if muon_bf16 else Float32Muon)(
-                muon_params, nesterov=True, **muon
-            )
+            from nanogpt.muon import Float32Muon, MuonAdamW
+
+            # torch's Muon runs Newton-Schulz in bfloat16, ~100x slower where it is emulated (CPUs
+            # without AVX-512 BF16 or AMX): the caller says which one to take
+            kind = torch.optim.Muon if muon_bf16 else Float32Muon
             if verbose:
-                path = (
-                    'torch.optim.Muon, Newton-Schulz in bfloat16'
-                    if muon_bf16
-                    else 'Float32Muon, Newton-Schulz in float32'
-                )
+                n = sum(p.numel() for p in muon_params)
                 print(
-                    f"muon for {len(muon_params)} matrices with {sum(p.numel() for p in muon_params):,} parameters: {path}"
+                    f"muon for {len(muon_params)} matrices with {n:,} parameters: {kind.__name__}"
                 )
+            muon_optimizer = kind(muon_params, nesterov=True, **muon)
             optimizer = MuonAdamW(muon_optimizer, optimizer, muon['lr'] / learning_rate)
         return optimizer
 
+    def flops_per_token(self):
+        """Matrix-product flops per token of a training step as autograd runs it: forward, 2 per
+        weight and 4 T C per attention (PaLM, arxiv.org/abs/2204.02311); backward, as much for the
+        inputs' gradients where a parameter below trains, and 2 per weight that trains."""
+        T, C = self.config.block_size, self.config.n_embd
+        forward = backward = 0
+        trains_below = False  # does a parameter that gradients must reach lie before this module
+        for m in self.modules():  # in the order of the forward pass, as GPT registers them
+            if isinstance(m, CausalSelfAttention):  # q @ k^T and att @ v, on c_attn's outputs
+                forward += 4 * T * C
+                c_attn_trains = any(p.requires_grad for p in m.c_attn.parameters())
+                backward += 8 * T * C if trains_below or c_attn_trains else 0
+            if isinstance(m, nn.Linear):
+                forward += 2 * m.weight.numel()
+                backward += 2 * m.weight.numel() * (trains_below + m.weight.requires_grad)
+            trains_below |= any(p.requires_grad for p in m.parameters(recurse=False))
+        return forward + backward
+
     def estimate_mfu(self, fwdbwd_per_iter, dt, peak_flops):
-        """model flops utilization (MFU): achieved flops over peak_flops, the device's peak flops/s
-        (the caller measures or looks it up: runtime.device_peak_flops)."""
-        # first estimate the number of flops we do per iteration.
-        # see PaLM paper Appendix B as ref: https://arxiv.org/abs/2204.02311
-        N = self.get_num_params()
-        cfg = self.config
-        L, H, Q, T = cfg.n_layer, cfg.n_head, cfg.n_embd // cfg.n_head, cfg.block_size
-        flops_per_token = 6 * N + 12 * L * H * Q * T
-        flops_per_iter = flops_per_token * T * fwdbwd_per_iter
+        """model flops utilization: achieved flops over peak_flops (runtime.device_peak_flops)"""
+        flops_per_iter = self.flops_per_token() * self.config.block_size * fwdbwd_per_iter
         return flops_per_iter / dt / peak_flops  # achieved flops per second over the peak
 
-    @torch.no_grad()
     def generate_tokens(self, idx, max_new_tokens, temperature=1.0, top_k=None, use_cache=True):
-        """Yield max_new_tokens new tokens, each a (b, 1) tensor, continuing idx (b, t).
-        Without the cache this is nanoGPT's loop: the whole (cropped) context is run for every
-        token. With it, each step runs one position against the cached keys and values. When the
-        cache is full (block_size positions) it is rebuilt from the last block_size // 2 tokens, so
-        the
-        model keeps going with half a block of context instead of recomputing a whole block per
-        token."""
-        if max_new_tokens > 0 and idx.size(1) == 0:
-            raise ValueError("generate needs at least one token of context to start from")
-        block_size = self.config.block_size
-        cache = None
-        for _ in range(max_new_tokens):
-            if not use_cache:
-                # if the sequence context is growing too long we must crop it at block_size
-                logits, _ = self(idx if idx.size(1) <= block_size else idx[:, -block_size:])
-            elif cache is None or cache[0].pos == block_size:
-                keep = block_size if cache is None else block_size // 2
-                cache = [KVCache() for _ in self.transformer.h]
-                logits, _ = self(idx[:, -keep:], kv_cache=cache)
-            else:
-                logits, _ = self(idx[:, -1:], kv_cache=cache)
-            # (b, vocab_size), in float32 also from a bfloat16 model
-            logits = logits[:, -1, :].float()
-            if temperature == 0:
-                idx_next = logits.argmax(dim=-1, keepdim=True)  # greedy
-            else:
-                # pluck the logits at the final step and scale by desired temperature
-                logits = logits / temperature
-                # optionally crop the logits to only the top k options
-                if top_k is not None:
-                    v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
-                    logits[logits < v[:, [-1]]] = -float('Inf')
-                # apply softmax to convert logits to (normalized) probabilities
-                probs = F.softmax(logits, dim=-1)
-                idx_next = torch.multinomial(probs, num_samples=1)  # (b, 1)
-            idx = torch.cat((idx, idx_next), dim=1)
-            yield idx_next
+        """Yield max_new_tokens new tokens (b, 1) after idx (b, t): generate.generate_tokens."""
+        from nanogpt.generate import generate_tokens
+
+        yield from generate_tokens(self, idx, max_new_tokens, temperature, top_k, use_cache)
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, use_cache=True):
-        """Complete idx (b, t) with max_new_tokens tokens, feeding each prediction back in.
-        Call model.eval() first. temperature=0 picks the most likely token (greedy)."""
+        """idx (b, t) and max_new_tokens more tokens (model.eval() first; temperature 0: greedy)"""
         new = list(self.generate_tokens(idx, max_new_tokens, temperature, top_k, use_cache))
         return torch.cat([idx] + new, dim=1)

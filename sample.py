@@ -12,7 +12,7 @@ import torch
 from nanogpt import checkpoints
 from nanogpt import runtime
 from configurator import ANY, NON_NEGATIVE, POSITIVE, SEED, OneOf, UserError, check, configure
-from nanogpt.tokenizer import describe, load_tokenizer
+from nanogpt.tokenizer import describe
 
 # -----------------------------------------------------------------------------
 # 'resume' (from out_dir/ckpt.pt), a gpt2 variant (e.g. 'gpt2-xl') or a local Hugging Face dir
@@ -59,28 +59,17 @@ def check_settings(c):
 
 
 check_settings(config)
-device = runtime.pick_device(device)
-dtype = runtime.pick_dtype(dtype, device)
-runtime.allow_tf32(device)
-torch.manual_seed(seed)
+device, dtype, _ = runtime.setup(device, dtype, seed)
 
-# model, and the tokenizer its text is read with
-model, source = checkpoints.load_model(init_from, out_dir, allow_unsafe_pickle)
-# record: what made the training data, if recorded
+# model, and the tokenizer its text is read with; record: what made the training data, if recorded
+model, encode, decode, source = checkpoints.load_model_and_tokenizer(
+    init_from, out_dir, allow_unsafe_pickle
+)
 meta_path, record = source['meta_path'], source['record']
-model = runtime.inference_model(model, device, dtype)  # its weights in dtype: no autocast
-if compile:
-    # generate() calls self(...), so compile the forward pass itself, not a wrapper around the
-    # module
-    model.forward = torch.compile(model.forward)
+# its weights in dtype, no autocast: faster to decode, its logits upcast to float32 for sampling
+model = runtime.inference_model(model, device, dtype, compile, cast=True)
 
 # encode the beginning of the prompt
-if model.config.vocab_size < 50257 and not record and not (meta_path and os.path.exists(meta_path)):
-    raise UserError(
-        f"this model has a {model.config.vocab_size}-token vocabulary but its meta.pkl was not found "
-        f"(looked for {meta_path}); prepare that dataset again with its data/<name>/prepare.py"
-    )
-encode, decode = load_tokenizer(meta_path, record, model.config.vocab_size)
 if start.startswith('FILE:'):
     try:
         with open(start[5:], 'r', encoding='utf-8') as f:
@@ -92,7 +81,8 @@ if start.startswith('FILE:'):
 start_ids = encode(start)
 if not start_ids:
     raise UserError(
-        "the prompt is empty: give at least one character with --start=... (the default is a newline)"
+        "the prompt is empty: give at least one character with --start=... (the default is a "
+        "newline)"
     )
 x = torch.tensor(start_ids, dtype=torch.long, device=device)[None, ...]  # (1, T)
 # what is not a sample goes to stderr, after any error about the prompt

@@ -2,7 +2,8 @@
 Serve a trained model over HTTP with OpenAI's completions API, and a page to try it at
 http://127.0.0.1:8000/
     $ python serve.py --out_dir=out-shakespeare-char
-    $ curl http://127.0.0.1:8000/v1/completions -H 'Content-Type: application/json' -d '{"prompt": "ROMEO:"}'
+    $ curl http://127.0.0.1:8000/v1/completions -H 'Content-Type: application/json' \
+        -d '{"prompt": "ROMEO:"}'
 Requests that arrive while others are generating join the running batch at the next step
 (docs/serve.md).
 """
@@ -15,7 +16,6 @@ import sys
 import time
 import uuid
 
-import torch
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -26,7 +26,6 @@ from nanogpt import checkpoints
 from nanogpt import runtime
 from nanogpt.batching import Engine, Row
 from configurator import ANY, NON_NEGATIVE, POSITIVE, OneOf, Range, UserError, check, configure
-from nanogpt.tokenizer import load_tokenizer
 
 # -----------------------------------------------------------------------------
 # 'resume' (from out_dir/ckpt.pt), a gpt2 variant (e.g. 'gpt2-xl') or a local Hugging Face dir
@@ -41,7 +40,7 @@ port = 8000
 device = 'auto'  # 'auto' (cuda, else mps, else cpu), 'cpu', 'cuda', 'cuda:1', 'mps'
 # 'auto' (bfloat16 or float16 on GPUs, float32 elsewhere), 'float32', 'bfloat16', 'float16'
 dtype = 'auto'
-compile = False  # compile the prefill (the model's forward) and each block's MLP with torch.compile
+compile = False  # compile the model's forward (prompts and decoding steps) with torch.compile
 max_batch = 16  # most completions decoded together in one forward pass; more wait for a free place
 # most completions waiting for a place; a request beyond that gets 429 (retry later)
 max_waiting = 256
@@ -182,8 +181,8 @@ def parse_prompts(prompt, encode, block_size, vocab_size):
             )
         if len(ids) > block_size:
             raise BadRequest(
-                f"a prompt is {len(ids)} tokens long but this model reads at most {block_size} (its "
-                f"block_size): shorten it, e.g. to its last {block_size} tokens",
+                f"a prompt is {len(ids)} tokens long but this model reads at most {block_size} "
+                f"(its block_size): shorten it, e.g. to its last {block_size} tokens",
                 'prompt',
             )
         prompts.append(ids)
@@ -195,18 +194,21 @@ def parse_request(body, served, encode, block_size, vocab_size):
     rows)."""
     if not isinstance(body, dict):
         raise BadRequest(
-            "the request body must be a JSON object, e.g. {\"prompt\": \"Hello\", \"max_tokens\": 16}"
+            "the request body must be a JSON object, "
+            "e.g. {\"prompt\": \"Hello\", \"max_tokens\": 16}"
         )
     unknown = sorted(set(body) - OPENAI_FIELDS)
     if unknown:
         raise BadRequest(
-            f"unknown field(s) {', '.join(unknown)}; this server accepts {', '.join(sorted(OPENAI_FIELDS))}",
+            f"unknown field(s) {', '.join(unknown)}; "
+            f"this server accepts {', '.join(sorted(OPENAI_FIELDS))}",
             unknown[0],
         )
     model = body.get('model')
     if model is not None and model != served:
         raise BadRequest(
-            f"the model '{model}' is not served here: this server serves '{served}' (GET /v1/models)",
+            f"the model '{model}' is not served here: "
+            f"this server serves '{served}' (GET /v1/models)",
             'model',
             status=404,
             code='model_not_found',
@@ -448,41 +450,18 @@ def build_app(engine, served, encode, decode, block_size, vocab_size):
     return app
 
 
-def load(init_from, out_dir, allow_unsafe_pickle):
-    """The model and its tokenizer, read as sample.py reads them: (model, encode, decode, eot token
-    or None)."""
-    model, source = checkpoints.load_model(init_from, out_dir, allow_unsafe_pickle)
-    meta_path, record = source['meta_path'], source['record']
-    if (
-        model.config.vocab_size < 50257
-        and not record
-        and not (meta_path and os.path.exists(meta_path))
-    ):
-        raise UserError(
-            f"this model has a {model.config.vocab_size}-token vocabulary but its meta.pkl was not found "
-            f"(looked for {meta_path}); prepare that dataset again with its data/<name>/prepare.py"
-        )
-    encode, decode = load_tokenizer(meta_path, record, model.config.vocab_size)
-    # GPT-2's vocabulary ends documents with <|endoftext|>: a completion stops there, as OpenAI's do
-    eot = (
-        50256
-        if model.config.vocab_size >= 50257 and (not record or record['tokenizer'] == 'gpt2')
-        else (record or {}).get('eot_token')  # a BPE's own (its last id); characters have none
-    )
-    return model, encode, decode, eot
-
-
 def main(config):
     check_settings(config)
-    dev = runtime.pick_device(device)
-    runtime.allow_tf32(dev)
-    model, encode, decode, eot = load(init_from, out_dir, allow_unsafe_pickle)
-    # its weights in dtype, as sample.py
-    model = runtime.inference_model(model, dev, runtime.pick_dtype(dtype, dev))
-    if compile:
-        model.forward = torch.compile(model.forward, dynamic=True)
-        for block in model.transformer.h:
-            block.mlp.forward = torch.compile(block.mlp.forward, dynamic=True)
+    dev, run_dtype, _ = runtime.setup(device, dtype)
+    model, encode, decode, source = checkpoints.load_model_and_tokenizer(
+        init_from, out_dir, allow_unsafe_pickle
+    )
+    # GPT-2's vocabulary ends documents with <|endoftext|>: a completion stops there, as OpenAI's do
+    record = source['record']
+    gpt2 = model.config.vocab_size >= 50257 and (not record or record['tokenizer'] == 'gpt2')
+    eot = 50256 if gpt2 else (record or {}).get('eot_token')  # a BPE's own (its last id)
+    # its weights in dtype, as sample.py's: no autocast, logits upcast to float32 for sampling
+    model = runtime.inference_model(model, dev, run_dtype, compile, cast=True)
     served = model_name or (
         os.path.basename(os.path.abspath(out_dir)) if init_from == 'resume' else init_from
     )

@@ -1,54 +1,25 @@
 """
-This training script can be run both on a single device (CPU, one GPU, Apple MPS) and
-in distributed data parallel (DDP) mode through torchrun.
-
-To run on a single device, example:
+nanoGPT's training loop, on one device (CPU, one GPU, Apple MPS) or on many through torchrun:
 $ python train.py config/train_shakespeare_char_cpu.py
-
-To run with DDP on 4 gpus on 1 node, example:
 $ torchrun --standalone --nproc_per_node=4 train.py config/train_gpt2.py
+Several nodes, NCCL, FSDP (--fsdp=True), restarts after a failure: docs/training.md, docs/scale.md.
 
-To run with DDP on 4 gpus across 2 nodes, example:
-- Run on the first (master) node with example IP 123.456.123.456:
-$ torchrun --nproc_per_node=4 --nnodes=2 --node_rank=0 --master_addr=123.456.123.456 --master_port=1234 train.py
-- Run on the worker node:
-$ torchrun --nproc_per_node=4 --nnodes=2 --node_rank=1 --master_addr=123.456.123.456 --master_port=1234 train.py
-(If your cluster does not have Infiniband interconnect prepend NCCL_IB_DISABLE=1)
-
-To shard parameters, gradients and optimizer state over the processes (models too big for DDP), add
---fsdp=True; launched with torchrun --max-restarts=N, a job resumes by itself from its last
-checkpoint after a failure (docs/scale.md).
-
-A run writes out_dir/ckpt.pt (continue it with --init_from=resume) and out_dir/log.jsonl.
+A run writes out_dir/ckpt.pt (continue it with --init_from=resume) and out_dir/log.jsonl;
+docs/training.md says what it prints, logs and saves, and what a Ctrl-C does.
 """
 
 import math
 import os
-import signal
 import time
 
-import configurator  # noqa: F401  first: from here on a Ctrl-C, during the slow imports too, is one quiet line
+import configurator  # noqa: F401  first: a Ctrl-C from here on, slow imports too, is one quiet line
 import torch
+from tqdm import tqdm
 
-from nanogpt import checkpoints
-from nanogpt import dataloader
-from nanogpt import lora
-from nanogpt import runtime
-from nanogpt import tokenizer
-from configurator import (
-    ANY,
-    FRACTION,
-    NON_NEGATIVE,
-    POSITIVE,
-    SEED,
-    OneOf,
-    OutPath,
-    Range,
-    UserError,
-    check,
-    configure,
-)
-from eval import check_gpt2_tokenizer, hellaswag_score, load_hellaswag
+from nanogpt import checkpoints, dataloader, lora, outdir, runtime, tokenizer
+from configurator import ANY, FRACTION, NON_NEGATIVE, POSITIVE, SEED, OneOf, OutPath, Range
+from configurator import UserError, check, configure
+from nanogpt.hellaswag import check_gpt2_tokenizer, hellaswag_score, load_hellaswag
 from model import GPT, GPTConfig
 
 # -----------------------------------------------------------------------------
@@ -146,72 +117,44 @@ config = configure(globals())  # config files and --key=value from the command l
 def check_settings(c):
     """Each setting's allowed values (configurator.check: bools need none), then how they go
     together."""
-    check(
-        c,
-        dict(
-            out_dir=OutPath(folder=True),
-            eval_interval=POSITIVE,
-            log_interval=POSITIVE,
-            eval_iters=POSITIVE,
-            early_stop_patience=NON_NEGATIVE,
-            hellaswag_path=ANY,
-            init_from=ANY,
-            checkpoint_interval=NON_NEGATIVE,
-            wandb_project=ANY,
-            wandb_run_name=ANY,
-            dataset=ANY,
-            data_dir=ANY,
-            gradient_accumulation_steps=POSITIVE,
-            batch_size=POSITIVE,
-            block_size=POSITIVE,
-            data_order=OneOf('random', 'epoch'),
-            n_layer=POSITIVE,
-            n_head=POSITIVE,
-            n_embd=POSITIVE,
-            dropout=FRACTION,
-            learning_rate=NON_NEGATIVE,
-            max_iters=NON_NEGATIVE,
-            weight_decay=NON_NEGATIVE,
-            beta1=FRACTION,
-            beta2=FRACTION,
-            grad_clip=NON_NEGATIVE,
-            optimizer=OneOf('adamw', 'muon'),
-            muon_learning_rate=NON_NEGATIVE,
-            muon_momentum=FRACTION,
-            muon_weight_decay=NON_NEGATIVE,
-            warmup_iters=NON_NEGATIVE,
-            lr_decay_iters=NON_NEGATIVE,
-            min_lr=NON_NEGATIVE,
-            device=ANY,
-            dtype=OneOf('auto', 'float32', 'bfloat16', 'float16'),
-            compile=OneOf(None, True, False),
-            freeze_layers=NON_NEGATIVE,
-            lora_rank=NON_NEGATIVE,
-            lora_alpha=Range(0, open_lo=True),
-            lora_dropout=FRACTION,
-            lora_targets=ANY,
-            dist_timeout=POSITIVE,
-            seed=SEED,
-        ),
+    rules = dict(out_dir=OutPath(folder=True), data_order=OneOf('random', 'epoch'))
+    rules.update(dict.fromkeys(('eval_interval', 'log_interval', 'eval_iters'), POSITIVE))
+    rules.update(
+        dict.fromkeys(('gradient_accumulation_steps', 'batch_size', 'block_size'), POSITIVE)
     )
+    rules.update(dict.fromkeys(('n_layer', 'n_head', 'n_embd', 'dist_timeout'), POSITIVE))
+    rules.update(dict.fromkeys(('early_stop_patience', 'checkpoint_interval'), NON_NEGATIVE))
+    rules.update(dict.fromkeys(('learning_rate', 'max_iters', 'weight_decay'), NON_NEGATIVE))
+    rules.update(dict.fromkeys(('grad_clip', 'warmup_iters', 'lr_decay_iters'), NON_NEGATIVE))
+    rules.update(dict.fromkeys(('min_lr', 'muon_learning_rate', 'muon_weight_decay'), NON_NEGATIVE))
+    rules.update(dict.fromkeys(('freeze_layers', 'lora_rank'), NON_NEGATIVE))
+    rules.update(dict.fromkeys(('dropout', 'beta1', 'beta2', 'muon_momentum'), FRACTION))
+    rules.update(dict.fromkeys(('hellaswag_path', 'init_from', 'wandb_project'), ANY))
+    rules.update(dict.fromkeys(('wandb_run_name', 'dataset', 'data_dir', 'device'), ANY))
+    rules.update(optimizer=OneOf('adamw', 'muon'), lora_targets=ANY, seed=SEED)
+    rules.update(dtype=OneOf('auto', 'float32', 'bfloat16', 'float16'))
+    rules.update(compile=OneOf(None, True, False), lora_alpha=Range(0, open_lo=True))
+    rules.update(lora_dropout=FRACTION)
+    check(c, rules)
     if c['early_stop_patience'] and c['checkpoint_interval']:
         raise UserError(
-            "early_stop_patience keeps the best model in ckpt.pt and checkpoint_interval overwrites it: "
-            "use one of them"
+            "early_stop_patience keeps the best model in ckpt.pt and checkpoint_interval "
+            "overwrites it: use one of them"
         )
     if c['optimizer'] == 'muon' and c['learning_rate'] <= 0:
         raise UserError(
-            f"optimizer muon needs learning_rate > 0 (Muon's schedule is scaled from it), got {c['learning_rate']}"
+            "optimizer muon needs learning_rate > 0 (Muon's schedule is scaled from it), "
+            f"got {c['learning_rate']}"
         )
     if c['decay_lr'] and c['lr_decay_iters'] <= c['warmup_iters']:
         raise UserError(
-            f"lr_decay_iters ({c['lr_decay_iters']}) must be greater than warmup_iters ({c['warmup_iters']}): "
-            "the learning rate decays between them (or --decay_lr=False)"
+            f"lr_decay_iters ({c['lr_decay_iters']}) must be greater than warmup_iters "
+            f"({c['warmup_iters']}): the learning rate decays between them (or --decay_lr=False)"
         )
     if c['decay_lr'] and c['min_lr'] > c['learning_rate']:
         raise UserError(
-            f"min_lr ({c['min_lr']}) must be at most learning_rate ({c['learning_rate']}): the learning "
-            "rate decays from one to the other (or --decay_lr=False)"
+            f"min_lr ({c['min_lr']}) must be at most learning_rate ({c['learning_rate']}): the "
+            "learning rate decays from one to the other (or --decay_lr=False)"
         )
 
 
@@ -234,8 +177,8 @@ init_from = 'resume' if restarted else init_from
 # earlier one unasked
 runtime.check_on_rank0(
     lambda: (
-        checkpoints.lock_out_dir(out_dir, wait=60 if restarted else 0),
-        checkpoints.check_new_run(out_dir, init_from, overwrite),
+        outdir.lock_out_dir(out_dir, wait=60 if restarted else 0),
+        outdir.check_new_run(out_dir, init_from, overwrite),
     )
 )
 dtype = runtime.pick_dtype(dtype, device, fsdp)
@@ -244,27 +187,28 @@ config.update(device=device, dtype=dtype, compile=compile)
 device_type = runtime.device_type(device)
 if gradient_accumulation_steps % world_size != 0:
     raise UserError(
-        f"gradient_accumulation_steps ({gradient_accumulation_steps}) is the global count and must be "
-        f"divisible by the number of processes ({world_size})"
+        f"gradient_accumulation_steps ({gradient_accumulation_steps}) is the global count and "
+        f"must be divisible by the number of processes ({world_size})"
     )
 accum_steps = gradient_accumulation_steps // world_size  # micro-steps per process and iteration
 if optimizer == 'muon' and dtype == 'float16':
     raise UserError(
-        "optimizer muon with float16 is not supported: GradScaler skips an overflowed step without a host "
-        "sync only for optimizers that take its overflow flag, which Muon does not (a second sync every "
-        "iteration); use --dtype=bfloat16 (a GPU from Ampere on) or float32, or --optimizer=adamw"
+        "optimizer muon with float16 is not supported: GradScaler skips an overflowed step "
+        "without a host sync only for optimizers that take its overflow flag, which Muon does not "
+        "(a second sync every iteration); use --dtype=bfloat16 (a GPU from Ampere on) or float32, "
+        "or --optimizer=adamw"
     )
 if optimizer == 'muon' and fsdp and ddp:
     raise UserError(
-        "optimizer muon orthogonalizes whole weight matrices, which fsdp shards over the processes: "
-        "use --optimizer=adamw with --fsdp=True, or muon with DDP (--fsdp=False)"
+        "optimizer muon orthogonalizes whole weight matrices, which fsdp shards over the "
+        "processes: use --optimizer=adamw with --fsdp=True, or muon with DDP (--fsdp=False)"
     )
 if master_process:
     runtime.print_environment(device, dtype)
-    print("config: " + ", ".join(f"{k}={v!r}" for k, v in config.items()))
     if runtime.shared_rendezvous_store():
         print(
-            "warning: a restart may fail to reconnect; launch with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (docs/scale.md)"
+            "warning: a restart may fail to reconnect; launch with "
+            "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (docs/scale.md)"
         )
 runtime.seed_everything(seed + rank)  # each rank its own dropout masks
 runtime.allow_tf32(device)
@@ -282,7 +226,7 @@ meta_path = os.path.join(data_dir, 'meta.pkl')
 # a char-level dataset's, from its meta.pkl; else None
 meta_vocab_size = dataloader.meta_vocab_size(data_dir)
 if meta_vocab_size and master_process:
-    print(f"found vocab_size = {meta_vocab_size} (inside {data_dir})")
+    print(f"found vocab_size = {meta_vocab_size} (inside {meta_path})")
 # what made the .bin files; None for older data folders
 data_tokenizer = tokenizer.data_tokenizer(data_dir)
 # the window starts of each iteration's global batch
@@ -290,29 +234,19 @@ sampler = dataloader.WindowSampler(data_order, seed)
 
 # -----------------------------------------------------------------------------
 # model: from scratch, from a checkpoint (resume, or the weights of another run) or from GPT-2's
-# weights
+# weights. A new model option is a GPTConfig field and a setting of the same name: a new model takes
+# the setting (model_args below), and checkpoints keep it beside nanoGPT's model_args
 iter_num = 0
 best_val_loss = 1e9
-model_args = dict(
-    n_layer=n_layer,
-    n_head=n_head,
-    n_embd=n_embd,
-    block_size=block_size,
-    bias=bias,
-    vocab_size=None,
-    dropout=dropout,
-)
-shape_keys = ('n_layer', 'n_head', 'n_embd', 'block_size', 'bias', 'vocab_size')
+model_args = {k: v for k, v in config.items() if k in GPTConfig.__dataclass_fields__}
+model_args['vocab_size'] = meta_vocab_size or 50304  # GPT-2's 50257 padded up, for efficiency
 checkpoint = None
 try:
     if init_from == 'scratch':
-        # a char-level dataset's vocab_size from meta.pkl, else GPT-2's 50257 padded up to 50304 for
-        # efficiency
-        model_args['vocab_size'] = meta_vocab_size or 50304
         model = GPT(GPTConfig(**model_args))
     elif init_from == 'resume' or checkpoints.checkpoint_file(init_from):
         # resume: out_dir/ckpt.pt and its loop state; a path: a run's (merged) weights only, for a
-        # fresh run here
+        # fresh run here. The checkpoint fixes the model; dropout comes from this run's settings
         source = ckpt_path if init_from == 'resume' else checkpoints.checkpoint_file(init_from)
         if master_process:
             print(
@@ -320,32 +254,17 @@ try:
                 if init_from == 'resume'
                 else f"starting from the weights of {source}"
             )
-        needed = (
-            ('model', 'optimizer', 'model_args', 'iter_num')
-            if init_from == 'resume'
-            else ('model', 'model_args')
-        )
-        checkpoint = checkpoints.load_checkpoint(source, keys=needed)
-        checkpoints.check_checkpoint(checkpoint, source)
-        # the checkpoint fixes the model's shape; dropout comes from this run's config
-        model_args.update({k: checkpoint['model_args'][k] for k in shape_keys})
+        resume = ('model', 'optimizer', 'model_args', 'iter_num')
+        keys = resume if init_from == 'resume' else ('model', 'model_args')
+        checkpoint = checkpoints.load_checkpoint(source, keys=keys)
+        model = checkpoints.build_model(checkpoint, source, dropout)
         if init_from == 'resume':  # with settings that continue it: block_size, optimizer, LoRA
             checkpoints.check_resumable(checkpoint, ckpt_path, block_size, optimizer, lora_settings)
-        model = GPT(GPTConfig(**model_args, gelu=checkpoints.checkpoint_gelu(checkpoint)))
-        try:
-            # nanoGPT's '_orig_mod.' prefixes are accepted
-            model.load_state_dict(checkpoint['model'])
-        except RuntimeError as e:
-            raise UserError(
-                f"{source} does not match its model_args: {str(e).splitlines()[0]}"
-            ) from None
-        if init_from == 'resume':
             iter_num = checkpoint['iter_num']
             # nanoGPT stores a tensor
             best_val_loss = float(checkpoint.get('best_val_loss', best_val_loss))
     else:  # 'gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl' or a local Hugging Face directory
         model = checkpoints.load_pretrained(init_from, dropout, allow_unsafe_pickle)
-        model_args.update({k: getattr(model.config, k) for k in shape_keys})
 # e.g. n_embd not divisible by n_head, unknown or unreachable GPT-2 weights
 except (ValueError, OSError) as e:
     raise UserError(str(e)) from None
@@ -360,19 +279,22 @@ if init_from != 'scratch':  # resuming or finetuning: the data must be in the mo
     )
     data_tokenizer = data_tokenizer or trained_on
 if block_size < model.config.block_size:
-    # model surgery, e.g. GPT-2's 1024 positions down to block_size
-    model.crop_block_size(block_size)
-    model_args['block_size'] = block_size
-block_size = model_args['block_size']
+    model.crop_block_size(block_size)  # model surgery, e.g. GPT-2's 1024 positions down
+block_size = model.config.block_size
 tokens_per_iter = gradient_accumulation_steps * batch_size * block_size
-dataloader.check_fits(data_dir, n_tokens, block_size, model_args['vocab_size'], meta_vocab_size)
+dataloader.check_fits(data_dir, n_tokens, block_size, model.config.vocab_size, meta_vocab_size)
 if eval_hellaswag:
-    check_gpt2_tokenizer(model_args['vocab_size'], meta_path, f"the dataset in {data_dir}")
+    check_gpt2_tokenizer(model.config.vocab_size, meta_path, f"the dataset in {data_dir}")
     hellaswag_rows = load_hellaswag(hellaswag_path)
 if not 0 <= freeze_layers <= model.config.n_layer:
     raise UserError(
         f"freeze_layers must be between 0 and n_layer ({model.config.n_layer}), got {freeze_layers}"
     )
+# the settings as this run uses them: a checkpoint's or GPT-2's shape replaces the ones asked for
+config.update({k: getattr(model.config, k) for k in model_args if k in config})
+if master_process:
+    print(f"number of parameters: {model.get_num_params() / 1e6:.2f}M")
+    print("config: " + ", ".join(f"{k}={v!r}" for k, v in config.items()))
 if freeze_layers:
     model.freeze(freeze_layers)
 # LoRA: peft's adapters in the targeted layers, the rest frozen; a resume restores them (lora.py)
@@ -404,16 +326,11 @@ opt = raw_model.configure_optimizers(
 )
 rng_states = None
 if init_from == 'resume':
-    checkpoints.load_optimizer_state(raw_model, opt, checkpoint['optimizer'], ckpt_path)
-    if scaler.is_enabled() and checkpoint.get('scaler'):
-        scaler.load_state_dict(checkpoint['scaler'])
-    if 'sampler_state' in checkpoint:
-        sampler.set_state(checkpoint['sampler_state'])
-    rng_states = checkpoint.get('rng_states')
+    rng_states = checkpoints.restore_state(checkpoint, raw_model, opt, scaler, sampler, ckpt_path)
     if len(rng_states or ()) != world_size and master_process:
         print(
-            "note: the checkpoint has no random state for this number of processes (from nanoGPT, or another "
-            "world size): dropout masks will differ from an uninterrupted run"
+            "note: the checkpoint has no random state for this number of processes (from nanoGPT, "
+            "or another world size): dropout masks will differ from an uninterrupted run"
         )
 checkpoint = None  # free the memory
 # measured once, before the loop, so it skews no iteration's timing
@@ -423,11 +340,13 @@ peak_flops = runtime.device_peak_flops(device, dtype)
 @torch.no_grad()
 def estimate_loss():
     """Mean loss over eval_iters batches of each split, in eval mode (None: a stop signal ended it).
-    Their batches
-    come from their own generator, reseeded every time: evaluations compare like with like, shift no
-    stream."""
+    Their batches come from their own generator, reseeded every time: evaluations compare like with
+    like, shift no stream. A progress bar on stderr, when it is a terminal."""
     out = {}
     model.eval()
+    bar = tqdm(
+        total=2 * eval_iters, desc='eval', leave=False, disable=None if master_process else True
+    )
     for split in ('train', 'val'):
         generator = torch.Generator().manual_seed(seed)
         ix = torch.randint(
@@ -437,9 +356,9 @@ def estimate_loss():
         for k in range(eval_iters):
             # a stop signal (on any rank: they stop together, FSDP's forward needs them all) ends it
             # within a batch
-            if runtime.mean_over_ranks(
-                dict(stop=torch.tensor(float(stop_signal is not None), device=device))
-            )['stop']:
+            asked = runtime.mean_over_ranks(dict(stop=torch.tensor(float(stop.name is not None))))
+            if asked['stop']:
+                bar.close()
                 return None
             # (B, T) each
             X, Y = dataloader.get_batch(
@@ -448,7 +367,9 @@ def estimate_loss():
             with ctx:
                 logits, loss = model(X, Y)
             losses[k] = loss.item()
+            bar.update()
         out[split] = losses.mean().item()
+    bar.close()
     model.train()
     return out
 
@@ -465,20 +386,15 @@ def get_lr(it):
 
 
 def save_due(evaluated, improved):
-    """The save policy (a stop signal saves whatever it says): every checkpoint_interval iterations,
-    and after an evaluation that found a new best val loss or, with always_save_checkpoint, after
-    every evaluation; never the state a run started from, nor with eval_only. With early stopping
-    only a new best is saved,
-    so the checkpoint left is the best one."""
-    interval = (
-        checkpoint_interval > 0 and iter_num % checkpoint_interval == 0 and local_iter_num > 0
-    )
+    """The save policy (a stop signal saves after any training step): every checkpoint_interval
+    iterations, and after an evaluation that found a new best val loss or, with
+    always_save_checkpoint, after every evaluation; never the state this run started from, nor with
+    eval_only. With early stopping only a new best is saved, so the checkpoint left is the best."""
+    if local_iter_num == 0 or eval_only:
+        return False
+    interval = checkpoint_interval > 0 and iter_num % checkpoint_interval == 0
     return (
-        interval
-        or evaluated
-        and iter_num > 0
-        and not eval_only
-        and (improved or always_save_checkpoint and not early_stop_patience)
+        interval or evaluated and (improved or always_save_checkpoint and not early_stop_patience)
     )
 
 
@@ -495,13 +411,12 @@ def save_checkpoint():
     checkpoint = {
         'model': model_state,
         'optimizer': optimizer_state,
-        'model_args': model_args,
         'iter_num': iter_num,
         'best_val_loss': best_val_loss,
         'config': config,
-        # beyond nanoGPT's keys: the model's GELU and tokenizer, and what continuing
-        # exactly needs
-        'gelu': raw_model.config.gelu,
+        # 'model_args' (nanoGPT's) and our GPTConfig fields beside it, e.g. 'gelu'
+        **checkpoints.model_entries(raw_model.config),
+        # beyond nanoGPT's keys: the tokenizer, and what continuing exactly needs
         'tokenizer': data_tokenizer,
         'rng_states': rng_states,
         'sampler_state': sampler.state_to_save,
@@ -510,50 +425,27 @@ def save_checkpoint():
     }
     print(f"saving checkpoint to {out_dir}")
     checkpoints.save_checkpoint(checkpoint, ckpt_path)
-    run_log.commit()  # at the first save, the log kept in memory until now
+    log.commit()  # at the first save, the log kept in memory until now
 
 
 # -----------------------------------------------------------------------------
-# logging (one JSON object per line of log.jsonl for every logged and evaluated iteration, to plot
-# runs without wandb; kept in memory until the first save, so a run that ends before it leaves
-# out_dir as it was) and stop signals
-run_log = (
-    checkpoints.RunLog(os.path.join(out_dir, 'log.jsonl'), iter_num) if master_process else None
-)
-log = run_log.append if master_process else None
+# logging: log(row, line) prints line and writes row to log.jsonl (kept in memory until the first
+# save) and to wandb; and stop signals: SIGINT (Ctrl-C) or SIGTERM (preemption) ends the step or
+# evaluation under way, saves a checkpoint if this run has trained, and exits
 if master_process:
+    wandb_run = wandb_log and outdir.start_wandb(out_dir, wandb_project, wandb_run_name, config)
+    log = outdir.RunLog(os.path.join(out_dir, 'log.jsonl'), iter_num, wandb_run)
     print(f"tokens per iteration will be: {tokens_per_iter:,}")
-    if wandb_log:
-        import wandb
-
-        try:
-            wandb.init(project=wandb_project, name=wandb_run_name, config=config, dir=out_dir)
-        except Exception as e:  # not logged in, no network, ...: wandb's own errors, of many kinds
-            raise UserError(
-                f"wandb did not start ({checkpoints.reason(e)}): log in with wandb login, set "
-                "WANDB_MODE=offline, or leave out --wandb_log=True"
-            ) from None
-
-# SIGINT (Ctrl-C) or SIGTERM (preemption): finish the current step, save a checkpoint, exit
-stop_signal = None
-
-
-def request_stop(signum, frame):
-    global stop_signal
-    stop_signal = signal.Signals(signum).name
-
-
-def save_and_stop():
-    save_checkpoint()
-    if master_process:
+stop = runtime.StopSignals()
+# on a CPU an evaluation can take minutes: say so before the first one, timed on one row of a batch
+if device_type == 'cpu' and not compile:
+    eval_s = 2 * eval_iters * batch_size * runtime.forward_seconds(model, block_size, ctx)
+    if eval_s > 60 and master_process:
         print(
-            f"{stop_signal or 'a stop signal'} received: saved a checkpoint at iter {iter_num} to {ckpt_path}; "
-            "continue with --init_from=resume"
+            f"note: each evaluation will take about {outdir.duration(eval_s)} on this CPU "
+            f"({2 * eval_iters} batches of {batch_size}x{block_size}); a run that suits a CPU: "
+            "python train.py config/train_shakespeare_char_cpu.py, or fewer --eval_iters"
         )
-
-
-signal.signal(signal.SIGINT, request_stop)
-signal.signal(signal.SIGTERM, request_stop)
 
 # -----------------------------------------------------------------------------
 # training loop
@@ -563,19 +455,15 @@ if rng_states and len(rng_states) == world_size:
     runtime.set_rng_state(rng_states[rank])
 # this rank's micro-batches of each global batch
 my_rows = slice(rank * accum_steps, (rank + 1) * accum_steps)
+batch_shape, n_windows = (gradient_accumulation_steps, batch_size), n_tokens['train'] - block_size
 batches = dataloader.train_batches(
-    data_dir,
-    n_tokens['train'] - block_size,
-    sampler,
-    (gradient_accumulation_steps, batch_size),
-    my_rows,
-    block_size,
-    device,
+    data_dir, n_windows, sampler, batch_shape, my_rows, block_size, device
 )
 X, Y = next(batches)  # fetch the very first batch
 t_start = t0 = time.time()
 local_iter_num = 0  # number of iterations in the lifetime of this process
 running_mfu = -1.0
+stopped = False  # by a signal, on every rank at the same point
 while True:
     # determine and set the learning rate for this iteration
     lr = get_lr(iter_num) if decay_lr else learning_rate
@@ -587,10 +475,8 @@ while True:
     evaluated = improved = False
     if iter_num % eval_interval == 0 or iter_num == max_iters or eval_only:
         losses = estimate_loss()  # on every rank: FSDP's forward needs them all
-        # stopped by a signal: save the state this iteration started from (eval_only: none)
-        if losses is None:
-            if not eval_only:
-                save_and_stop()
+        if losses is None:  # stopped by a signal: the state this iteration started from is saved
+            stopped = True
             break
         losses = runtime.on_rank0(lambda: losses)  # and all of them act on rank 0's numbers
         hellaswag = {}
@@ -599,35 +485,13 @@ while True:
                 model, hellaswag_rows, device, ctx, batch_size, rank, world_size
             )
         if master_process:
-            print(
-                f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}"
-            )
-            if hellaswag:
-                print(
-                    f"step {iter_num}: hellaswag acc {hellaswag['acc']:.4f}, acc_norm {hellaswag['acc_norm']:.4f}"
-                )
-            log(
-                dict(
-                    iter=iter_num,
-                    train_loss=losses['train'],
-                    val_loss=losses['val'],
-                    val_bpb=tokenizer.val_bits_per_byte(losses['val'], data_dir, data_tokenizer),
-                    lr=lr,
-                    tokens=iter_num * tokens_per_iter,
-                    **{f'hellaswag_{k}': v for k, v in hellaswag.items()},
-                )
-            )
-            if wandb_log:
-                wandb.log(
-                    {
-                        "iter": iter_num,
-                        "train/loss": losses['train'],
-                        "val/loss": losses['val'],
-                        "lr": lr,
-                        "mfu": running_mfu * 100,
-                        **{f"hellaswag/{k}": v for k, v in hellaswag.items()},
-                    }
-                )
+            # a new metric is one more entry here: printed, in log.jsonl and in wandb
+            scores = dict(train_loss=losses['train'], val_loss=losses['val'])
+            scores['val_bpb'] = tokenizer.val_bits_per_byte(losses['val'], data_dir, data_tokenizer)
+            scores.update({f'hellaswag_{k}': v for k, v in hellaswag.items()})
+            text = [f"{k.replace('_', ' ')} {v:.4f}" for k, v in scores.items() if type(v) is float]
+            row = dict(iter=iter_num, **scores, lr=lr, tokens=iter_num * tokens_per_iter)
+            log(row, f"step {iter_num}: {', '.join(text)}")
         evaluated, improved = True, losses['val'] < best_val_loss
         best_val_loss = min(best_val_loss, losses['val'])
         evals_since_best = 0 if improved else evals_since_best + 1
@@ -636,8 +500,8 @@ while True:
     if early_stop_patience and evals_since_best >= early_stop_patience:
         if master_process:
             print(
-                f"early stopping at iter {iter_num}: no new best val loss in {early_stop_patience} evals; "
-                f"{ckpt_path} holds the best model (val loss {best_val_loss:.4f})"
+                f"early stopping at iter {iter_num}: no new best val loss in {early_stop_patience} "
+                f"evals; {ckpt_path} holds the best model (val loss {best_val_loss:.4f})"
             )
         break
     if iter_num >= max_iters or eval_only:
@@ -667,37 +531,33 @@ while True:
     # step the optimizer and scaler if training in fp16 (it skips steps whose gradients overflowed)
     scaler.step(opt)
     scaler.update()
-    # flush the gradients as soon as we can, no need for this memory anymore
-    opt.zero_grad(set_to_none=True)
+    # reset the gradients: freed, or under DDP zeroed in its buckets (runtime.zero_grad)
+    runtime.zero_grad(opt, train_model)
     # the iteration's one host sync, once its whole step is queued. To log another number, add it
-    # here as a 0-dim tensor on the device: it is averaged over the ranks and logged under its name
-    # (docs/code.md). 'stop' is whether any rank was asked to stop, so that all of them stop at the
-    # same iteration.
-    stats = runtime.mean_over_ranks(
-        dict(
-            loss=loss_sum,
-            grad_norm=grad_norm,
-            stop=torch.full_like(loss_sum, stop_signal is not None),
-        )
-    )
-    stopping = stats.pop('stop') > 0
+    # here as a 0-dim tensor on the device: it is averaged over the ranks and logged under its name.
+    # 'stop' is whether any rank was asked to stop, so that all of them stop at the same iteration
+    stop_flag = torch.full_like(loss_sum, stop.name is not None)
+    stats = runtime.mean_over_ranks(dict(loss=loss_sum, grad_norm=grad_norm, stop=stop_flag))
+    stopped = stats.pop('stop') > 0
     # checked before anything can be saved: checkpoints are written below
     if not math.isfinite(stats['loss']):
         raise UserError(
-            f"loss is {stats['loss']} at iter {iter_num}: training diverged (try a lower learning_rate); "
-            f"the last checkpoint in {out_dir}, if any, is untouched"
+            f"loss is {stats['loss']} at iter {iter_num}: training diverged (try a lower "
+            f"learning_rate); the last checkpoint in {out_dir}, if any, is untouched"
         )
 
     # timing and logging
     t1 = time.time()
     dt = t1 - t0
     t0 = t1
+    if local_iter_num == 0:
+        t_first = t1  # the pace, for the time left, is measured from the first iteration's end
     if iter_num % log_interval == 0 and master_process:
         if local_iter_num >= 5:  # let the training loop settle a bit
             mfu = raw_model.estimate_mfu(batch_size * accum_steps, dt, peak_flops)
             running_mfu = mfu if running_mfu == -1.0 else 0.9 * running_mfu + 0.1 * mfu
         # None for data_order='random'
-        epoch = sampler.epoch(sampler.state_to_save, n_tokens['train'] - block_size)
+        epoch = sampler.epoch(sampler.state_to_save, n_windows)
         row = dict(
             iter=iter_num,
             **stats,
@@ -710,33 +570,42 @@ while True:
         )
         # measured from the 6th iteration
         mfu_text = f"{running_mfu * 100:.2f}%" if running_mfu >= 0 else "n/a"
-        print(
+        left = (
+            (t1 - t_first) / local_iter_num * (max_iters - iter_num - 1) if local_iter_num else None
+        )
+        log(
+            row,
             f"iter {iter_num}: loss {row['loss']:.4f}, lr {lr:.3e}, time {row['ms']:.2f}ms, "
             f"{row['tokens_per_s']:,.0f} tok/s, mfu {mfu_text}"
             + ("" if epoch is None else f", epoch {epoch}")
+            + f", {100 * (iter_num + 1) / max_iters:.0f}% done"
+            + ("" if left is None else f", {outdir.duration(left)} left"),
         )
-        log(row)
-        if wandb_log:
-            wandb.log(
-                {
-                    "iter": iter_num,
-                    "train/loss_step": stats['loss'],
-                    "lr": lr,
-                    **{k: v for k, v in stats.items() if k != 'loss'},
-                }
-            )
     iter_num += 1
     local_iter_num += 1
-
-    if stopping:
-        save_and_stop()
+    if stopped:
         break
 
+# a stop signal: save what this run has trained (every rank takes part), nothing if it has not
+if stopped and local_iter_num and not eval_only:
+    save_checkpoint()
 if master_process:
-    run_log.commit()  # a run that ended without saving (eval_only) writes its log too
+    if stopped:
+        print(
+            f"{stop.name or 'a stop signal'} received: "
+            + (
+                f"saved a checkpoint at iter {iter_num} to {ckpt_path}; continue with "
+                "--init_from=resume"
+                if local_iter_num and not eval_only
+                else f"stopped before the first training step; nothing saved, {out_dir} as it was"
+            )
+        )
+    else:
+        log.commit()  # a run that ended without saving (eval_only) writes its log too
     print(
-        f"done: {local_iter_num} iterations in {time.time() - t_start:.1f} s, best val loss {best_val_loss:.4f}"
+        f"done: {local_iter_num} iterations in {time.time() - t_start:.1f} s"
+        + (f", best val loss {best_val_loss:.4f}" if best_val_loss < 1e9 else "")
     )
     if wandb_log:
-        wandb.finish()
+        wandb_run.finish()
 runtime.exit_run()  # quickly: the run is saved

@@ -1,22 +1,23 @@
 """
 The files a model is read from and written to. A checkpoint (ckpt.pt, nanoGPT's format plus our
 keys): writing it atomically, reading it safely (weights_only, memory-mapped) and checking it before
-anything is built from it, the compatibility patch for older files and nanoGPT's (their GELU), and
-gathering a sharded (FSDP) model's and optimizer's state into the full tensors a file holds,
-sharding it again on resume. A Hugging Face directory: checked before transformers reads it. And
-building the model that sample.py and eval.py run from either. And the out_dir these files are in:
-one run at a time (a lock), never a new run over an earlier one unasked, and its log.jsonl, kept in
-memory until the run's first save.
+anything is built from it, building the GPT it holds (build_model: train.py, sample.py, eval.py and
+serve.py alike, with its tokenizer for sample.py and serve.py), the compatibility patch for older
+files and nanoGPT's (their GELU), and gathering a sharded (FSDP) model's and optimizer's state into
+the full tensors a file holds, sharding it again on resume. A Hugging Face directory: checked before
+transformers reads it.
+
+A checkpoint keeps nanoGPT's model_args (the GPTConfig fields nanoGPT has, so its
+GPTConfig(**model_args) reads our files) and every other GPTConfig field beside them, under its own
+name: model_entries() writes them and build_model() reads them, so a new model option is a GPTConfig
+field and a train.py setting, nothing here.
 """
 
-import atexit
 import contextlib
-import fcntl
+import dataclasses
 import json
 import os
-import shlex
 import sys
-import time
 import zipfile
 
 import torch
@@ -24,9 +25,12 @@ import torch.distributed as dist
 
 from nanogpt import lora
 from nanogpt import runtime
-from nanogpt import tokenizer
+from nanogpt.tokenizer import check_record, load_tokenizer
 from configurator import ROOT, UserError
 from model import GPT, GPTConfig
+
+# the GPTConfig fields nanoGPT's GPTConfig has: a checkpoint's model_args holds exactly these
+NANOGPT_ARGS = ('n_layer', 'n_head', 'n_embd', 'block_size', 'bias', 'vocab_size', 'dropout')
 
 
 def save_checkpoint(checkpoint, path):
@@ -72,155 +76,6 @@ def fsync_dir(path):
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
-
-
-# -----------------------------------------------------------------------------
-# out_dir: one run at a time (a lock), a new run never replaces an earlier one unasked, and its
-# log.jsonl
-
-_locks = []  # the locked out_dirs' file descriptors, open (so locked) until the process ends
-
-
-def lock_out_dir(out_dir, wait=0.0):
-    """Make out_dir if need be and hold an exclusive lock on it for the rest of this process's life,
-    so that one run at a time writes there. The lock is flock(2) on the folder itself, which writes
-    nothing into it; the kernel releases it when the process ends, however it ends (a SIGKILL leaves
-    no stale lock). A held lock is refused in one line naming the process that holds it, after
-    trying for `wait` seconds (a job that torchrun restarts, whose previous processes may still be
-    ending). A folder this made is removed at exit if the run
-    left it empty. On a filesystem that cannot lock a folder (some network filesystems),
-    out_dir/.lock is locked."""
-    if not os.path.isdir(out_dir):
-        try:
-            os.makedirs(out_dir)
-        except OSError as e:
-            raise UserError(
-                f"cannot make out_dir {out_dir} ({e.strerror}); choose another with --out_dir="
-            ) from None
-        atexit.register(remove_if_empty, out_dir)
-    # e.g. a read-only filesystem: refused now, not at the first save
-    if not os.access(out_dir, os.W_OK):
-        raise UserError(f"cannot write to out_dir {out_dir}; choose another with --out_dir=")
-    fd, lock_file = os.open(out_dir, os.O_RDONLY), None
-    deadline = time.monotonic() + wait
-    while True:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            break
-        except BlockingIOError:
-            if time.monotonic() < deadline:
-                time.sleep(0.5)
-                continue
-            holder = lock_holder(fd)
-            os.close(fd)
-            raise UserError(
-                f"{out_dir} is in use by another run ({holder}): one run at a time writes there; wait "
-                "for it to end, or choose another --out_dir="
-            ) from None
-        except OSError as e:  # the filesystem cannot flock a folder: a lock file instead, once
-            os.close(fd)
-            if lock_file:
-                raise UserError(
-                    f"cannot lock {lock_file} ({e.strerror}): out_dir must be on a filesystem with "
-                    "file locks"
-                ) from None
-            lock_file = os.path.join(out_dir, '.lock')
-            fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o644)
-    _locks.append(fd)
-
-
-def lock_holder(fd):
-    """'process <pid>' holding an flock on fd's file, from /proc/locks (Linux), else 'another
-    process'."""
-    st = os.fstat(fd)
-    inode = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
-    try:
-        with open('/proc/locks') as f:
-            pids = [
-                line.split()[4]
-                for line in f
-                if line.split()[1:2] == ['FLOCK'] and inode in line.split()
-            ]
-    except OSError:
-        pids = []
-    return f"process {pids[0]}" if pids and pids[0] not in ('0', '-1') else "another process"
-
-
-def remove_if_empty(folder):
-    with contextlib.suppress(OSError):
-        os.rmdir(folder)  # only ever removes an empty folder
-
-
-def check_new_run(out_dir, init_from, overwrite):
-    """A new run (init_from other than 'resume') in an out_dir that holds a checkpoint would replace
-    it at its
-    first save: refused, with the command that continues that run, unless overwrite
-    (docs/checkpoints.md)."""
-    path = os.path.join(out_dir, 'ckpt.pt')
-    if init_from != 'resume' and os.path.exists(path) and not overwrite:
-        command = shlex.join(
-            [
-                'python',
-                sys.argv[0],
-                *(a for a in sys.argv[1:] if not a.startswith(('--init_from=', '--overwrite='))),
-            ]
-        )
-        raise UserError(
-            f"{path} holds an earlier run: continue it with {command} --init_from=resume, or start "
-            "over with --overwrite=True (it is replaced at the new run's first save) or another --out_dir="
-        )
-
-
-class RunLog:
-    """A run's log.jsonl (one JSON row per line): the rows of the run it resumes before iter_num
-    (none when it starts fresh: later ones belong to iterations it is about to redo; lines cut short
-    by a kill go too), then its own. Until commit(), at the run's first checkpoint, its rows wait in
-    memory, so that a run that fails or stops
-    before its first save leaves the log it found; from then on each row is appended as it comes."""
-
-    def __init__(self, path, iter_num):
-        def before(line):
-            try:
-                return json.loads(line)['iter'] < iter_num
-            except (ValueError, KeyError, TypeError, RecursionError):
-                return False
-
-        self.path, self.unsaved = path, []
-        if os.path.exists(path):
-            with open(path, errors='replace') as f:
-                self.unsaved = [line for line in f if before(line)]
-
-    def append(self, row):
-        if self.unsaved is None:
-            self.write([json.dumps(row) + '\n'], 'a')
-        else:
-            self.unsaved.append(json.dumps(row) + '\n')
-
-    def commit(self):
-        """Write the rows kept in memory: the run's first checkpoint has just been written (the log
-        goes with
-        it), or the run ended without one (eval_only); a no-op after the first time."""
-        if self.unsaved is not None:
-            self.write(self.unsaved, 'w')
-            self.unsaved = None
-
-    def write(self, lines, mode):
-        """Append lines, or write them as the whole file atomically (a temporary file renamed over
-        it)."""
-        path = self.path if mode == 'a' else self.path + '.tmp'
-        try:
-            with open(path, mode) as f:
-                f.writelines(lines)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(path, self.path)
-        except OSError as e:
-            if mode == 'w' and os.path.exists(path):
-                os.remove(path)
-            raise UserError(
-                f"cannot write the log {self.path} ({e.strerror}); the checkpoint beside it is "
-                "intact"
-            ) from None
 
 
 def load_checkpoint(path, keys=('model', 'model_args')):
@@ -297,7 +152,7 @@ def check_checkpoint(checkpoint, path):
     ):
         raise bad("config is not a dict with dataset and data_dir as strings")
     if checkpoint.get('tokenizer') is not None:  # tokenizer.data_tokenizer's dict
-        tokenizer.check_record(checkpoint['tokenizer'], f"checkpoint {path}")
+        check_record(checkpoint['tokenizer'], f"checkpoint {path}")
     # the loop state is checked by restoring it (into a throwaway generator; the global RNGs are put
     # back)
     try:
@@ -332,6 +187,46 @@ def checkpoint_gelu(checkpoint):
     return 'tanh' if 'sampler_state' in checkpoint else 'exact'
 
 
+def model_entries(config):
+    """What a checkpoint saves of a GPTConfig: 'model_args' with nanoGPT's fields, and each of our
+    other fields beside it under its own name (e.g. 'gelu')."""
+    fields = dataclasses.asdict(config)
+    ours = {k: v for k, v in fields.items() if k not in NANOGPT_ARGS}
+    return {'model_args': {k: fields[k] for k in NANOGPT_ARGS}, **ours}
+
+
+def build_model(checkpoint, path, dropout=None):
+    """The GPT a loaded checkpoint holds (checked first), on CPU: its model_args, our GPTConfig
+    fields beside them (a field the file predates takes its default; the GELU: checkpoint_gelu), its
+    weights; dropout, if given, replaces the saved one. What does not fit is one line."""
+    check_checkpoint(checkpoint, path)
+    ours = {f.name for f in dataclasses.fields(GPTConfig)} - set(NANOGPT_ARGS)
+    fields = {**checkpoint['model_args'], **{k: checkpoint[k] for k in ours if k in checkpoint}}
+    fields.update(
+        gelu=checkpoint_gelu(checkpoint), **({} if dropout is None else {'dropout': dropout})
+    )
+    try:
+        model = GPT(GPTConfig(**fields))
+        model.load_state_dict(checkpoint['model'])  # nanoGPT's '_orig_mod.' prefixes are accepted
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise UserError(
+            f"{path} does not fit this code's GPT ({reason(e)}): a damaged file, or one of a "
+            "format this code does not know"
+        ) from None
+    return model
+
+
+def restore_state(checkpoint, model, optimizer, scaler, sampler, path):
+    """Put a resumed run's optimizer, loss scaler and batch order back as checkpoint has them, and
+    return the processes' saved random states (None from nanoGPT's checkpoints)."""
+    load_optimizer_state(model, optimizer, checkpoint['optimizer'], path)
+    if scaler.is_enabled() and checkpoint.get('scaler'):
+        scaler.load_state_dict(checkpoint['scaler'])
+    if 'sampler_state' in checkpoint:
+        sampler.set_state(checkpoint['sampler_state'])
+    return checkpoint.get('rng_states')
+
+
 def checkpoint_file(init_from):
     """The ckpt.pt that init_from names when it is a path (the file itself, or an out_dir holding
     one), or None
@@ -363,7 +258,8 @@ def check_hf_dir(path, allow_unsafe_pickle=False):
             hf_config = json.loads(f.read())
     except OSError as e:
         raise ValueError(
-            f"{path} is not a Hugging Face model directory: cannot read {config_path} ({e.strerror})"
+            f"{path} is not a Hugging Face model directory: cannot read {config_path} "
+            f"({e.strerror})"
         ) from None
     except ValueError as e:  # json.JSONDecodeError and UnicodeDecodeError
         raise ValueError(f"{config_path} is not valid JSON ({str(e).splitlines()[0]})") from None
@@ -379,10 +275,11 @@ def check_hf_dir(path, allow_unsafe_pickle=False):
         raise ValueError(f"{path} has no weights: expected model.safetensors next to config.json")
     if not allow_unsafe_pickle:
         raise ValueError(
-            f"{path} holds its weights only as pytorch_model.bin, a pickle, which is not loaded because loading "
-            f"a pickle can run code; if you trust it, convert it once with python -c \"from transformers import "
-            f"GPT2LMHeadModel as M; M.from_pretrained({path!r}, use_safetensors=False).save_pretrained({path!r})\" "
-            f"(writes model.safetensors), or load it as it is with --allow_unsafe_pickle=True"
+            f"{path} holds its weights only as pytorch_model.bin, a pickle, which is not loaded "
+            "because loading a pickle can run code; if you trust it, convert it once with "
+            "python -c \"from transformers import GPT2LMHeadModel as M; "
+            f"M.from_pretrained({path!r}, use_safetensors=False).save_pretrained({path!r})\" "
+            "(writes model.safetensors), or load it as it is with --allow_unsafe_pickle=True"
         )
 
 
@@ -410,7 +307,8 @@ def check_resumable(checkpoint, path, block_size, optimizer, lora_settings):
     trained_with = checkpoint.get('config', {}).get('optimizer', 'adamw')  # nanoGPT's: AdamW
     if trained_with != optimizer:
         raise UserError(
-            f"{path} was trained with optimizer {trained_with}: resume it with --optimizer={trained_with}"
+            f"{path} was trained with optimizer {trained_with}: "
+            f"resume it with --optimizer={trained_with}"
         )
     lora.check_resume(checkpoint, lora_settings, path)
 
@@ -431,15 +329,7 @@ def load_model(init_from, out_dir, allow_unsafe_pickle=False):
         return model, dict(what=init_from, data_dir=None, meta_path=None, record=None)
     path = os.path.join(out_dir, 'ckpt.pt')
     checkpoint = load_checkpoint(path)
-    check_checkpoint(checkpoint, path)
-    try:
-        model = GPT(GPTConfig(**checkpoint['model_args'], gelu=checkpoint_gelu(checkpoint)))
-        model.load_state_dict(checkpoint['model'])
-    except (TypeError, ValueError, RuntimeError) as e:
-        reason = str(e).strip().splitlines()[0]
-        raise UserError(
-            f"{path} is a checkpoint of a format this code does not know ({reason})"
-        ) from None
+    model = build_model(checkpoint, path)
     # a character-level dataset's vocabulary is in its meta.pkl (our train.py records where the data
     # was)
     train_config = checkpoint.get('config', {})
@@ -455,6 +345,21 @@ def load_model(init_from, out_dir, allow_unsafe_pickle=False):
         meta_path=meta_path,
         record=checkpoint.get('tokenizer'),
     )
+
+
+def load_model_and_tokenizer(init_from, out_dir, allow_unsafe_pickle=False):
+    """load_model's model and the tokenizer its text is read with, as sample.py and serve.py run
+    them: (model, encode, decode, source). A character-level model whose meta.pkl is gone is
+    refused: GPT-2's tokenizer would read its text wrong."""
+    model, source = load_model(init_from, out_dir, allow_unsafe_pickle)
+    meta_path, record, vocab_size = source['meta_path'], source['record'], model.config.vocab_size
+    if vocab_size < 50257 and not record and not (meta_path and os.path.exists(meta_path)):
+        raise UserError(
+            f"this model has a {vocab_size}-token vocabulary but its meta.pkl was not found "
+            f"(looked for {meta_path}); prepare that dataset again with its data/<name>/prepare.py"
+        )
+    encode, decode = load_tokenizer(meta_path, record, vocab_size)
+    return model, encode, decode, source
 
 
 def parameter_names(model, optimizer):
@@ -508,9 +413,9 @@ def load_optimizer_state(model, optimizer, state, path):
         sizes = [len(group['params']) for group in optimizer.param_groups]
         if [len(group['params']) for group in state['param_groups']] != sizes:
             raise UserError(
-                f"the checkpoint's optimizer state is for other trainable parameters than this run's "
-                f"({sizes} per group): was it trained with another freeze_layers? To finetune its "
-                f"weights with other settings, start a new run with --init_from={path}"
+                "the checkpoint's optimizer state is for other trainable parameters than this "
+                f"run's ({sizes} per group): was it trained with another freeze_layers? To "
+                f"finetune its weights with other settings, start a new run with --init_from={path}"
             )
         # full shapes, also under FSDP
         params = [p for group in optimizer.param_groups for p in group['params']]

@@ -36,8 +36,8 @@ def settings(rank, alpha, dropout, targets, optimizer, freeze_layers):
         )
     if freeze_layers:
         raise UserError(
-            "lora_rank freezes every base weight already, and freeze_layers has nothing left to do: "
-            "use one of them"
+            "lora_rank freezes every base weight already, and freeze_layers has nothing left to "
+            "do: use one of them"
         )
     if not names or any(t not in TARGETS for t in names):
         raise UserError(
@@ -75,9 +75,8 @@ def add_adapters(model, lora, checkpoint=None, verbose=False):
             ) from None
     if verbose:
         trainable, total = count_trainable(model)
-        print(
-            f"lora: {trainable:,} trainable parameters of {total:,} ({100 * trainable / total:.2f}%)"
-        )
+        share = 100 * trainable / total
+        print(f"lora: {trainable:,} trainable parameters of {total:,} ({share:.2f}%)")
 
 
 def split_state(state_dict, lora):
@@ -87,8 +86,11 @@ def split_state(state_dict, lora):
     resume_state() needs to rebuild the adapted model exactly. The merge is peft's
     LoraLayer.get_delta_weight for an nn.Linear (B @ A * alpha / rank, added to W) done here on the
     state dict, not by peft's merge on the modules: under FSDP the modules hold shards, and the full
-    tensors exist only in the state dict gathered for saving. The two agree bit
-    for bit (tests/test_finetune.py)."""
+    tensors exist only in the state dict gathered for saving. It runs on the CPU in float32, one
+    layer at a time, wherever the tensors are: on a GPU the matmul would run in TF32 (train.py
+    allows it) and the merged weights would be a second full copy there, and one process, DDP and
+    FSDP (whose gathered state is on the CPU already) would write different weights. It equals
+    peft's merge on the CPU bit for bit (tests/test_finetune.py)."""
     scaling = lora['alpha'] / lora['rank']
     suffix = f'.lora_A.{ADAPTER}.weight'
     adapted = [k.removesuffix(suffix) for k in state_dict if k.endswith(suffix)]
@@ -101,9 +103,9 @@ def split_state(state_dict, lora):
     for name in adapted:
         w = state_dict[f'{name}.base_layer.weight']  # (out, in)
         # (rank, in), (out, rank)
-        a, b = (state_dict[f'{name}.lora_{x}.{ADAPTER}.weight'] for x in 'AB')
+        a, b = (state_dict[f'{name}.lora_{x}.{ADAPTER}.weight'].cpu() for x in 'AB')
         base[f'{name}.weight'] = w
-        model[f'{name}.weight'] = w + (b @ a) * scaling
+        model[f'{name}.weight'] = w.cpu() + (b @ a) * scaling
         if f'{name}.base_layer.bias' in state_dict:  # an adapter leaves the bias as it is
             model[f'{name}.bias'] = state_dict[f'{name}.base_layer.bias']
     return model, dict(lora, base=base, adapters=adapters)
@@ -139,7 +141,8 @@ def check_resume(checkpoint, lora, path):
         and all(type(saved.get(k)) is float for k in ('alpha', 'dropout'))
     ):
         raise UserError(
-            f"checkpoint {path} is damaged: its 'lora' entry is not LoRA settings, adapters and weights"
+            f"checkpoint {path} is damaged: its 'lora' entry is not LoRA settings, adapters "
+            "and weights"
         )
     saved = saved and {k: saved[k] for k in ('rank', 'alpha', 'dropout', 'targets')}
     if saved != lora:
@@ -147,16 +150,17 @@ def check_resume(checkpoint, lora, path):
         def describe(s):
             return (
                 (
-                    f"lora_rank={s['rank']}, lora_alpha={s['alpha']:g}, lora_dropout={s['dropout']:g}, "
-                    f"lora_targets={','.join(s['targets'])}"
+                    f"lora_rank={s['rank']}, lora_alpha={s['alpha']:g}, "
+                    f"lora_dropout={s['dropout']:g}, lora_targets={','.join(s['targets'])}"
                 )
                 if s
                 else "lora_rank=0"
             )
 
         raise UserError(
-            f"{path} was trained with {describe(saved)}, this run asks for {describe(lora)}: resume it "
-            f"with its settings, or start a new run from its weights with --init_from={path}"
+            f"{path} was trained with {describe(saved)}, this run asks for {describe(lora)}: "
+            f"resume it with its settings, or start a new run from its weights with "
+            f"--init_from={path}"
         )
 
 

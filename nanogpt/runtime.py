@@ -5,9 +5,11 @@ flops, torchrun's process group and its collective helpers, applying activation 
 torch.compile, FSDP2 or DDP to a model from outside it, the random number generators' state, and the
 line that says what produced a run's numbers.
 
-    device = pick_device(device)              # 'auto' -> cuda, else mps, else cpu
-    dtype = pick_dtype(dtype, device)         # 'auto' -> bfloat16 / float16 on CUDA, float32 elsewhere
-    ctx = autocast_context(device, dtype)     # `with ctx:` around forward passes
+    device = pick_device(device)           # 'auto' -> cuda, else mps, else cpu
+    dtype = pick_dtype(dtype, device)      # 'auto' -> bfloat16 / float16 on CUDA, float32 elsewhere
+    ctx = autocast_context(device, dtype)  # `with ctx:` around forward passes
+    device, dtype, ctx = setup(device, dtype, seed)  # the three above, TF32 and the seeds at once
+    model = inference_model(model, device, dtype, compile)  # for eval.py; cast=True to generate
 """
 
 import atexit
@@ -17,6 +19,7 @@ import gc
 import os
 import random
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -51,7 +54,8 @@ def pick_device(device='auto'):
     kind = device_type(device)
     if kind == 'cuda' and not torch.cuda.is_available():
         raise UserError(
-            f"device '{device}' requested but no CUDA GPU is available here; use --device=cpu (or auto)"
+            f"device '{device}' requested but no CUDA GPU is available here; "
+            "use --device=cpu (or auto)"
         )
     if kind == 'mps' and not torch.backends.mps.is_available():
         raise UserError(
@@ -118,13 +122,36 @@ def autocast_context(device, dtype):
     return torch.autocast(device_type=device_type(device), dtype=DTYPES[dtype])
 
 
-def inference_model(model, device, dtype):
-    """model in eval mode on device with its weights in dtype, for sampling and evaluation without
-    autocast. Under autocast, compiled decoding would convert every weight to dtype at every token:
-    eager autocast caches its casts, a compiled graph cannot. Converted once, LayerNorms and the
-    residual stream run in
-    dtype too (the logits are upcast for sampling and the loss); training keeps float32 weights."""
-    return model.eval().to(device=device, dtype=DTYPES[dtype])
+def setup(device='auto', dtype='auto', seed=None, tf32=True):
+    """What every script does first (nanochat's compute_init): the device and dtype resolved and
+    checked, TF32 allowed for CUDA's float32 matmuls or not (tf32=False: float32 is float32), every
+    random generator seeded (seed None: left as they are), and the autocast context that forward
+    passes run in. Returns (device, dtype, ctx)."""
+    device = pick_device(device)
+    dtype = pick_dtype(dtype, device)
+    allow_tf32(device, tf32)
+    if seed is not None:
+        seed_everything(seed)
+    return device, dtype, autocast_context(device, dtype)
+
+
+def inference_model(model, device, dtype, compile=False, cast=False):
+    """model in eval mode on device, ready for evaluation (cast=False) or generation (cast=True).
+    Evaluation keeps the float32 weights, to be run under autocast_context(device, dtype): what
+    training's evaluation computes, and nanoGPT's (matmuls in dtype; LayerNorms, the residual
+    stream, softmax and the loss in float32), so eval.py gives the training log's val loss.
+    Generation converts the weights to dtype once and runs without autocast, so LayerNorms and the
+    residual stream run in dtype too, and the logits are upcast to float32 for sampling: faster to
+    decode compiled, as eager autocast caches its weight casts but a compiled graph cannot, and
+    under autocast would convert every weight at every token.
+    compile (None: on CUDA only): torch.compile the forward pass, which generate() calls too, so the
+    model stays a GPT (its config, generate, state_dict keys); with dynamic shapes, as decoding's
+    rows and cache positions change from step to step and evaluation's lengths from batch to batch.
+    """
+    model = model.eval().to(device=device, dtype=DTYPES[dtype] if cast else torch.float32)
+    if pick_compile(compile, device):
+        model.forward = torch.compile(model.forward, dynamic=True)
+    return model
 
 
 def allow_tf32(device, allowed=True):
@@ -284,16 +311,45 @@ def init_distributed(device, timeout=600):
     return True, rank, local_rank, world_size, device
 
 
+@torch.no_grad()
+def forward_seconds(model, block_size, ctx):
+    """Seconds a forward pass with the loss takes for one row of block_size tokens, in eval mode,
+    timed after a first pass (which allocates); it draws nothing from the random streams."""
+    x = torch.zeros((1, block_size), dtype=torch.long, device=next(model.parameters()).device)
+    model.eval()
+    with ctx:
+        model(x, x)
+        synchronize(x.device)
+        t0 = time.perf_counter()
+        model(x, x)
+        synchronize(x.device)
+    model.train()
+    return time.perf_counter() - t0
+
+
+class StopSignals:
+    """SIGINT (Ctrl-C) and SIGTERM (preemption), from now on noted instead of acted on at once:
+    `name` is the last one received (None until then). A training loop looks at it between batches,
+    so a stop ends the step or evaluation under way cleanly, and the run saves what it has."""
+
+    def __init__(self):
+        self.name = None
+        signal.signal(signal.SIGINT, self.note)
+        signal.signal(signal.SIGTERM, self.note)
+
+    def note(self, signum, frame):
+        self.name = signal.Signals(signum).name
+
+
 def exit_run():
     """End a run whose work is done and saved. A torchrun worker waits for every rank, destroys the
     process group and exits at once: with gloo (torch 2.13) a worker sometimes aborts in the
-    interpreter's or C++'s teardown ("terminate called without an active exception", SIGABRT) after
-    everything was saved, and
-    torchrun then reports the finished job as failed, or restarts it. A single process only skips the
-    slowest part of Python's shutdown: its garbage collector walks every object torch._dynamo
-    created (each torch.optim optimizer imports it; measured in docs/optimizers.md); frozen objects
-    are skipped,
-    while atexit handlers still run and the OS takes the memory back."""
+    interpreter's or C++'s teardown ("terminate called without an active exception", SIGABRT)
+    after everything was saved, and torchrun then reports the finished job as failed, or restarts
+    it. A single process only skips the slowest part of Python's shutdown: its garbage collector
+    walks every object torch._dynamo created (each torch.optim optimizer imports it; measured in
+    docs/optimizers.md); frozen objects are skipped, while atexit handlers still run and the OS
+    takes the memory back."""
     if not (dist.is_available() and dist.is_initialized()):
         gc.freeze()
         return
@@ -433,12 +489,15 @@ def parallelize(
         )
         rest = MixedPrecisionPolicy(reduce_dtype=torch.float32)
         full = model.state_dict() if dist.get_rank() == 0 else {}  # CPU tensors
+        if compiler:
+            # Dynamo does not trace FSDP's hooks, and a graph break in the root's loop over the
+            # Blocks would make it skip the root's forward, and with activation checkpointing
+            # everything: so compile what runs inside the hooks, and of the root the lm_head and
+            # the loss (eager, the logits' float32 copy and log-softmax would be held apart); the
+            # embeddings, LayerNorms and residual adds run eager
+            model.logits_and_loss = compiler(model.logits_and_loss)
         for block in model.transformer.h:
             if compiler:
-                # Dynamo does not trace FSDP's hooks, and a graph break in the root's loop over the
-                # Blocks would make it skip the root's forward, and with activation checkpointing
-                # everything: so compile what runs inside the hooks, and leave the root (embeddings,
-                # lm_head, loss) eager
                 block.attn.forward, block.mlp.forward = (
                     compiler(block.attn.forward),
                     compiler(block.mlp.forward),
@@ -456,9 +515,12 @@ def parallelize(
     model.to(device)
     model = train_model = compiler(model) if compiler else model
     if distributed:
+        # the gradients are views into DDP's all-reduce buckets, not a second copy of them beside
+        # the buckets (4 bytes per parameter); they stay views only if zero_grad keeps them
         train_model = DDP(
             model,
             device_ids=[torch.device(device).index] if device_type(device) == 'cuda' else None,
+            gradient_as_bucket_view=True,
         )
     return model, train_model
 
@@ -475,6 +537,15 @@ def set_gradient_sync(train_model, last_micro_step, fsdp_every_micro_step=True):
         module.require_backward_grad_sync = last_micro_step
     elif sharded(module):
         module.set_requires_gradient_sync(last_micro_step or fsdp_every_micro_step)
+
+
+def zero_grad(optimizer, train_model):
+    """Reset the gradients after an optimizer step: freed (set to None), except under DDP, where
+    they are views into its all-reduce buckets (gradient_as_bucket_view) and are zeroed in place:
+    set to None, the next backward without gradient sync (gradient accumulation) would allocate a
+    second copy of them beside the buckets."""
+    module = getattr(train_model, '_orig_mod', train_model)  # under torch.compile
+    optimizer.zero_grad(set_to_none=not isinstance(module, DDP))
 
 
 def sharded(module):
@@ -541,6 +612,6 @@ def print_environment(device, dtype):
     """One line saying what produced this run's numbers: versions, device, dtype, code version."""
     name = torch.cuda.get_device_name(device) if device_type(device) == 'cuda' else device
     print(
-        f"python {sys.version.split()[0]}, torch {torch.__version__}, device {name}, dtype {dtype}, "
-        f"threads {torch.get_num_threads()}, commit {git_commit() or 'unknown'}"
+        f"python {sys.version.split()[0]}, torch {torch.__version__}, device {name}, "
+        f"dtype {dtype}, threads {torch.get_num_threads()}, commit {git_commit() or 'unknown'}"
     )

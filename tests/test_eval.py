@@ -31,6 +31,7 @@ from conftest import (
 sys.path.insert(0, ROOT)
 from nanogpt import checkpoints  # noqa: E402
 from nanogpt import dataloader  # noqa: E402
+from nanogpt import hellaswag  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 
 
@@ -196,11 +197,9 @@ def gpt2_run(tmp_path_factory):
 def test_hellaswag_equals_reference_checkpoint_and_export(gpt2_run):
     g = gpt2_run
     # our scorer item by item == the independent reference on the exported model
-    import eval as evaluation
-
     ours = []
     for row in g['rows']:
-        r = evaluation.hellaswag_score(g['model'], [row], 'cpu')
+        r = hellaswag.hellaswag_score(g['model'], [row], 'cpu')
         ours.append((r['acc'] == 1.0, r['acc_norm'] == 1.0))
     reference = reference_predictions(g['export'], g['rows'])
     assert ours == reference
@@ -231,7 +230,7 @@ def test_hellaswag_equals_reference_checkpoint_and_export(gpt2_run):
         in result.stdout
     )
     exported = GPT.from_pretrained(g['export'])
-    assert evaluation.hellaswag_score(exported, g['rows'], 'cpu', batch_size=4) == pytest.approx(
+    assert hellaswag.hellaswag_score(exported, g['rows'], 'cpu', batch_size=4) == pytest.approx(
         expected, abs=1e-12
     )
     # train.py scored the same checkpoint, sharded over its 2 processes, and logged it
@@ -320,6 +319,52 @@ def test_val_perplexity_equals_direct_computation(train, tmp_path, shakespeare_c
         "error: hellaswag needs a model with the GPT-2 tokenizer, but "
         f"{tmp_path}/ckpt.pt (iter 3) has a 65-token character-level vocabulary"
     )
+
+
+def eval_equals_training_log(train, tmp_path, shakespeare_char, device, dtype):
+    """(train.py's logged val loss, eval.py's) of one checkpoint, trained and evaluated in dtype on
+    device. Its val.bin is one window (block_size + 1 tokens): every batch of train.py's evaluation
+    is that window (batch_size 1), and so is eval.py's only batch: the same tokens in the same
+    shape, so only their numerics can differ."""
+    data = tmp_path / 'one-window'
+    data.mkdir()
+    for name in ('train.bin', 'meta.pkl'):
+        shutil.copy(os.path.join(shakespeare_char, name), data / name)
+    val = np.fromfile(os.path.join(shakespeare_char, 'val.bin'), dtype=np.uint16)
+    val[:33].tofile(data / 'val.bin')  # block_size 32
+    out = tmp_path / 'out'
+    train(
+        f'--data_dir={data}',
+        f'--device={device}',
+        f'--dtype={dtype}',
+        '--batch_size=1',
+        '--max_iters=20',
+        '--eval_interval=20',
+        '--eval_iters=2',
+        '--learning_rate=1e-2',
+        '--warmup_iters=0',
+        f'--out_dir={out}',
+    )
+    _, evals = read_log(out)
+    run(
+        'eval.py',
+        f'--out_dir={out}',
+        f'--device={device}',
+        f'--dtype={dtype}',
+        f'--val_path={data / "val.bin"}',
+    )
+    val = json.load(open(out / 'eval.json'))['results']['val']
+    assert val['windows'] == 1
+    return evals[20]['val_loss'], val['loss']
+
+
+def test_eval_in_bfloat16_gives_the_training_logs_val_loss(train, tmp_path, shakespeare_char):
+    # both run the float32 weights under bfloat16 autocast, as nanoGPT's evaluation does; a model
+    # converted to bfloat16 (LayerNorms and the residual stream in bfloat16) is ~1e-4 off
+    logged, evaluated = eval_equals_training_log(
+        train, tmp_path, shakespeare_char, 'cpu', 'bfloat16'
+    )
+    assert evaluated == pytest.approx(logged, rel=1e-6)
 
 
 def test_early_stopping_keeps_best_and_grad_norm_is_clip_grad_norm(

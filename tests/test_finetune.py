@@ -216,12 +216,31 @@ def test_lora_checkpoint_is_nanogpt_format_with_merged_weights(lora_run):
         torch.testing.assert_close(
             merged.eval()(x, x)[0], adapted.eval()(x, x)[0], rtol=0, atol=1e-5
         )
-    # the merged weights are peft's own merge, bit for bit
+    assert_merged_by_peft(ckpt)
+
+
+def assert_merged_by_peft(ckpt):
+    """ckpt['model'] holds peft's own merge (on the CPU, in float32) of the adapters and base
+    weights that ckpt['lora'] kept, bit for bit: the same arithmetic whatever device and
+    parallelism wrote it (no TF32, no FSDP-only path)."""
+    adapted = GPT(GPTConfig(**ckpt['model_args']))
+    lora.add_adapters(
+        adapted, {k: ckpt['lora'][k] for k in ('rank', 'alpha', 'dropout', 'targets')}, ckpt
+    )
     layers = {name: m for name, m in adapted.named_modules() if hasattr(m, 'base_layer')}
-    assert len(layers) == 8
+    assert len(layers) == len(ckpt['lora']['base']) > 0
+    scaling = ckpt['lora']['alpha'] / ckpt['lora']['rank']
     for name, layer in layers.items():
+        # and W + B A * scaling computed in float64, within float32's rounding of the products,
+        # their sum and W: an exact float32 merge, not one in a lower precision
+        w = layer.base_layer.weight.detach().double()
+        a, b = (getattr(layer, f'lora_{x}')[lora.ADAPTER].weight.detach().double() for x in 'AB')
+        bound = 8 * torch.finfo(torch.float32).eps * (w.abs() + scaling * b.abs() @ a.abs())
         layer.merge()
-        assert torch.equal(layer.base_layer.weight, ckpt['model'][f'{name}.weight']), name
+        merged = ckpt['model'][f'{name}.weight']
+        assert merged.device.type == 'cpu', name
+        assert torch.equal(layer.base_layer.weight, merged), name
+        assert ((merged.double() - (w + scaling * b @ a)).abs() <= bound).all(), name
 
 
 def test_lora_float16_stopped_by_sigterm_resumes_exactly(
@@ -269,3 +288,5 @@ def test_lora_two_processes_with_activation_checkpointing_match_one(
     ckpt, ref = weights(tmp_path), weights(lora_run)
     torch.testing.assert_close(ckpt['lora']['adapters'], ref['lora']['adapters'], rtol=0, atol=1e-5)
     torch.testing.assert_close(ckpt['model'], ref['model'], rtol=0, atol=1e-5)
+    # each merged as one process merges its own adapters: FSDP's gathered state included
+    assert_merged_by_peft(ckpt)

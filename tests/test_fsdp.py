@@ -248,14 +248,18 @@ def test_fsdp_in_bfloat16_trains_like_ddp(train, tmp_path):
 COMPILE_PROBE = """
 import json, sys
 import torch, torch.distributed as dist
+import torch.nn.functional as F
 from torch._dynamo.utils import counters
 from nanogpt import runtime
 from model import GPT, GPTConfig
 dist.init_process_group('gloo')
 linears = [0]  # Linear layers run inside compiled graphs
 
+root_ops = [0]  # the root's embeddings and cross-entropy in compiled graphs
+
 def backend(gm, example_inputs):
     n = sum(node.target is torch._C._nn.linear for node in gm.graph.nodes)
+    root_ops[0] += sum(node.target in (F.embedding, F.cross_entropy) for node in gm.graph.nodes)
     def run(*args):
         linears[0] += n
         return gm.forward(*args)
@@ -263,20 +267,31 @@ def backend(gm, example_inputs):
 
 result = {}
 for checkpointing in (False, True):
-    torch._dynamo.reset()
-    counters.clear()
-    model = GPT(GPTConfig(n_layer=3, n_head=2, n_embd=32, block_size=16, vocab_size=65, dropout=0.0))
-    runtime.parallelize(model, 'cpu', 'float32', True, fsdp=True, activation_checkpointing=checkpointing,
-                        compile=backend)
-    forwards = []
-    for _ in range(3):
-        linears[0] = 0
-        x = torch.randint(65, (2, 16))
-        _, loss = model(x, x)
-        forwards.append(linears[0])
-        loss.backward()
+    losses = {}
+    for compile in (False, backend):
+        torch._dynamo.reset()
+        counters.clear()
+        root_ops[0] = 0
+        torch.manual_seed(0)
+        model = GPT(GPTConfig(n_layer=3, n_head=2, n_embd=32, block_size=16, vocab_size=65,
+                              dropout=0.0))
+        runtime.parallelize(model, 'cpu', 'float32', True, fsdp=True,
+                            activation_checkpointing=checkpointing, compile=compile)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        data = torch.Generator().manual_seed(1)
+        forwards, losses[bool(compile)] = [], []
+        for _ in range(3):
+            linears[0] = 0
+            x = torch.randint(65, (2, 16), generator=data)
+            _, loss = model(x, x)
+            forwards.append(linears[0])
+            losses[bool(compile)].append(loss.item())
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
     result[checkpointing] = dict(forwards=forwards, graphs=counters['stats']['unique_graphs'],
-                                 breaks=sum(counters['graph_break'].values()))
+                                 breaks=sum(counters['graph_break'].values()),
+                                 root=root_ops[0], same_losses=losses[True] == losses[False])
 with open(f'rank{dist.get_rank()}.json', 'w') as f:
     json.dump(result, f)
 dist.destroy_process_group()
@@ -284,9 +299,11 @@ dist.destroy_process_group()
 
 
 def test_fsdp_compiles_every_block(tmp_path):
-    # with and without activation checkpointing: every Block's four Linear layers run compiled in
-    # every forward (lm_head, the embeddings and the loss run eager), in two graphs (attention and
-    # MLP, shared by all Blocks) and without graph breaks
+    # with and without activation checkpointing: every Block's four Linear layers and lm_head run
+    # compiled in every forward, in three graphs (attention and MLP, shared by all Blocks, and
+    # lm_head with the loss) and without graph breaks, and 3 SGD steps log the same losses as
+    # without torch.compile. Of the root, only the loss's graph holds an operator (the
+    # cross-entropy): the embeddings run eager (docs/scale.md says why)
     script = tmp_path / 'probe.py'
     script.write_text(COMPILE_PROBE)
     result = subprocess.run(
@@ -302,7 +319,9 @@ def test_fsdp_compiles_every_block(tmp_path):
         for checkpointing, counts in json.loads(
             (tmp_path / f'rank{rank}.json').read_text()
         ).items():
-            assert counts == dict(forwards=[4 * 3] * 3, graphs=2, breaks=0), checkpointing
+            assert counts == dict(
+                forwards=[4 * 3 + 1] * 3, graphs=3, breaks=0, root=1, same_losses=True
+            ), checkpointing
 
 
 @pytest.mark.parametrize(

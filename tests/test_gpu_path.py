@@ -4,6 +4,7 @@ need a CUDA GPU
 and are skipped without one (see conftest.py); run them on a GPU machine with `python -m pytest -q
 -m gpu`."""
 
+import json
 import math
 import os
 import re
@@ -16,6 +17,8 @@ import torch
 from nanogpt import checkpoints
 from nanogpt import runtime
 from conftest import ROOT, error_line, hermetic_env, read_log
+from test_eval import eval_equals_training_log
+from test_eval import run as run_eval
 from configurator import UserError
 from model import GPT, GPTConfig
 from nanogpt.runtime import device_peak_flops, matmul_flops, table_peak_flops
@@ -94,7 +97,7 @@ def test_compiled_decoding_in_bfloat16_converts_no_weights():
     model = GPT(
         GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=64, vocab_size=65, dropout=0.0)
     )
-    model = runtime.inference_model(model, 'cpu', 'bfloat16')
+    model = runtime.inference_model(model, 'cpu', 'bfloat16', cast=True)
     assert all(p.dtype == torch.bfloat16 for p in model.parameters()) and not model.training
     prompt = torch.randint(65, (2, 5))
     expected = model.generate(prompt, 12, temperature=0)
@@ -328,11 +331,38 @@ def test_device_index_selects_the_current_gpu():
     n = torch.cuda.device_count()
     with pytest.raises(UserError, match=f"this machine has {n} GPU"):
         runtime.pick_device(f'cuda:{n}')
-    code = f"import torch; from nanogpt import runtime; runtime.pick_device('cuda:{n - 1}'); print(torch.cuda.current_device())"
+    code = (
+        f"import torch; from nanogpt import runtime; runtime.pick_device('cuda:{n - 1}'); "
+        "print(torch.cuda.current_device())"
+    )
     result = subprocess.run(
         [sys.executable, '-c', code], cwd=ROOT, capture_output=True, text=True, env=hermetic_env()
     )
     assert result.stdout.strip() == str(n - 1), result.stderr
+
+
+@pytest.mark.gpu
+def test_eval_gives_the_training_logs_val_loss_on_the_gpu(train, tmp_path, shakespeare_char):
+    # eval.py runs the float32 weights under autocast, as training's evaluation does
+    dtype = 'bfloat16' if torch.cuda.is_bf16_supported(including_emulation=False) else 'float16'
+    logged, evaluated = eval_equals_training_log(train, tmp_path, shakespeare_char, 'cuda', dtype)
+    assert evaluated == pytest.approx(logged, rel=1e-5)
+    # compiled (its forward, dynamic shapes) under autocast: fused kernels round a little otherwise
+    out = tmp_path / 'out'
+    run_eval(f'--out_dir={out}', '--device=cuda', f'--dtype={dtype}', '--compile=True')
+    compiled = json.load(open(out / 'eval.json'))['results']['val']['loss']
+    assert compiled == pytest.approx(logged, rel=2e-3)
+    # and its float32 is float32 (TF32 off): the CPU's loss, to float rounding
+    losses = {}
+    for device in ('cpu', 'cuda'):
+        run_eval(
+            f'--out_dir={out}',
+            f'--device={device}',
+            '--dtype=float32',
+            f'--out_json={tmp_path / device}.json',
+        )
+        losses[device] = json.load(open(f'{tmp_path / device}.json'))['results']['val']['loss']
+    assert losses['cuda'] == pytest.approx(losses['cpu'], rel=1e-5)
 
 
 @pytest.mark.gpu
@@ -362,3 +392,131 @@ def test_sample_compiled_has_no_graph_breaks(train, tmp_path):
     # below Dynamo's limit
     assert len(re.findall(r'Recompiling function', result.stderr)) < 8, result.stderr
     assert result.stdout.count('ROMEO:') == 2
+
+
+# ---- on a CUDA GPU: the numbers printed and the memory held (each test in its own tmp_path, any
+# torchrun on a port of its own: `python -m pytest -q -m gpu -n 4` runs them side by side) ----
+
+SMALL = ['--n_layer=4', '--n_head=4', '--n_embd=128', '--block_size=64', '--batch_size=8']
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    'how', [[], ['--freeze_layers=3'], ['--lora_rank=8']], ids=['full', 'freeze', 'lora']
+)
+def test_mfu_counts_the_flops_that_run(train, how, tmp_path):
+    # the flops behind the logged mfu (its first value is one iteration's: flops / time / peak)
+    # against torch's FlopCounterMode over one forward+backward of the same model and batch: a
+    # frozen weight gets no gradient, whose matmul does not run, and frozen lower Blocks no
+    # backward at all
+    from torch.utils.flop_counter import FlopCounterMode
+
+    dtype = 'bfloat16' if torch.cuda.is_bf16_supported(including_emulation=False) else 'float16'
+    train(
+        *CUDA,
+        *SMALL,
+        *how,
+        f'--dtype={dtype}',
+        '--compile=False',
+        '--max_iters=8',
+        '--eval_interval=8',
+        f'--out_dir={tmp_path}',
+    )
+    rows, _ = read_log(tmp_path)
+    first = next(rows[it] for it in sorted(rows) if rows[it]['mfu'] >= 0)
+    logged = first['mfu'] * device_peak_flops('cuda', dtype) * first['ms'] / 1000
+    ckpt = checkpoints.load_checkpoint(str(tmp_path / 'ckpt.pt'), keys=('model_args', 'config'))
+    model = GPT(GPTConfig(**ckpt['model_args'])).cuda()
+    if ckpt['config']['freeze_layers']:
+        model.freeze(ckpt['config']['freeze_layers'])
+    c = ckpt['config']
+    if c['lora_rank']:
+        from nanogpt import lora
+
+        settings = (c['lora_rank'], c['lora_alpha'], c['lora_dropout'], c['lora_targets'])
+        lora.add_adapters(model, lora.settings(*settings, 'adamw', 0))
+    x = torch.randint(ckpt['model_args']['vocab_size'], (8, 64), device='cuda')
+    with FlopCounterMode(display=False) as counter:
+        with runtime.autocast_context('cuda', dtype):
+            _, loss = model(x, x)
+        loss.backward()
+    assert logged == pytest.approx(counter.get_total_flops(), rel=0.1), how
+
+
+@pytest.mark.gpu
+def test_ddp_gradients_are_its_buckets_on_the_gpu(tmp_path):
+    # nccl, and the allocator: the micro-steps without gradient sync allocate no gradients beside
+    # DDP's buckets (with the gradients freed after each step they would, every iteration)
+    from test_train_ddp import assert_gradients_are_buckets
+
+    allocated = assert_gradients_are_buckets('cuda:0', 'nccl', tmp_path)
+    config = GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=65)
+    gradients = 4 * sum(p.numel() for p in GPT(config).parameters())
+    assert max(allocated) - min(allocated) < gradients / 2, allocated
+
+
+def lora_run(train, out, *args, torchrun=None):
+    """A LoRA run on the GPU from scratch, in float32 with TF32 allowed (train.py's default): its
+    log's losses and its checkpoint (each tensor where it was saved from)."""
+    train(
+        *CUDA,
+        *SMALL,
+        '--lora_rank=8',
+        '--dtype=float32',
+        '--compile=False',
+        '--dropout=0',
+        '--max_iters=6',
+        '--eval_interval=6',
+        '--gradient_accumulation_steps=2',
+        *args,
+        f'--out_dir={out}',
+        torchrun=torchrun,
+    )
+    return losses(out), torch.load(out / 'ckpt.pt', weights_only=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize('parallelism', [['--fsdp=False'], ['--fsdp=True']], ids=['ddp', 'fsdp'])
+def test_lora_merge_is_exact_whatever_the_parallelism(train, parallelism, tmp_path):
+    # the merged weights are peft's merge on the CPU in float32 of the adapters and base weights
+    # the checkpoint kept, bit for bit: no TF32 merge on the GPU; under DDP and FSDP (with LoRA)
+    # the run is the single process's, up to summation order and TF32's rounding
+    from test_finetune import assert_merged_by_peft
+
+    single, ckpt = lora_run(train, tmp_path / 'single')
+    assert_merged_by_peft(ckpt)
+    n = torch.cuda.device_count()
+    torchrun = ['--standalone', f'--nproc_per_node={n}']
+    args = [*parallelism, f'--gradient_accumulation_steps={2 * n}']
+    parallel, ckpt = lora_run(train, tmp_path / 'parallel', *args, torchrun=torchrun)
+    assert_merged_by_peft(ckpt)
+    assert parallel == pytest.approx(single, abs=5e-3)
+
+
+@pytest.mark.gpu
+def test_fsdp_reducing_only_after_the_last_micro_step_trains_alike(train, tmp_path):
+    # --fsdp_reduce_every_micro_step=False keeps full gradients until the last micro-step, then
+    # reduce-scatters them once: the same sums, in float32 and eager
+    n = torch.cuda.device_count()
+    args = [
+        *CUDA,
+        *SMALL,
+        '--fsdp=True',
+        '--dtype=float32',
+        '--compile=False',
+        '--dropout=0',
+        '--max_iters=6',
+        '--eval_interval=6',
+        f'--gradient_accumulation_steps={4 * n}',
+    ]
+    runs = {}
+    for every in (True, False):
+        out = tmp_path / str(every)
+        train(
+            *args,
+            f'--fsdp_reduce_every_micro_step={every}',
+            f'--out_dir={out}',
+            torchrun=['--standalone', f'--nproc_per_node={n}'],
+        )
+        runs[every] = losses(out)
+    assert len(runs[True]) == 6 and runs[False] == pytest.approx(runs[True], abs=1e-4)

@@ -142,7 +142,7 @@ def damage(name, case, data, trained, marker):
         return (
             'train.py',
             resume_from(case, trained, lambda c: c['model'].pop('transformer.h.1.mlp.c_fc.weight')),
-            "ckpt.pt does not match its model_args: Error(s) in loading state_dict for GPT:",
+            "ckpt.pt does not fit this code's GPT (Error(s) in loading state_dict for GPT:",
         )
     if name == 'ckpt_wrong_shape':
         return (
@@ -152,8 +152,7 @@ def damage(name, case, data, trained, marker):
                 trained,
                 lambda c: c['model'].update({'transformer.wpe.weight': torch.zeros(16, 32)}),
             ),
-            "ckpt.pt is a checkpoint of a format this code does not know "
-            "(Error(s) in loading state_dict for GPT:",
+            "ckpt.pt does not fit this code's GPT (Error(s) in loading state_dict for GPT:",
         )
     if name == 'ckpt_bad_model_args':
         return (

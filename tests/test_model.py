@@ -12,8 +12,9 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from nanogpt import checkpoints
 import model as model_py
-from nanogpt import runtime
-from model import GPT, GPTConfig, KVCache
+from model import GPT, GPTConfig
+from nanogpt import hf as hf_py
+from nanogpt.generate import KVCache
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = dict(block_size=16, vocab_size=50, n_layer=2, n_head=2, n_embd=32, dropout=0.0)
@@ -150,7 +151,7 @@ def test_export_roundtrip_through_transformers(
     with torch.no_grad():  # move every parameter off its init value so all of them are checked
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.1)
-    model.export_hf(tmp_path, vocab_size=export_vocab)
+    hf_py.export_hf(model, tmp_path, vocab_size=export_vocab)  # model.export_hf calls it
     assert (tmp_path / "config.json").exists() and (tmp_path / "model.safetensors").exists()
     hf = GPT2LMHeadModel.from_pretrained(tmp_path).eval()
     assert hf.config.activation_function == hf_name
@@ -160,7 +161,8 @@ def test_export_roundtrip_through_transformers(
         ours = all_logits(model, idx)[..., : ref.size(-1)]
     assert ref.size(-1) == (export_vocab or vocab_size)
     assert (ours - ref).abs().max().item() <= 1e-5
-    # and back again: our loader reads what we wrote, GELU included
+    # and back again: our loader reads what we wrote, GELU included (nanoGPT's GPT.from_pretrained
+    # calls hf.from_pretrained)
     again = GPT.from_pretrained(str(tmp_path)).eval()
     assert again.config.gelu == gelu
     assert torch.allclose(all_logits(again, idx), ref, atol=1e-5)
@@ -244,7 +246,7 @@ def test_kv_cache_forward_matches_full_forward():
     for flash in (True, False):
         for block in model.transformer.h:
             block.attn.flash = flash
-        cache = [KVCache() for _ in model.transformer.h]
+        cache = KVCache.empty(model.config, 2, 'cpu')
         chunks = [model(idx[:, :5], kv_cache=cache)[0]]  # prefill, then one position at a time,
         # and a multi-token step after a prefix
         chunks.append(model(idx[:, 5:9], kv_cache=cache)[0])
@@ -467,7 +469,7 @@ def test_crop_block_size():
         ValueError, match="Cannot forward sequence of length 9, block size is only 8"
     ):
         model(torch.zeros(1, 9, dtype=torch.long))
-    with pytest.raises(ValueError, match="block_size 32 is larger than the model's 8"):
+    with pytest.raises(ValueError, match="block_size 32 is larger than the model.s 8"):
         model.crop_block_size(32)
 
 
@@ -485,13 +487,35 @@ def test_configure_optimizers_groups_and_fused(capsys):
     assert "num decayed parameter tensors: 10" in out and "using fused AdamW: True" in out
 
 
-def test_estimate_mfu_formula():
-    model = tiny_gpt()
-    N, (L, H, Q, T) = model.get_num_params(), (2, 2, 16, 16)
-    flops_per_iter = (6 * N + 12 * L * H * Q * T) * T * 8
-    assert model.estimate_mfu(8, 0.5, peak_flops=1e9) == pytest.approx(flops_per_iter / 0.5 / 1e9)
-    # CPU: against the measured matmul peak
-    assert 0 < model.estimate_mfu(8, 0.5, runtime.device_peak_flops('cpu')) < 1
+@pytest.mark.parametrize("trains", ["all", "freeze 3 of 4", "lora rank 8"])
+def test_flops_per_token_are_the_flops_a_training_step_does(trains):
+    """flops_per_token (estimate_mfu's count) against torch's own count of one forward and
+    backward: frozen layers and LoRA's frozen base weights get no weight gradients, and the
+    frozen blocks at the bottom no gradients at all."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from nanogpt import lora
+
+    torch.manual_seed(0)
+    cfg = GPTConfig(block_size=64, vocab_size=65, n_layer=4, n_head=4, n_embd=256, bias=False)
+    model = GPT(cfg)
+    if trains == "freeze 3 of 4":
+        model.freeze(3)
+    elif trains == "lora rank 8":
+        lora.add_adapters(model, lora.settings(8, 16, 0.0, 'c_attn,c_proj,c_fc', 'adamw', 0))
+    idx = torch.randint(0, 65, (2, 64))
+    with FlopCounterMode(display=False) as counter:
+        model(idx, idx)[1].backward()
+    done, counted = counter.get_total_flops(), model.flops_per_token() * idx.numel()
+    assert abs(counted / done - 1) < 0.1, (done, counted)
+    if trains == "all":  # nanoGPT's count (PaLM's 6N + 12 L H Q T), N less LayerNorm gains
+        N = model.get_num_params() - sum(
+            p.numel() for n, p in model.named_parameters() if 'ln' in n
+        )
+        assert counted == (6 * N + 12 * 4 * 256 * 64) * idx.numel()
+    # estimate_mfu: block_size tokens per sequence
+    mfu = model.estimate_mfu(8, 0.5, peak_flops=1e12)
+    assert mfu == pytest.approx(model.flops_per_token() * 64 * 8 / 0.5 / 1e12)
 
 
 def test_clear_errors():
@@ -504,3 +528,14 @@ def test_clear_errors():
         ValueError, match="Cannot forward sequence of length 17, block size is only 16"
     ):
         model(torch.zeros(1, 17, dtype=torch.long))
+
+
+def test_model_py_imports_torch_and_nothing_of_the_repository():
+    code = (
+        "import sys, model\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('nanogpt', 'configurator')))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr

@@ -18,9 +18,10 @@ import time
 import pytest
 import torch
 
-from nanogpt.checkpoints import RunLog, load_checkpoint
+from nanogpt.checkpoints import load_checkpoint
+from nanogpt.outdir import RunLog
 from configurator import UserError
-from conftest import error_line, hermetic_env
+from conftest import error_line, hermetic_env, read_log
 from test_train import assert_same_run
 
 RUN = [
@@ -92,8 +93,8 @@ def test_two_runs_started_together_into_one_out_dir(train_command, alone, tmp_pa
     # never both writing
     assert (
         line
-        == f"error: {out} is in use by another run (process {winner.pid}): one run at a time writes there; "
-        "wait for it to end, or choose another --out_dir="
+        == f"error: {out} is in use by another run (process {winner.pid}): one run at a time "
+        "writes there; wait for it to end, or choose another --out_dir="
         or line.startswith(f"error: {out / 'ckpt.pt'} holds")
     )
     assert_same_run(out, alone)  # the winner's checkpoint and log, as if it had run alone
@@ -163,7 +164,10 @@ def test_a_torchrun_job_is_refused_on_every_rank(train, earlier):
             check=False,
             torchrun=['--standalone', '--nproc_per_node=2'],
         )
-        message = f"error: {earlier} is in use by another run (process {holder.pid}): one run at a time writes there"
+        message = (
+            f"error: {earlier} is in use by another run (process {holder.pid}): one run at a time "
+            "writes there"
+        )
         # each rank, at once
         assert result.returncode != 0 and result.stderr.count(message) == 2, result.stderr
         assert snapshot(earlier) == before
@@ -237,26 +241,46 @@ def test_ctrl_c_during_start_up_is_one_quiet_line(train_command, earlier):
     assert snapshot(earlier) == before
 
 
-def test_a_stop_signal_ends_a_long_evaluation(train, train_command, tmp_path):
+def test_a_stop_before_the_first_step_leaves_out_dir_as_it_was(train_command, alone, tmp_path):
     out = tmp_path / 'out'
-    # hours of evaluation at iter 0
-    proc = start(train_command, *RUN, '--eval_iters=1000000', f'--out_dir={out}')
-    wait_until(lambda: catches(proc.pid, signal.SIGTERM), proc)
-    t0 = time.time()
+    # hours of evaluation at iter 0: the stop comes before any training step
+    command = [*RUN, '--eval_iters=1000000', f'--out_dir={out}']
+    for attempt in ('new out_dir', 'out_dir holding a checkpoint of iteration 0'):
+        before = snapshot(out)
+        proc = start(train_command, *command)  # the same command each time, no --overwrite
+        # the loop's stop handler is in place (SIGINT is caught from the start: configurator)
+        wait_until(lambda: catches(proc.pid, signal.SIGTERM), proc)
+        proc.send_signal(signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=120)
+        assert proc.returncode == 0, stderr
+        assert 'SIGINT received: stopped before the first training step; nothing saved' in stdout
+        assert 'best val loss' not in stdout  # no evaluation finished
+        assert snapshot(out) == before, attempt
+        if before is None:  # next: what earlier versions left after such a stop, which holds no
+            # training and blocks nothing
+            out.mkdir()
+            torch.save(dict(load_checkpoint(str(alone / 'ckpt.pt')), iter_num=0), out / 'ckpt.pt')
+
+
+def test_a_stop_signal_ends_a_long_evaluation_and_saves(train, train_command, earlier):
+    # continues the run at iter 8: a save at iter 9 (so log.jsonl shows iter 9), then hours of
+    # evaluation at iter 10
+    args = [*RUN, '--init_from=resume', f'--out_dir={earlier}', '--max_iters=100']
+    args += ['--checkpoint_interval=9', '--eval_interval=10', '--eval_iters=1000000']
+    proc = start(train_command, *args)
+    wait_until(lambda: 9 in read_log(earlier)[0], proc)
     proc.send_signal(signal.SIGTERM)
-    stdout, stderr = proc.communicate(timeout=60)
-    took = time.time() - t0
+    stdout, stderr = proc.communicate(timeout=120)  # within a batch, not hours
     assert proc.returncode == 0, stderr
-    assert 'SIGTERM received: saved a checkpoint at iter 0' in stdout
-    assert took < 20, took  # a batch or two, and the save
-    assert load_checkpoint(str(out / 'ckpt.pt'))['iter_num'] == 0
-    result = train(*RUN, '--init_from=resume', f'--out_dir={out}')  # and it continues from there
-    assert 'step 8: train loss' in result.stdout
+    assert 'SIGTERM received: saved a checkpoint at iter 10' in stdout
+    assert load_checkpoint(str(earlier / 'ckpt.pt'))['iter_num'] == 10
+    train(*RUN, '--init_from=resume', '--max_iters=12', f'--out_dir={earlier}')
+    assert read_log(earlier)[1][12]['val_loss'] > 0  # and it continues from there
 
 
 def test_full_disk_while_logging_is_one_line(tmp_path):
     log = RunLog(str(tmp_path / 'log.jsonl'), 0)
-    log.append({'iter': 0, 'loss': 4.2})
+    log({'iter': 0, 'loss': 4.2}, 'iter 0: loss 4.2')
     log.commit()  # the first save: from now on each row is appended
     before = (tmp_path / 'log.jsonl').read_bytes()
     soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
@@ -264,13 +288,13 @@ def test_full_disk_while_logging_is_one_line(tmp_path):
     resource.setrlimit(resource.RLIMIT_FSIZE, (len(before) + 10, hard))
     try:
         with pytest.raises(UserError) as e:
-            log.append({'iter': 1, 'loss': 4.1, 'note': 'x' * 100})
+            log({'iter': 1, 'loss': 4.1, 'note': 'x' * 100}, 'iter 1: loss 4.1')
     finally:
         resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
     assert (
         str(e.value)
-        == f"cannot write the log {tmp_path / 'log.jsonl'} (File too large); the checkpoint beside it "
-        "is intact"
+        == f"cannot write the log {tmp_path / 'log.jsonl'} (File too large); the checkpoint "
+        "beside it is intact"
     )
 
 

@@ -1,6 +1,7 @@
 """runtime.py: device and dtype choices, RNG state that survives a weights_only checkpoint, atomic
 checkpoint writes and clear failures when reading."""
 
+import copy
 import os
 import random
 import subprocess
@@ -14,6 +15,7 @@ import torch
 from nanogpt import checkpoints
 from nanogpt import runtime
 from configurator import ROOT, UserError
+from model import GPT, GPTConfig
 
 
 def test_device_and_dtype_defaults_on_this_machine():
@@ -55,6 +57,44 @@ def test_autocast_context():
     assert isinstance(runtime.autocast_context('cpu', 'float32'), nullcontext)
     with runtime.autocast_context('cpu', 'bfloat16'):
         assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.bfloat16
+
+
+def test_setup_is_the_separate_calls():
+    device, dtype, ctx = runtime.setup('auto', 'auto', seed=3)
+    assert device == runtime.pick_device('auto') and dtype == runtime.pick_dtype('auto', device)
+    expected = draws()
+    runtime.seed_everything(3)
+    assert draws() == expected  # every generator seeded
+    device, dtype, ctx = runtime.setup('cpu', 'bfloat16')
+    with ctx:
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.bfloat16
+    with pytest.raises(UserError, match="unknown dtype 'float8'"):
+        runtime.setup('cpu', 'float8')
+
+
+def test_inference_model_for_evaluation_and_for_generation():
+    # evaluation: the float32 weights in eval mode under autocast, the numbers of training's own
+    # evaluation; generation: the weights cast to bfloat16 once, so its loss is rounded differently
+    torch.manual_seed(0)
+    config = GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=65, dropout=0.5)
+    model = GPT(config)
+    x = torch.randint(65, (2, 16))
+    device, dtype, ctx = runtime.setup('cpu', 'bfloat16')
+    with torch.no_grad(), ctx:
+        expected = copy.deepcopy(model).eval()(x, x)[1]
+    evaluating = runtime.inference_model(copy.deepcopy(model), device, dtype, compile=None)
+    assert not evaluating.training and {p.dtype for p in evaluating.parameters()} == {torch.float32}
+    assert 'forward' not in vars(evaluating)  # compile=None: not compiled on a CPU
+    generating = runtime.inference_model(model, device, dtype, cast=True)
+    assert not generating.training and {p.dtype for p in generating.parameters()} == {
+        torch.bfloat16
+    }
+    with torch.no_grad():
+        with ctx:
+            assert torch.equal(evaluating(x, x)[1], expected)
+        cast = generating(x, x)[1]
+    assert cast.dtype == torch.float32 and cast != expected
+    assert cast.item() == pytest.approx(expected.item(), rel=0.01)
 
 
 def draws():
@@ -131,10 +171,13 @@ def test_start_up_leaves_fsdp_unimported_and_exit_keeps_atexit(tmp_path):
     # without the slow final garbage collection, but atexit handlers still run.
     marker = tmp_path / 'atexit-ran'
     code = (
-        "import atexit, sys, model, eval\nfrom nanogpt import runtime, tokenizer, checkpoints, dataloader\n"
+        "import atexit, sys, model, eval\n"
+        "from nanogpt import runtime, tokenizer, checkpoints, dataloader\n"
         "assert 'torch.distributed.fsdp' not in sys.modules, 'fsdp imported at start-up'\n"
-        "assert 'torch.distributed.checkpoint' not in sys.modules, 'state-dict helpers imported at start-up'\n"
-        "assert not runtime.sharded(model.GPT(model.GPTConfig(n_layer=1, n_head=1, n_embd=8, block_size=4, vocab_size=8)))\n"
+        "assert 'torch.distributed.checkpoint' not in sys.modules,"
+        " 'state-dict helpers imported at start-up'\n"
+        "config = model.GPTConfig(n_layer=1, n_head=1, n_embd=8, block_size=4, vocab_size=8)\n"
+        "assert not runtime.sharded(model.GPT(config))\n"
         f"atexit.register(lambda: open({str(marker)!r}, 'w').close())\n"
         "runtime.exit_run()\n"
     )

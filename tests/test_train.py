@@ -2,15 +2,20 @@
 checkpoint format, exact resume, stopping by signal or kill -9, divergence, nanoGPT checkpoints,
 wandb."""
 
+import fcntl
 import glob
 import math
 import os
+import pty
 import random
 import re
 import shutil
 import signal
+import struct
 import subprocess
 import sys
+import termios
+import threading
 import time
 
 import numpy as np
@@ -18,7 +23,7 @@ import pytest
 import torch
 
 from nanogpt.checkpoints import load_checkpoint
-from conftest import ROOT, error_line, hermetic_env, read_log
+from conftest import ROOT, TINY, error_line, hermetic_env, read_log
 from nanogpt.dataloader import get_batch
 from model import GPT, GPTConfig
 
@@ -407,3 +412,133 @@ def test_eval_only(train, straight, tmp_path):
     assert rows == {} and list(evals) == [40]
     assert evals[40] == read_log(straight)[1][40]  # the same weights evaluated on the same batches
     assert (out / 'ckpt.pt').read_bytes() == before
+
+
+def test_prints_the_model_and_settings_the_run_uses(train, straight, tmp_path):
+    # from the weights of the straight run (2 layers, block_size 32) with other shape settings: the
+    # checkpoint's shape is the run's, and the printed config says so
+    out = tmp_path / 'out'
+    result = train(
+        *RUN,
+        f"--init_from={os.path.join(straight, 'ckpt.pt')}",
+        '--n_layer=3',
+        '--block_size=64',
+        '--max_iters=2',
+        '--eval_interval=2',
+        f'--out_dir={out}',
+    )
+    ckpt = weights(straight)
+    params = GPT(GPTConfig(**ckpt['model_args'])).get_num_params()
+    assert f"number of parameters: {params / 1e6:.2f}M\n" in result.stdout  # nanoGPT's line
+    config = next(line for line in result.stdout.splitlines() if line.startswith('config: '))
+    assert ', n_layer=2,' in config and ', block_size=32,' in config
+    assert weights(out)['config']['block_size'] == 32
+    # the tokens a logged iteration counts are of the blocks it trained on: 8 windows of 32
+    assert read_log(out)[1][2]['tokens'] == 2 * 8 * 32
+
+
+def copy_of_the_code(folder):
+    """train.py and what it imports, copied into folder (to be changed there)."""
+    for name in ('train.py', 'model.py', 'configurator.py'):
+        shutil.copy(os.path.join(ROOT, name), folder / name)
+    shutil.copytree(os.path.join(ROOT, 'nanogpt'), folder / 'nanogpt')
+
+
+def test_a_model_option_is_one_field_and_one_setting(shakespeare_char, tmp_path):
+    # a copy of the code with a new option: a GPTConfig field and a train.py setting, nothing else
+    code = tmp_path / 'code'
+    code.mkdir()
+    copy_of_the_code(code)
+    model_py = (code / 'model.py').read_text()
+    (code / 'model.py').write_text(
+        model_py.replace('class GPTConfig:\n', 'class GPTConfig:\n    rotary: bool = False\n', 1)
+    )
+    train_py = (code / 'train.py').read_text()
+    (code / 'train.py').write_text(
+        train_py.replace('\nseed = 1337\n', '\nseed = 1337\nrotary = False\n', 1)
+    )
+    out = tmp_path / 'out'
+
+    def run(*args):
+        subprocess.run(
+            [
+                sys.executable,
+                str(code / 'train.py'),
+                '--dataset=shakespeare_char',
+                f'--data_dir={shakespeare_char}',
+                *TINY,
+                '--eval_iters=1',
+                f'--out_dir={out}',
+                *args,
+            ],
+            check=True,
+            capture_output=True,
+            env=hermetic_env(),
+        )
+
+    run('--rotary=True', '--max_iters=2', '--eval_interval=2')
+    ckpt = weights(out)
+    # beside model_args, which keeps nanoGPT's keys: nanoGPT's GPTConfig(**model_args) reads it
+    assert ckpt['rotary'] is True and set(ckpt['model_args']) == MODEL_ARGS
+    model = GPT(GPTConfig(**ckpt['model_args']))
+    torch.nn.Module.load_state_dict(model, ckpt['model'], strict=True)
+    # resumed without the setting, the run keeps the checkpoint's value (and saves it again)
+    run('--init_from=resume', '--max_iters=4', '--eval_interval=2')
+    assert weights(out)['iter_num'] == 4 and weights(out)['rotary'] is True
+
+
+def test_a_cpu_run_of_the_gpu_config_says_what_is_happening(shakespeare_char, tmp_path):
+    # nanoGPT's habit on a CPU: the GPU config, whose first evaluation alone takes many minutes here
+    # (batches of 4 instead of 64, so that the stop below comes within seconds: still minutes)
+    out = tmp_path / 'out'
+    # stderr a terminal of 24 x 100 characters: the evaluation's progress bar shows
+    terminal, stderr = pty.openpty()
+    fcntl.ioctl(stderr, termios.TIOCSWINSZ, struct.pack('HHHH', 24, 100, 0, 0))
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            os.path.join(ROOT, 'train.py'),
+            'config/train_shakespeare_char.py',
+            f'--data_dir={shakespeare_char}',
+            f'--out_dir={out}',
+            '--device=cpu',
+            '--batch_size=4',
+        ],
+        stdout=subprocess.PIPE,
+        stderr=stderr,
+        text=True,
+        env=hermetic_env(),
+    )
+    os.close(stderr)
+    lines, shown = [], []
+    threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True).start()
+    threading.Thread(target=lambda: read_terminal(terminal, shown), daemon=True).start()
+
+    def wait_for(condition, timeout=120):
+        deadline = time.time() + timeout
+        while not condition():
+            assert proc.poll() is None and time.time() < deadline, (lines, shown)
+            time.sleep(0.05)
+
+    # before the evaluation starts: how long it will take, and the command that suits a CPU
+    wait_for(
+        lambda: any(line.startswith('note: each evaluation will take about') for line in lines)
+    )
+    note = next(line for line in lines if line.startswith('note: '))
+    assert 'python train.py config/train_shakespeare_char_cpu.py' in note
+    wait_for(lambda: 'eval:' in b''.join(shown).decode(errors='replace'))  # its progress
+    assert not any(line.startswith('step 0:') for line in lines)
+    proc.send_signal(signal.SIGINT)  # Ctrl-C
+    proc.wait(timeout=300)
+    assert proc.returncode == 0
+    assert any('stopped before the first training step; nothing saved' in line for line in lines)
+    assert not out.exists()  # as it was
+
+
+def read_terminal(fd, chunks):
+    """Collect what is written to a pseudo-terminal until its other end is closed."""
+    try:
+        while chunk := os.read(fd, 4096):
+            chunks.append(chunk)
+    except OSError:  # EIO: the process has ended
+        pass

@@ -7,8 +7,12 @@ import subprocess
 
 import pytest
 import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 from conftest import free_port, hermetic_env, read_log
+from model import GPT, GPTConfig
+from nanogpt import runtime
 
 # global batch: 2 micro-batches of 4; an eval at iterations 0, 3 and 6
 RUN = [
@@ -96,8 +100,55 @@ def test_accumulation_steps_must_divide_by_world_size(train, tmp_path):
     )
     assert result.returncode != 0
     message = (
-        "error: gradient_accumulation_steps (3) is the global count and must be divisible by the number "
-        "of processes (2)"
+        "error: gradient_accumulation_steps (3) is the global count and must be divisible by the "
+        "number of processes (2)"
     )
     assert result.stderr.count(message) == 2  # one line from each process, no traceback of ours
     assert not (tmp_path / 'log.jsonl').exists()
+
+
+def test_ddp_gradients_are_its_buckets(tmp_path):
+    # DDP's all-reduce buckets hold the gradients themselves (gradient_as_bucket_view), not a copy:
+    # from the second iteration on every gradient is a view into the one bucket of this small
+    # model, through the micro-steps without gradient sync too (runtime.zero_grad keeps the views),
+    # and the weights train as without DDP, bit for bit (one process: the mean is the gradient)
+    assert_gradients_are_buckets('cpu', 'gloo', tmp_path)
+
+
+def assert_gradients_are_buckets(device, backend, tmp_path):
+    """The check above in a process group of this process alone, on device (tests/test_gpu_path.py
+    runs it on CUDA with nccl, and checks the allocator there); returns the DDP run's bytes
+    allocated on the device (CUDA) after each micro-step, the first iteration's left out."""
+    dist.init_process_group(
+        backend, init_method=f'file://{tmp_path / "store"}', rank=0, world_size=1
+    )
+    try:
+        runs = []
+        for distributed in (False, True):
+            torch.manual_seed(0)
+            config = GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=65)
+            model, train_model = runtime.parallelize(GPT(config), device, 'float32', distributed)
+            opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+            data = torch.Generator().manual_seed(1)
+            storages, allocated = [], []  # per micro-step: the gradients' tensors, CUDA's bytes
+            for _ in range(3):
+                for micro_step in range(2):
+                    runtime.set_gradient_sync(train_model, micro_step == 1)
+                    x = torch.randint(65, (2, 16), generator=data).to(device)
+                    train_model(x, x)[1].backward()
+                    storages.append(
+                        len({p.grad.untyped_storage().data_ptr() for p in model.parameters()})
+                    )
+                    if device != 'cpu':
+                        allocated.append(torch.cuda.memory_allocated(device))
+                opt.step()
+                runtime.zero_grad(opt, train_model)
+            runs.append((train_model, storages, model.state_dict()))
+        (plain, plain_storages, plain_weights), (ddp, ddp_storages, ddp_weights) = runs
+        assert isinstance(ddp, DDP) and ddp.gradient_as_bucket_view
+        assert all(n == len(list(plain.parameters())) for n in plain_storages)
+        assert ddp_storages[2:] == [1] * 4, ddp_storages
+        torch.testing.assert_close(ddp_weights, plain_weights, rtol=0, atol=0)
+        return allocated[2:]
+    finally:
+        dist.destroy_process_group()
