@@ -248,11 +248,11 @@ class GPT(nn.Module):
 
         return from_pretrained(model_type, override_args, allow_unsafe_pickle)
 
-    def export_hf(self, path, vocab_size=None):
+    def export_hf(self, path, vocab_size=None, tokenizer=None):
         """Write this model as a Hugging Face GPT-2 directory: hf.py."""
         from nanogpt.hf import export_hf
 
-        export_hf(self, path, vocab_size)
+        export_hf(self, path, vocab_size, tokenizer)
 
     def configure_optimizers(
         self,

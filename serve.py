@@ -459,7 +459,7 @@ def main(config):
     # GPT-2's vocabulary ends documents with <|endoftext|>: a completion stops there, as OpenAI's do
     record = source['record']
     gpt2 = model.config.vocab_size >= 50257 and (not record or record['tokenizer'] == 'gpt2')
-    eot = 50256 if gpt2 else None
+    eot = 50256 if gpt2 else (record or {}).get('eot_token')  # a BPE's own (its last id)
     # its weights in dtype, as sample.py's: no autocast, logits upcast to float32 for sampling
     model = runtime.inference_model(model, dev, run_dtype, compile, cast=True)
     served = model_name or (

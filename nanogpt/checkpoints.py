@@ -25,7 +25,7 @@ import torch.distributed as dist
 
 from nanogpt import lora
 from nanogpt import runtime
-from nanogpt.tokenizer import load_tokenizer
+from nanogpt.tokenizer import check_record, load_tokenizer
 from configurator import ROOT, UserError
 from model import GPT, GPTConfig
 
@@ -151,18 +151,8 @@ def check_checkpoint(checkpoint, path):
         isinstance(config.get(k, ''), str) for k in ('dataset', 'data_dir')
     ):
         raise bad("config is not a dict with dataset and data_dir as strings")
-    record = checkpoint.get('tokenizer')  # tokenizer.data_tokenizer's dict, or None
-    if record is not None and not (
-        isinstance(record, dict)
-        and type(record.get('vocab_size')) is int
-        and (
-            record.get('tokenizer') == 'gpt2'
-            or record.get('tokenizer') == 'char'
-            and isinstance(record.get('chars'), str)
-            and len(record['chars']) == record['vocab_size']
-        )
-    ):
-        raise bad("its tokenizer record is not a gpt2 or char record")
+    if checkpoint.get('tokenizer') is not None:  # tokenizer.data_tokenizer's dict
+        check_record(checkpoint['tokenizer'], f"checkpoint {path}")
     # the loop state is checked by restoring it (into a throwaway generator; the global RNGs are put
     # back)
     try:

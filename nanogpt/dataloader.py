@@ -14,7 +14,7 @@ import torch
 
 from nanogpt import runtime
 from configurator import ROOT, UserError
-from nanogpt.tokenizer import load_meta
+from nanogpt.tokenizer import data_tokenizer, load_meta
 
 
 def find_dataset(dataset, data_dir=''):
@@ -73,20 +73,23 @@ def split_tokens(data_dir, split):
 
 def meta_vocab_size(data_dir):
     """The vocabulary size a character-level dataset's meta.pkl records (all training needs of it),
-    or None."""
+    or a BPE's trained for the dataset, or None."""
     path = os.path.join(data_dir, 'meta.pkl')
-    return load_meta(path)['vocab_size'] if os.path.exists(path) else None
+    if os.path.exists(path):
+        return load_meta(path)['vocab_size']
+    record = data_tokenizer(data_dir)
+    return record['vocab_size'] if record and record['tokenizer'] == 'bpe' else None
 
 
 def check_fits(data_dir, n_tokens, block_size, vocab_size, meta_vocab_size=None):
     """Refuse data that a model of block_size and vocab_size cannot train on: a vocabulary
-    (meta.pkl's) of another size, a split of no more than block_size tokens, or a token id it has no
-    embedding for (which
-    would crash mid-training). Rank 0 scans the files, the others wait for its answer."""
+    (meta.pkl's, a BPE's) of another size, a split of no more than block_size tokens, or a token id
+    it has no embedding for (which would crash mid-training). Rank 0 scans the files, the others
+    wait for its answer."""
     if meta_vocab_size and vocab_size != meta_vocab_size:
         raise UserError(
-            f"the model's vocab_size is {vocab_size} but the data's ({os.path.join(data_dir, 'meta.pkl')}) "
-            f"is {meta_vocab_size}: they were made for different vocabularies"
+            f"the model's vocab_size is {vocab_size} but the data's (in {data_dir}) is "
+            f"{meta_vocab_size}: they were made for different vocabularies"
         )
     for split, n in n_tokens.items():
         if n <= block_size:  # the hint fits both splits
