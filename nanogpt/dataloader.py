@@ -30,7 +30,8 @@ def find_dataset(dataset, data_dir=''):
                 for p in glob.glob(os.path.join(ROOT, 'data', '*', 'prepare.py'))
             )
             raise UserError(
-                f"unknown dataset '{dataset}': the datasets are the folders of data/ ({', '.join(known)}), "
+                f"unknown dataset '{dataset}': the datasets are the folders of data/ "
+                f"({', '.join(known)}), "
                 "or point --data_dir at a folder with train.bin and val.bin"
             )
     for split in ('train', 'val'):
@@ -42,7 +43,8 @@ def find_dataset(dataset, data_dir=''):
                     + f" --input=<your text> --out_dir={data_dir}"
                 )
             raise UserError(
-                f"{split}.bin not found in {data_dir}: prepare the dataset first with python {prepare}"
+                f"{split}.bin not found in {data_dir}: prepare the dataset first with "
+                f"python {prepare}"
             )
     return data_dir
 
@@ -58,7 +60,8 @@ def count_tokens(path):
         raise UserError(f"cannot read {path}: {e.strerror}") from None
     if size == 0 or size % 2:
         raise UserError(
-            f"{path} is damaged: {'it is empty' if size == 0 else f'{size:,} bytes is an odd length'} "
+            f"{path} is damaged: "
+            f"{'it is empty' if size == 0 else f'{size:,} bytes is an odd length'} "
             "for uint16 token ids; prepare the dataset again"
         )
     return size // 2

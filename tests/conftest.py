@@ -3,6 +3,7 @@
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -102,6 +103,30 @@ def hermetic_env(**extra):
         del env[k]
     env.update(extra)
     return env
+
+
+def copy_code(dst, *ignore):
+    """A copy of the repository's code and data scripts in dst: without git, caches, prepared data
+    and the runs in the root's out*/ folders (nanogpt/outdir.py is code), and `ignore`."""
+    skip = shutil.ignore_patterns(
+        '.git',
+        '.venv',
+        '.notes',
+        '__pycache__',
+        '.pytest_cache',
+        '*.bin',
+        '*.pkl',
+        'wandb',
+        *ignore,
+    )
+
+    def ignored(folder, names):
+        runs = (
+            {n for n in names if n.startswith('out')} if os.path.samefile(folder, ROOT) else set()
+        )
+        return set(skip(folder, names)) | runs
+
+    shutil.copytree(ROOT, dst, ignore=ignored)
 
 
 def free_port():

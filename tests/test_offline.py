@@ -13,7 +13,7 @@ from conftest import ROOT, error_line, free_port, hermetic_env
 
 
 def online_env(hf_home, **extra):
-    """hermetic_env with the hub not switched off: an unreachable endpoint and a cache of our own."""
+    """hermetic_env with the hub switched on: an unreachable endpoint and a cache of our own."""
     env = hermetic_env(HF_HOME=str(hf_home), HF_ENDPOINT=f'http://127.0.0.1:{free_port()}')
     del env['HF_HUB_OFFLINE'], env['TRANSFORMERS_OFFLINE']
     return dict(env, **extra)

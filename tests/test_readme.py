@@ -18,7 +18,7 @@ import time
 import httpx
 import pytest
 
-from conftest import ROOT, SHAKESPEARE, TORCHRUN, free_port, hermetic_env
+from conftest import copy_code, ROOT, SHAKESPEARE, TORCHRUN, free_port, hermetic_env
 
 RUN_BY_CI = ('python3 -m venv', 'python -m pytest')  # .ci/run runs these itself
 TINY_MODEL = ['--n_layer=2', '--n_head=2', '--n_embd=32', '--block_size=32', '--batch_size=4']
@@ -161,22 +161,7 @@ def sandbox(tmp_path):
             pytest.fail(f"{SHAKESPEARE} is missing: CI needs ../shared/data beside the checkout")
         pytest.skip(f"{SHAKESPEARE} not found")
     repo = tmp_path / 'repo'
-    shutil.copytree(
-        ROOT,
-        repo,
-        ignore=shutil.ignore_patterns(
-            '.git',
-            '.venv',
-            '.notes',
-            '__pycache__',
-            '.pytest_cache',
-            '*.bin',
-            '*.pkl',
-            'input.txt',
-            'out*',
-            'wandb',
-        ),
-    )
+    copy_code(repo, 'input.txt')
     for name in ('shakespeare_char', 'shakespeare'):
         shutil.copy(SHAKESPEARE, repo / 'data' / name / 'input.txt')
     text = open(SHAKESPEARE, encoding='utf-8').read()

@@ -399,7 +399,8 @@ def test_load_200_requests_from_16_clients(server):
         tokens = list(pool.map(request, range(200), timeout=120))
         after, dt = rss_mb(pid), time.monotonic() - t0
     print(
-        f"200 requests from 16 clients in {dt:.1f}s; server RSS {before:.0f} MB before, {after:.0f} MB after"
+        f"200 requests from 16 clients in {dt:.1f}s; server RSS {before:.0f} MB before, "
+        f"{after:.0f} MB after"
     )
     assert tokens == [5 + i % 20 for i in range(200)]  # all answered, each in full
     health = httpx.get(f'{url}/health').json()
