@@ -71,9 +71,8 @@ def check_settings(c):
 @torch.no_grad()
 def val_loss(model, data, device, ctx=None, batch_size=8, progress=False):
     """Mean loss over every non-overlapping window of block_size + 1 tokens of data (a uint16
-    array), each
-    window once: every token but the first and a tail shorter than a window is predicted exactly
-    once."""
+    array), each window once: every token but the first and a tail shorter than a window is
+    predicted exactly once."""
     from tqdm import tqdm
 
     block_size = model.config.block_size

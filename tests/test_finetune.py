@@ -1,7 +1,7 @@
 """Finetuning a model pretrained here: init_from=<its out_dir> (its weights only, a fresh run on
 other data) and LoRA adapters (peft): only the adapters train, the checkpoint holds the merged
-weights nanoGPT reads,
-resume is exact (float16 and SIGTERM included), and two processes (DDP or FSDP) train like one."""
+weights nanoGPT reads, resume is exact (float16 and SIGTERM included), and two processes (DDP or
+FSDP) train like one."""
 
 import json
 import os

@@ -2,8 +2,7 @@
 the repository: on the real tiny-Shakespeare text, with a tiny model appended to each training
 command (the GPU recipes run on CPU processes), a tiny local GPT-2 in Hugging Face format standing
 in for OpenAI's weights, and a small local corpus standing in for OpenWebText. The install and test
-commands are what .ci/run
-itself runs."""
+commands are what .ci/run itself runs."""
 
 import glob
 import json
@@ -154,8 +153,7 @@ def start_server(argv, cwd, env):
 @pytest.fixture
 def sandbox(tmp_path):
     """A copy of the repository's code, the real text where the Shakespeare scripts look for it, a
-    tiny
-    GPT-2 in Hugging Face format, a small corpus of documents, and the user's own text."""
+    tiny GPT-2 in Hugging Face format, a small corpus of documents, and the user's own text."""
     if not os.path.isfile(SHAKESPEARE):
         if os.environ.get('CI') == 'true':
             pytest.fail(f"{SHAKESPEARE} is missing: CI needs ../shared/data beside the checkout")

@@ -1,6 +1,6 @@
 """serve.py as a user runs it: the real server on a free local port, spoken to with the openai
-client, raw HTTP
-and a headless Chromium, on a small checkpoint built here; its answers compared with sample.py's."""
+client, raw HTTP and a headless Chromium, on a small checkpoint built here; its answers compared
+with sample.py's."""
 
 import concurrent.futures
 import json
@@ -35,9 +35,8 @@ PROMPTS = [
 def checkpoint(tmp_path_factory):
     """A 2-layer character model of tiny-shakespeare's 65 characters with random weights, drawn wide
     enough (std 0.1) that its most likely next character is clear: greedy text is varied and has no
-    near-ties.
-    Its block of 32 characters is shorter than the completions, so the server slides its window as
-    sample.py does."""
+    near-ties. Its block of 32 characters is shorter than the completions, so the server slides its
+    window as sample.py does."""
     if not os.path.isfile(SHAKESPEARE):
         pytest.skip(f"{SHAKESPEARE} not found")
     with open(SHAKESPEARE, encoding='utf-8') as f:
