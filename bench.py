@@ -205,8 +205,8 @@ def forward_backward(net):
 
 def step_memory(net, optimizer):
     """One training step, then the bytes of this process's parameters, gradients and optimizer
-    state,
-    counted from the tensors themselves (a DTensor by its local shard, the tied weight once)."""
+    state, counted from the tensors themselves (a DTensor by its local shard, the tied weight
+    once)."""
     forward_backward(net)
     optimizer.step()
 
@@ -226,8 +226,8 @@ def step_memory(net, optimizer):
 def live_bytes():
     """Bytes of the tensors this process holds: the CUDA allocator's count, or on CPU, whose
     allocator keeps none (and whose profiler misses what gloo's threads free), the distinct storages
-    of every tensor the
-    garbage collector tracks, gradients included (FSDP keeps unsharded ones on its own objects)."""
+    of every tensor the garbage collector tracks, gradients included (FSDP keeps unsharded ones on
+    its own objects)."""
     if runtime.device_type(device) == 'cuda':
         torch.cuda.synchronize(device)
         return torch.cuda.memory_allocated(device)
@@ -246,8 +246,8 @@ def live_bytes():
 
 def peak_memory(run):
     """Peak bytes allocated while run() runs above what was allocated before it: the CUDA
-    allocator's
-    statistics, or on CPU the profiler's record of each operator's allocations and frees."""
+    allocator's statistics, or on CPU the profiler's record of each operator's allocations and
+    frees."""
     if runtime.device_type(device) == 'cuda':
         torch.cuda.synchronize(device)
         before = torch.cuda.memory_allocated(device)

@@ -189,8 +189,8 @@ class OneOf:
 
 class OutPath:
     """Where a script writes a folder (folder=True) or a file: not a thing of the other kind, nor
-    under a
-    file; '' (the script's default place) when optional. Checked without creating anything."""
+    under a file; '' (the script's default place) when optional. Checked without creating
+    anything."""
 
     def __init__(self, folder, optional=False):
         self.folder, self.optional = folder, optional
@@ -230,9 +230,8 @@ SEED = Range(0, 2**31 - 1)  # numpy's seeds end at 2**32 - 1, and each process a
 def check(config, rules):
     """Refuse (one line naming the setting, its value and what is allowed) the first value of config
     that its rule does not allow. Every setting needs a rule (ANY for those any value of their type
-    suits), so a new
-    setting cannot go unchecked by accident; bools need none, configure() allows only True and
-    False."""
+    suits), so a new setting cannot go unchecked by accident; bools need none, configure() allows
+    only True and False."""
     unruled = [k for k, v in config.items() if k not in rules and type(v) is not bool]
     assert not unruled, f"settings without a rule: {unruled}"
     for key, rule in rules.items():

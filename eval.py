@@ -71,9 +71,8 @@ def check_settings(c):
 @torch.no_grad()
 def val_loss(model, data, device, ctx=None, batch_size=8, progress=False):
     """Mean loss over every non-overlapping window of block_size + 1 tokens of data (a uint16
-    array), each
-    window once: every token but the first and a tail shorter than a window is predicted exactly
-    once."""
+    array), each window once: every token but the first and a tail shorter than a window is
+    predicted exactly once."""
     from tqdm import tqdm
 
     block_size = model.config.block_size
@@ -98,7 +97,7 @@ def val_loss(model, data, device, ctx=None, batch_size=8, progress=False):
 
 
 def main():
-    from nanogpt.tokenizer import load_tokenizer
+    from nanogpt.tokenizer import bits_per_byte, load_tokenizer
 
     task_list = [t.strip() for t in tasks.split(',') if t.strip()]
     # TF32 off: evaluation in float32 is exact float32, on CUDA too
@@ -158,10 +157,14 @@ def main():
                 )
             r = results['val'] = val_loss(model, data, dev, ctx, batch_size, progress=True)
             r['perplexity'] = float(np.exp(r['loss']))
+            # the windows' targets: every token from the second, up to a tail shorter than a window
+            targets = data[1 : r['tokens'] + 1]
+            r['bpb'] = bits_per_byte(r['loss'], targets, source['record'], meta_path)
             r['path'] = os.path.abspath(path)
             print(
                 f"val: loss {r['loss']:.4f}, perplexity {r['perplexity']:.3f} "
-                f"({r['windows']} windows of {model.config.block_size} tokens in {path})",
+                f"({r['windows']} windows of {model.config.block_size} tokens in {path}), "
+                f"{r['bpb']:.4f} bits per byte",
                 flush=True,
             )
 

@@ -6,9 +6,8 @@ References:
 https://github.com/openai/gpt-2/blob/master/src/model.py
 2) huggingface/transformers PyTorch implementation:
 https://github.com/huggingface/transformers/blob/main/src/transformers/models/gpt2/modeling_gpt2.py
-The GELU follows the weights' origin (GPTConfig.gelu): the exact one, nanoGPT's, for models trained
-from scratch and for nanoGPT's checkpoints; GPT-2's tanh approximation for OpenAI's weights and
-models finetuned from them, so each computes the function it was trained as (docs/checkpoints.md).
+The GELU follows the weights' origin (GPTConfig.gelu, docs/checkpoints.md): nanoGPT's exact one
+from scratch, GPT-2's tanh approximation for OpenAI's weights, as each was trained.
 Training, sampling, evaluation and serving all run GPT.forward (decoding: nanogpt/generate.py).
 """
 
@@ -216,8 +215,7 @@ class GPT(nn.Module):
         against targets (B, T). A method of its own so that runtime.parallelize can compile it
         where it cannot compile forward (under FSDP)."""
         logits = self.lm_head(x)
-        # in float32 also for a model run in bfloat16 (runtime.inference_model); autocast does so
-        # itself
+        # in float32 also for a model cast to bfloat16 (autocast does so itself)
         loss = F.cross_entropy(
             logits.float().view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1
         )
@@ -248,11 +246,11 @@ class GPT(nn.Module):
 
         return from_pretrained(model_type, override_args, allow_unsafe_pickle)
 
-    def export_hf(self, path, vocab_size=None):
+    def export_hf(self, path, vocab_size=None, tokenizer=None):
         """Write this model as a Hugging Face GPT-2 directory: hf.py."""
         from nanogpt.hf import export_hf
 
-        export_hf(self, path, vocab_size)
+        export_hf(self, path, vocab_size, tokenizer)
 
     def configure_optimizers(
         self,
@@ -271,9 +269,7 @@ class GPT(nn.Module):
         # start with all of the candidate parameters that require grad
         param_dict = {pn: p for pn, p in self.named_parameters() if p.requires_grad}
         # with muon, the blocks' matrices go to Muon; embeddings, gains and biases stay with AdamW
-        names = [
-            n for n, p in param_dict.items() if n.startswith('transformer.h.') and p.dim() == 2
-        ]
+        names = [n for n, p in param_dict.items() if n.startswith('transformer.h.') and p.ndim == 2]
         muon_params = [param_dict.pop(n) for n in names] if muon is not None else []
         # create optim groups. Any parameters that is 2D will be weight decayed, otherwise no.
         # i.e. all weight tensors in matmuls + embeddings decay, all biases and layernorms don't.
@@ -303,9 +299,7 @@ class GPT(nn.Module):
             kind = torch.optim.Muon if muon_bf16 else Float32Muon
             if verbose:
                 n = sum(p.numel() for p in muon_params)
-                print(
-                    f"muon for {len(muon_params)} matrices with {n:,} parameters: {kind.__name__}"
-                )
+                print(f"muon for {len(muon_params)} matrices, {n:,} parameters: {kind.__name__}")
             muon_optimizer = kind(muon_params, nesterov=True, **muon)
             optimizer = MuonAdamW(muon_optimizer, optimizer, muon['lr'] / learning_rate)
         return optimizer

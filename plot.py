@@ -1,7 +1,8 @@
 """
 Plot training runs from their log.jsonl: train and val loss against iterations and against tokens,
 learning rate, tokens/s and gradient norm (and HellaSwag acc_norm when it was evaluated), several
-runs overlaid with their out_dir as the legend, into one PNG.
+runs overlaid with their out_dir as the legend, into one PNG: by default loss.png in the first
+run's out_dir (not the repository, where it would make every later run's commit '+dirty').
 $ python plot.py out-shakespeare-char-cpu
 $ python plot.py out-a out-b --out=compare.png
 A last line cut short by a kill is skipped silently; any other line that is not JSON is skipped with
@@ -20,7 +21,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 from configurator import ANY, OutPath, UserError, check  # noqa: E402  (also prints UserError as one line)
 
 # (title, x key, [(y key, rows, line style, legend suffix)]): rows 'train' are the logged iterations
-# (loss: that iteration's batch), 'eval' the evaluations (val_loss: eval_iters batches of val.bin)
+# (loss: that iteration's batch), 'eval' the evaluations (val_loss: eval_iters batches of val.bin),
+# each a marker: a run that evaluates a few times draws a few points, not a curve
 PANELS = [
     (
         'loss vs iterations',
@@ -60,9 +62,9 @@ def read_log(out_dir):
         elif n < len(lines):
             bad.append(n)
     if bad:
+        where = ', '.join(map(str, bad[:5])) + (' ...' if len(bad) > 5 else '')
         print(
-            f"warning: {path}: skipped {len(bad)} line(s) that are not log rows (line {', '.join(map(str, bad[:5]))}"
-            f"{' ...' if len(bad) > 5 else ''})",
+            f"warning: {path}: skipped {len(bad)} line(s) that are not log rows (line {where})",
             file=sys.stderr,
         )
     if not rows:
@@ -92,7 +94,7 @@ def plot(out_dirs):
                         style,
                         color=colors[i % len(colors)],
                         label=out_dir + suffix,
-                        markersize=3,
+                        markersize=5,
                         linewidth=1,
                     )
         ax.set_title(title)
@@ -116,13 +118,13 @@ def check_settings(c):
     formats = matplotlib.figure.Figure().canvas.get_supported_filetypes()
     if os.path.splitext(c['out'])[1][1:].lower() not in formats:
         raise UserError(
-            f"out must end in a format matplotlib writes ({', '.join('.' + f for f in sorted(formats))}), "
-            f"got {c['out']!r}"
+            "out must end in a format matplotlib writes "
+            f"({', '.join('.' + f for f in sorted(formats))}), got {c['out']!r}"
         )
 
 
 def main(args):
-    out = 'loss.png'
+    out = ''  # '': loss.png in the first out_dir
     out_dirs = []
     for arg in args:
         if arg.startswith('--out='):
@@ -133,6 +135,7 @@ def main(args):
             )
         else:
             out_dirs.append(arg)
+    out = out or os.path.join(out_dirs[0] if out_dirs else '', 'loss.png')
     check_settings(dict(out=out, out_dirs=out_dirs))
     fig = plot(out_dirs)
     tmp = out + '.tmp'

@@ -81,7 +81,8 @@ if start.startswith('FILE:'):
 start_ids = encode(start)
 if not start_ids:
     raise UserError(
-        "the prompt is empty: give at least one character with --start=... (the default is a newline)"
+        "the prompt is empty: give at least one character with --start=... (the default is a "
+        "newline)"
     )
 x = torch.tensor(start_ids, dtype=torch.long, device=device)[None, ...]  # (1, T)
 # what is not a sample goes to stderr, after any error about the prompt

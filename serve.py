@@ -46,7 +46,7 @@ max_batch = 16  # most completions decoded together in one forward pass; more wa
 max_waiting = 256
 max_tokens_limit = 2048  # the largest max_tokens a request may ask for
 max_choices = 16  # the most completions in one request (number of prompts times n)
-log_requests = True  # print one line per request to stderr (uvicorn's access log)
+log_requests = True  # print one line per request to stdout (uvicorn's access log)
 # -----------------------------------------------------------------------------
 
 OPENAI_FIELDS = {
@@ -459,7 +459,7 @@ def main(config):
     # GPT-2's vocabulary ends documents with <|endoftext|>: a completion stops there, as OpenAI's do
     record = source['record']
     gpt2 = model.config.vocab_size >= 50257 and (not record or record['tokenizer'] == 'gpt2')
-    eot = 50256 if gpt2 else None
+    eot = 50256 if gpt2 else (record or {}).get('eot_token')  # a BPE's own (its last id)
     # its weights in dtype, as sample.py's: no autocast, logits upcast to float32 for sampling
     model = runtime.inference_model(model, dev, run_dtype, compile, cast=True)
     served = model_name or (

@@ -323,6 +323,7 @@ while True:
         if master_process:
             # a new metric is one more entry here: printed, in log.jsonl and in wandb
             scores = dict(train_loss=losses['train'], val_loss=losses['val'])
+            scores['val_bpb'] = tokenizer.val_bits_per_byte(losses['val'], data_dir, data_tokenizer)
             scores.update({f'hellaswag_{k}': v for k, v in hellaswag.items()})
             text = [f"{k.replace('_', ' ')} {v:.4f}" for k, v in scores.items() if type(v) is float]
             row = dict(iter=iter_num, **scores, lr=lr, tokens=iter_num * tokens_per_iter)

@@ -162,18 +162,22 @@ def main():
                 tokens = sum(reply['usage']['completion_tokens'] for reply in replies)
                 speeds[way].append(tokens / dt)
                 print(
-                    f"round {r + 1}, {clients} requests {way}: {tokens} tokens in {dt:.2f}s ({tokens / dt:.0f} tokens/s)"
+                    f"round {r + 1}, {clients} requests {way}: {tokens} tokens in {dt:.2f}s "
+                    f"({tokens / dt:.0f} tokens/s)"
                 )
                 if way == 'one at a time':
                     alone_texts = alone_texts or texts
                 if texts != alone_texts:
                     raise UserError(
-                        f"a greedy completion changed between runs ({way}): batching changed the output"
+                        f"a greedy completion changed between runs ({way}): batching changed the "
+                        "output"
                     )
         base, batched = (statistics.median(speeds[w]) for w in ('one at a time', 'together'))
         print(
-            f"throughput, median of {rounds}: one at a time {base:.0f} tokens/s, {clients} together {batched:.0f} "
-            f"tokens/s: {batched / base:.2f}x; every batched completion equals the same request served alone"
+            f"throughput, median of {rounds}: one at a time {base:.0f} tokens/s, {clients} "
+            f"together {batched:.0f} "
+            f"tokens/s: {batched / base:.2f}x; every batched completion equals the same request "
+            "served alone"
         )
         print(f"largest batch decoded: {httpx.get(f'{url}/health').json()['largest_batch']}")
 
@@ -192,9 +196,12 @@ def main():
                 f"sample.py {sample[-1]:.0f} tokens/s"
             )
         print(
-            f"one request alone, median of {rounds}: serve.py {statistics.median(server):.0f} tokens/s, sample.py "
-            f"{statistics.median(sample):.0f} tokens/s: {statistics.median(server) / statistics.median(sample):.2f}x; "
-            f"a request of 1 token takes {statistics.median(latency) * 1000:.0f} ms (HTTP, prompt, hand-offs)"
+            f"one request alone, median of {rounds}: serve.py {statistics.median(server):.0f} "
+            "tokens/s, sample.py "
+            f"{statistics.median(sample):.0f} tokens/s: "
+            f"{statistics.median(server) / statistics.median(sample):.2f}x; "
+            f"a request of 1 token takes {statistics.median(latency) * 1000:.0f} ms (HTTP, prompt, "
+            "hand-offs)"
         )
 
         def request(i):
@@ -215,8 +222,10 @@ def main():
         after = rss_mb(pid)
         health = httpx.get(f'{url}/health').json()
         print(
-            f"load: {load_requests} requests from {load_clients} clients in {dt:.1f}s, {sum(answered)} answered in "
-            f"full, {health['active'] + health['waiting']} left in the server; server RSS {before:.0f} MB before, "
+            f"load: {load_requests} requests from {load_clients} clients in {dt:.1f}s, "
+            f"{sum(answered)} answered in "
+            f"full, {health['active'] + health['waiting']} left in the server; server RSS "
+            f"{before:.0f} MB before, "
             f"{after:.0f} MB after"
         )
         pool.shutdown()

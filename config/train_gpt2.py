@@ -8,8 +8,8 @@ wandb_log = False  # True to follow the run on Weights & Biases (run `wandb logi
 wandb_project = 'owt'
 wandb_run_name = 'gpt2-124M'
 
-# these make the total batch size be ~0.5M tokens
-# 12 batch size * 1024 block size * 40 gradaccum (5 per GPU on 8 GPUs) = 491,520
+# these make the total batch size be ~0.5M tokens 12 batch size * 1024 block size * 40 gradaccum (5
+# per GPU on 8 GPUs) = 491,520
 batch_size = 12
 block_size = 1024
 gradient_accumulation_steps = 5 * 8

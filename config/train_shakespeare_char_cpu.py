@@ -1,28 +1,20 @@
 # Train a small character-level Shakespeare model on a CPU in about a minute.
-# nanoGPT's "I only have a macbook" model made shallower (2 layers instead of 4; 4 heads, 128 wide,
-# 0.4M parameters, block 64) and trained with Muon for the blocks' weight matrices and AdamW for the
-# embeddings and gains (optimizer='muon'), on batches of 48 instead of 12, with one evaluation at
-# the end instead of one every 250 iterations. For a budget of a minute or two, more steps of a
-# smaller model beat fewer steps of a deeper one: at about the same CPU time (batch 32), 4 layers
-# reached val 1.646 in 740 iterations, 3 layers 1.630 in 950, 2 layers 1.612 in 1400; 1 layer 1.693
-# in 1900 (docs/optimizers.md). $ python data/shakespeare_char/prepare.py
+# nanoGPT's "I only have a macbook" model made shallower (2 layers, 4 heads, 128 wide, block 64:
+# 0.4M parameters), trained with Muon for the blocks' weight matrices and AdamW for embeddings and
+# gains (optimizer='muon'), on batches of 48, evaluated at the start, the middle and the end. For a
+# budget of a minute or two, more steps of a smaller model beat fewer steps of a deeper one: why in
+# docs/optimizers.md, the figures (against nanoGPT's recipe too) in docs/performance.md.
+# $ python data/shakespeare_char/prepare.py
 # $ python train.py config/train_shakespeare_char_cpu.py
-# Measured on a 2-core AMD EPYC VM (AVX-512 BF16, so torch.optim.Muon's bfloat16 path; float32,
-# eager):
-#   `python benchmarks/bench_recipes.py --pairs=3` on the idle VM, 2 threads: this recipe val 1.617 in 66.1 s
-# wall (median
-#   of 3); nanoGPT's recipe through train.py val 1.914 in 86.6 s: 1.31x as fast. 950 iterations
-# reach val 1.594
-#   but took as long as nanoGPT's recipe (0.94x). More in docs/optimizers.md, with what did not
-# help. Then:
 # $ python sample.py --out_dir=out-shakespeare-char-cpu --device=cpu
 # nanoGPT's own settings, for comparison: --optimizer=adamw --n_layer=4 --batch_size=12
 # --learning_rate=1e-3 --min_lr=1e-4 --warmup_iters=100 --max_iters=2000 --lr_decay_iters=2000
 # --eval_interval=250
 
 out_dir = 'out-shakespeare-char-cpu'
-# evaluate at the start and at the end only: evaluation is a large share of a short run
-eval_interval = 800
+# evaluate at the start, the middle and the end (plot.py draws a curve, not a line): each of the
+# 2 x 20 batches of an evaluation costs a forward pass, a large share of a short run
+eval_interval = 400
 eval_iters = 20  # a rough but cheap estimate
 log_interval = 50
 always_save_checkpoint = False  # keep the best checkpoint by val loss

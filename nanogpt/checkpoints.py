@@ -25,7 +25,7 @@ import torch.distributed as dist
 
 from nanogpt import lora
 from nanogpt import runtime
-from nanogpt.tokenizer import check_same, load_tokenizer, pretrained_record
+from nanogpt.tokenizer import check_record, check_same, load_tokenizer, pretrained_record
 from configurator import ROOT, UserError
 from model import GPT, GPTConfig
 
@@ -150,18 +150,8 @@ def check_checkpoint(checkpoint, path):
         isinstance(config.get(k, ''), str) for k in ('dataset', 'data_dir')
     ):
         raise bad("config is not a dict with dataset and data_dir as strings")
-    record = checkpoint.get('tokenizer')  # tokenizer.data_tokenizer's dict, or None
-    if record is not None and not (
-        isinstance(record, dict)
-        and type(record.get('vocab_size')) is int
-        and (
-            record.get('tokenizer') == 'gpt2'
-            or record.get('tokenizer') == 'char'
-            and isinstance(record.get('chars'), str)
-            and len(record['chars']) == record['vocab_size']
-        )
-    ):
-        raise bad("its tokenizer record is not a gpt2 or char record")
+    if checkpoint.get('tokenizer') is not None:  # tokenizer.data_tokenizer's dict
+        check_record(checkpoint['tokenizer'], f"checkpoint {path}")
     # the loop state is checked by restoring it (into a throwaway generator; the global RNGs are put
     # back)
     try:
@@ -301,12 +291,39 @@ def check_hf_dir(path, allow_unsafe_pickle=False):
         )
 
 
+def check_hub(repo_id, repo_type='model', local='--init_from=DIR (written by save_pretrained)'):
+    """Before a model or data set is fetched from the Hugging Face hub, one attempt to reach it (a
+    HEAD request, no retries): the hub's client retries a failed connection for about a minute.
+    Unreachable, raise one line that says how to work offline, with the cache (HF_HUB_OFFLINE=1,
+    which skips this check) or `local`, the script's own offline alternative."""
+    # imported here: only the hub's models and data sets need them
+    import httpx2  # huggingface_hub's HTTP client
+    from huggingface_hub import constants, get_hf_file_metadata, hf_hub_url, try_to_load_from_cache
+
+    if constants.is_offline_mode():
+        return
+    filename = 'config.json' if repo_type == 'model' else 'README.md'
+    try:
+        get_hf_file_metadata(hf_hub_url(repo_id, filename, repo_type=repo_type))
+    except httpx2.TransportError as e:  # no network, no DNS, a timeout; not an HTTP error status
+        cached = isinstance(try_to_load_from_cache(repo_id, filename, repo_type=repo_type), str)
+        raise UserError(
+            f"cannot reach the Hugging Face hub for {repo_id} ({reason(e)}); to work offline, run "
+            f"with HF_HUB_OFFLINE=1 ({repo_id} is {'' if cached else 'not '}in the cache, "
+            f"{constants.HF_HUB_CACHE}) or use {local}"
+        ) from None
+    except Exception:  # the hub answered (e.g. 404 for an unknown name): the loader says what
+        pass
+
+
 def load_pretrained(init_from, dropout=0.0, allow_unsafe_pickle=False):
     """OpenAI's GPT-2 ('gpt2', 'gpt2-medium', ...) or a local Hugging Face directory, checked first,
     as a GPT on CPU (GPT.from_pretrained). Raises ValueError or OSError, which the scripts print as
     one line."""
     if os.path.isdir(init_from):
         check_hf_dir(init_from, allow_unsafe_pickle)
+    else:
+        check_hub(init_from)
     return GPT.from_pretrained(init_from, dict(dropout=dropout), allow_unsafe_pickle)
 
 

@@ -14,14 +14,13 @@ import torch
 
 from nanogpt import runtime
 from configurator import ROOT, UserError
-from nanogpt.tokenizer import load_meta
+from nanogpt.tokenizer import data_tokenizer, load_meta
 
 
 def find_dataset(dataset, data_dir=''):
     """The folder that holds a prepared dataset's train.bin and val.bin: data_dir if given, else
-    data/<dataset>
-    of this repository. Refuses, naming the datasets there or the command that prepares the missing
-    files."""
+    data/<dataset> of this repository. Refuses, naming the datasets there or the command that
+    prepares the missing files."""
     if not data_dir:
         data_dir = os.path.join(ROOT, 'data', dataset)
         if not os.path.isdir(data_dir):
@@ -30,7 +29,8 @@ def find_dataset(dataset, data_dir=''):
                 for p in glob.glob(os.path.join(ROOT, 'data', '*', 'prepare.py'))
             )
             raise UserError(
-                f"unknown dataset '{dataset}': the datasets are the folders of data/ ({', '.join(known)}), "
+                f"unknown dataset '{dataset}': the datasets are the folders of data/ "
+                f"({', '.join(known)}), "
                 "or point --data_dir at a folder with train.bin and val.bin"
             )
     for split in ('train', 'val'):
@@ -42,7 +42,8 @@ def find_dataset(dataset, data_dir=''):
                     + f" --input=<your text> --out_dir={data_dir}"
                 )
             raise UserError(
-                f"{split}.bin not found in {data_dir}: prepare the dataset first with python {prepare}"
+                f"{split}.bin not found in {data_dir}: prepare the dataset first with "
+                f"python {prepare}"
             )
     return data_dir
 
@@ -58,7 +59,8 @@ def count_tokens(path):
         raise UserError(f"cannot read {path}: {e.strerror}") from None
     if size == 0 or size % 2:
         raise UserError(
-            f"{path} is damaged: {'it is empty' if size == 0 else f'{size:,} bytes is an odd length'} "
+            f"{path} is damaged: "
+            f"{'it is empty' if size == 0 else f'{size:,} bytes is an odd length'} "
             "for uint16 token ids; prepare the dataset again"
         )
     return size // 2
@@ -73,20 +75,23 @@ def split_tokens(data_dir, split):
 
 def meta_vocab_size(data_dir):
     """The vocabulary size a character-level dataset's meta.pkl records (all training needs of it),
-    or None."""
+    or a BPE's trained for the dataset, or None."""
     path = os.path.join(data_dir, 'meta.pkl')
-    return load_meta(path)['vocab_size'] if os.path.exists(path) else None
+    if os.path.exists(path):
+        return load_meta(path)['vocab_size']
+    record = data_tokenizer(data_dir)
+    return record['vocab_size'] if record and record['tokenizer'] == 'bpe' else None
 
 
 def check_fits(data_dir, n_tokens, block_size, vocab_size, meta_vocab_size=None):
     """Refuse data that a model of block_size and vocab_size cannot train on: a vocabulary
-    (meta.pkl's) of another size, a split of no more than block_size tokens, or a token id it has no
-    embedding for (which
-    would crash mid-training). Rank 0 scans the files, the others wait for its answer."""
+    (meta.pkl's, a BPE's) of another size, a split of no more than block_size tokens, or a token id
+    it has no embedding for (which would crash mid-training). Rank 0 scans the files, the others
+    wait for its answer."""
     if meta_vocab_size and vocab_size != meta_vocab_size:
         raise UserError(
-            f"the model's vocab_size is {vocab_size} but the data's ({os.path.join(data_dir, 'meta.pkl')}) "
-            f"is {meta_vocab_size}: they were made for different vocabularies"
+            f"the model's vocab_size is {vocab_size} but the data's (in {data_dir}) is "
+            f"{meta_vocab_size}: they were made for different vocabularies"
         )
     for split, n in n_tokens.items():
         if n <= block_size:  # the hint fits both splits
@@ -180,8 +185,7 @@ def train_batches(data_dir, n_windows, sampler, shape, rows, block_size, device)
     """This rank's micro-batches (x, y), each (batch_size, block_size), forever: every iteration's
     global batch of window starts, `shape` (gradient_accumulation_steps, batch_size), is drawn from
     sampler the same way on every rank, and this rank trains its `rows` (a slice) of it, so the data
-    depends on the seed,
-    not on how many processes share the work."""
+    depends on the seed, not on how many processes share the work."""
     while True:
         for starts in sampler.draw(n_windows, shape)[rows]:
             yield get_batch(split_tokens(data_dir, 'train'), starts, block_size, device)
@@ -191,8 +195,7 @@ def shuffled(index, n, key, rounds=4):
     """The keyed permutation of range(n) at positions `index` (int64 array): a Feistel network on
     the smallest even number of bits that covers n, a bijection on [0, 2**bits); values that land at
     n or above are pushed through it again ("cycle walking") until they fall below n, which keeps it
-    a
-    bijection on [0, n). The round keys come from `key` (seed, epoch) through numpy's
+    a bijection on [0, n). The round keys come from `key` (seed, epoch) through numpy's
     SeedSequence."""
     half = max(1, (int(n - 1).bit_length() + 1) // 2)
     mask = np.uint64((1 << half) - 1)

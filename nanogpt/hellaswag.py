@@ -15,6 +15,7 @@ import torch
 from torch.nn import functional as F
 
 from configurator import UserError
+from nanogpt import checkpoints
 
 HELLASWAG_FIELDS = ('activity_label', 'ctx_a', 'ctx_b', 'endings', 'label')
 
@@ -90,6 +91,7 @@ def load_hellaswag(path='', limit=0):
     else:
         import datasets  # imported here: it takes seconds, and only this needs it
 
+        checkpoints.check_hub('Rowan/hellaswag', 'dataset', '--hellaswag_path=hellaswag_val.jsonl')
         try:
             rows = list(datasets.load_dataset('Rowan/hellaswag', split='validation'))
         except Exception as e:

@@ -148,14 +148,16 @@ def from_pretrained(model_type, override_args=None, allow_unsafe_pickle=False):
     return model
 
 
-def export_hf(model, path, vocab_size=None):
+def export_hf(model, path, vocab_size=None, tokenizer=None):
     """Write this model as a Hugging Face GPT-2 directory (config.json + model.safetensors)
     that transformers.GPT2LMHeadModel.from_pretrained(path) loads with the same logits.
     A padded vocabulary (e.g. 50304 = 50257 rounded up to a multiple of 64) is exported whole
     by default, so the logits match row for row; pass vocab_size=50257 to keep only GPT-2's
     real tokens (the padding rows never occur in the data, so nothing is lost). A model
     without biases is exported with zero biases, which computes exactly the same function,
-    and the GELU as transformers names it: 'gelu' (exact) or 'gelu_new' (tanh)."""
+    and the GELU as transformers names it: 'gelu' (exact) or 'gelu_new' (tanh). With tokenizer
+    (a transformers tokenizer: bpe.hf_tokenizer of ckpt.pt's 'tokenizer'), it is saved beside the
+    weights, its end-of-text token the model's bos and eos."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     c = model.config
@@ -174,6 +176,8 @@ def export_hf(model, path, vocab_size=None):
         attn_pdrop=c.dropout,
         layer_norm_epsilon=1e-5,
         tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id if tokenizer is not None else 50256,
+        eos_token_id=tokenizer.eos_token_id if tokenizer is not None else 50256,
     )
     model_hf = GPT2LMHeadModel(hf_config)
     sd, sd_hf = model.state_dict(), model_hf.state_dict()
@@ -201,3 +205,5 @@ def export_hf(model, path, vocab_size=None):
             v.copy_(w)
     check_same_function(model, model_hf, vocab_size, "GPT-2's format")
     model_hf.save_pretrained(path)
+    if tokenizer is not None:  # AutoTokenizer.from_pretrained(path) reads the model's text
+        tokenizer.save_pretrained(path)

@@ -23,9 +23,8 @@ ADAPTER = 'default'  # peft's name for the one adapter each layer holds
 
 def settings(rank, alpha, dropout, targets, optimizer, freeze_layers):
     """train.py's LoRA settings as a checkpoint records them (None for rank 0), checked: UserError
-    for targets it
-    does not know and for what LoRA does not combine with (each value's range: train.py's
-    check_settings)."""
+    for targets it does not know and for what LoRA does not combine with (each value's range:
+    train.py's check_settings)."""
     names = [t.strip() for t in targets.split(',') if t.strip()]
     if rank == 0:
         return None
@@ -50,9 +49,8 @@ def add_adapters(model, lora, checkpoint=None, verbose=False):
     """Put peft's LoRA layers (settings() of the run) into the GPT in place and freeze everything
     else; from a checkpoint being resumed, load the unmerged weights and the adapters it kept
     (resume_state()). peft.inject_adapter_in_model keeps the module tree of our GPT, so parameter
-    names only gain a level:
-    c_attn.weight becomes c_attn.base_layer.weight, beside c_attn.lora_A.default.weight and
-    lora_B's."""
+    names only gain a level: c_attn.weight becomes c_attn.base_layer.weight, beside
+    c_attn.lora_A.default.weight and lora_B's."""
     # imported here: it takes seconds, and only LoRA needs it
     from peft import LoraConfig, inject_adapter_in_model
 

@@ -57,8 +57,7 @@ class MuonAdamW:
     of them together. state_dict() nests both, so a checkpoint keeps one 'optimizer' entry.
     GradScaler works with it (it only needs param_groups and step()), but reads its overflow flag on
     the host, a second sync per iteration: it has no _step_supports_amp_scaling, as torch's Muon
-    cannot skip a step by a flag on the
-    device, so train.py refuses float16 with Muon."""
+    cannot skip a step by a flag on the device, so train.py refuses float16 with Muon."""
 
     def __init__(self, muon, adamw, muon_lr_scale):
         self.muon, self.adamw = muon, adamw

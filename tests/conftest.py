@@ -3,6 +3,7 @@
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -12,6 +13,11 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHAKESPEARE = os.path.join(ROOT, '..', 'shared', 'data', 'tinyshakespeare', 'input.txt')
+# why a test that needs the text skips without it (README.md's Tests says where to get it)
+NO_SHAKESPEARE = (
+    "the tiny-shakespeare text is not at ../shared/data/tinyshakespeare/input.txt beside the "
+    f"checkout ({os.path.normpath(SHAKESPEARE)}): see README.md, Tests"
+)
 TORCHRUN = os.path.join(os.path.dirname(sys.executable), 'torchrun')
 # small enough that an iteration takes milliseconds on a CPU
 TINY = [
@@ -51,8 +57,7 @@ def pytest_collection_modifyitems(config, items):
 def pytest_runtest_makereport(item, call):
     """A skip is a failure in CI (CI=true, which .ci/run sets), except for gpu tests on a machine
     without CUDA, and so is a gpu test skipped on a machine with CUDA (unless it needs more GPUs
-    than there are): a
-    missing data file must not pass unnoticed."""
+    than there are): a missing data file must not pass unnoticed."""
     outcome = yield
     report = outcome.get_result()
     gpu = 'gpu' in item.keywords
@@ -65,6 +70,20 @@ def pytest_runtest_makereport(item, call):
     ):
         report.outcome = 'failed'
         report.longrepr = f"skipped where nothing may skip: {report.longrepr}"
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Skips for want of the tiny-shakespeare text, counted in one line at the end that says where
+    it goes: pytest -q shows a skip as one letter."""
+    missing = [
+        r for r in terminalreporter.stats.get('skipped', []) if 'tinyshakespeare' in str(r.longrepr)
+    ]
+    if missing:
+        terminalreporter.write_line(
+            f"{len(missing)} tests skipped: {NO_SHAKESPEARE}",
+            yellow=True,
+            bold=True,
+        )
 
 
 def hermetic_env(**extra):
@@ -83,6 +102,30 @@ def hermetic_env(**extra):
         del env[k]
     env.update(extra)
     return env
+
+
+def copy_code(dst, *ignore):
+    """A copy of the repository's code and data scripts in dst: without git, caches, prepared data
+    and the runs in the root's out*/ folders (nanogpt/outdir.py is code), and `ignore`."""
+    skip = shutil.ignore_patterns(
+        '.git',
+        '.venv',
+        '.notes',
+        '__pycache__',
+        '.pytest_cache',
+        '*.bin',
+        '*.pkl',
+        'wandb',
+        *ignore,
+    )
+
+    def ignored(folder, names):
+        runs = (
+            {n for n in names if n.startswith('out')} if os.path.samefile(folder, ROOT) else set()
+        )
+        return set(skip(folder, names)) | runs
+
+    shutil.copytree(ROOT, dst, ignore=ignored)
 
 
 def free_port():
@@ -114,8 +157,7 @@ def error_line(result):
 def shakespeare_char(tmp_path_factory):
     """data/shakespeare_char/prepare.py run on the real tiny-shakespeare text, into a temporary
     folder. Without the text (outside CI), the files it prepares in data/shakespeare_char, if they
-    are there: a
-    GPU machine is given those, not the text (see ../shared/gpu-check.sh)."""
+    are there: a GPU machine is given those, not the text (see ../shared/gpu-check.sh)."""
     if not os.path.isfile(SHAKESPEARE):
         prepared = os.path.join(ROOT, 'data', 'shakespeare_char')
         if os.environ.get('CI') != 'true' and all(
@@ -124,7 +166,7 @@ def shakespeare_char(tmp_path_factory):
             return prepared
         if os.environ.get('CI') == 'true':
             pytest.fail(f"{SHAKESPEARE} is missing: CI needs ../shared/data beside the checkout")
-        pytest.skip(f"{SHAKESPEARE} not found")
+        pytest.skip(NO_SHAKESPEARE)
     out = tmp_path_factory.mktemp('shakespeare_char')
     subprocess.run(
         [
@@ -142,8 +184,7 @@ def shakespeare_char(tmp_path_factory):
 @pytest.fixture(scope='session')
 def train_command(shakespeare_char):
     """command(*args, torchrun=None): the command line of train.py with the tiny model on the
-    prepared
-    data, args appended after the defaults; torchrun is a list of torchrun options."""
+    prepared data, args appended after the defaults; torchrun is a list of torchrun options."""
 
     def command(*args, torchrun=None):
         launcher = [TORCHRUN, *torchrun] if torchrun else [sys.executable]

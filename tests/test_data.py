@@ -180,7 +180,9 @@ from nanogpt import tokenizer
 assert tokenizer.tiktoken_has_gpt2_files()
 reference, ours = tiktoken.get_encoding("gpt2"), tokenizer.gpt2_encoding_from_package()
 assert tokenizer.gpt2_encoding() is reference  # with the files in its cache, tiktoken's own is used
-assert (ours.n_vocab, ours.eot_token, ours.special_tokens_set) == (reference.n_vocab, reference.eot_token, reference.special_tokens_set)
+def facts(enc):
+    return enc.n_vocab, enc.eot_token, enc.special_tokens_set
+assert facts(ours) == facts(reference)
 samples = json.load(open({str(tmp_path / "samples.json")!r}))
 assert ours.encode_ordinary(samples[0]) == reference.encode_ordinary(samples[0])
 for s in samples:
@@ -197,8 +199,9 @@ print("same")
 def test_gpt2_encoding_with_empty_tiktoken_cache_uses_package(tmp_path):
     # what an offline user sees: tiktoken has nothing cached, and any download attempt would fail
     code = (
-        "import time, tiktoken.registry; t = time.time(); from nanogpt.tokenizer import gpt2_encoding; "
-        "enc = gpt2_encoding(); print(enc.encode_ordinary('hello world'), round(time.time() - t, 2), "
+        "import time, tiktoken.registry; t = time.time(); "
+        "from nanogpt.tokenizer import gpt2_encoding; enc = gpt2_encoding(); "
+        "print(enc.encode_ordinary('hello world'), round(time.time() - t, 2), "
         "'gpt2' in tiktoken.registry.ENCODINGS)"
     )
     env = dict(
@@ -413,7 +416,7 @@ def test_shakespeare_offline_without_input_says_where_to_put_it(tmp_path, http_d
 # ----------------------------------------------------------------------------- your own text
 
 
-def test_prepare_text_folder_with_both_tokenizers(tmp_path):
+def test_prepare_text_folder_with_each_tokenizer(tmp_path):
     books = tmp_path / "books"
     (books / "part2").mkdir(parents=True)
     (books / "a.txt").write_text(
@@ -423,8 +426,11 @@ def test_prepare_text_folder_with_both_tokenizers(tmp_path):
         "Ünïcödé and 中文 too.\r\nWindows line ends.", encoding="utf-8"
     )
     (books / "notes.md").write_text("not a .txt file, so not included")
-    text = "It was the best of times,\nit was the worst of times.\n\n\nÜnïcödé and 中文 too.\nWindows line ends."
-    for name in ("char", "gpt2"):
+    text = (
+        "It was the best of times,\nit was the worst of times.\n\n\n"
+        "Ünïcödé and 中文 too.\nWindows line ends."
+    )
+    for name in ("char", "gpt2", "bpe"):
         out = tmp_path / name
         result = run(
             "data/prepare_text.py",
@@ -434,13 +440,19 @@ def test_prepare_text_folder_with_both_tokenizers(tmp_path):
             cwd=tmp_path,
         )
         assert result.returncode == 0, result.stderr
-        encode, decode = tokenizer.load_tokenizer(str(out / "meta.pkl"))
+        record = tokenizer.data_tokenizer(str(out))
+        encode, decode = tokenizer.load_tokenizer(str(out / "meta.pkl"), record)
         train, val = read_bin(out / "train.bin"), read_bin(out / "val.bin")
-        assert (
-            decode(train.tolist()) == text[: int(len(text) * 0.9)]
-            and decode(val.tolist()) == text[int(len(text) * 0.9) :]
-        )
+        if name == "bpe":  # the two files are two documents, the end-of-text token between them
+            first, second = text.split("\n\n\n")[0] + "\n", text.split("\n\n\n")[1]
+            cut = int((len(first) + len(second)) * 0.9) - len(first)
+            assert decode(train.tolist()) == first + "<|endoftext|>" + second[:cut]
+            assert decode(val.tolist()) == second[cut:]
+        else:
+            assert decode(train.tolist()) == text[: int(len(text) * 0.9)]
+            assert decode(val.tolist()) == text[int(len(text) * 0.9) :]
         assert os.path.exists(out / "meta.pkl") == (name == "char")
+        assert os.path.exists(out / "bpe.json") == (name == "bpe")
 
 
 def test_train_hint_names_the_dataset_or_its_folder():
@@ -467,6 +479,10 @@ def test_prepare_text_needs_an_input(tmp_path):
         "unwritable_out_dir",
         "out_dir_is_file",
         "bad_tokenizer",
+        "whitespace_only",
+        "binary",
+        "bpe_vocab_below_the_bytes",
+        "bpe_vocab_above_uint16",
     ],
 )
 def test_prepare_text_errors(tmp_path, case):
@@ -503,8 +519,21 @@ def test_prepare_text_errors(tmp_path, case):
         out.write_text("")
         expected = ["cannot write to the output directory", str(out)]
     elif case == "bad_tokenizer":
+        extra = ["--tokenizer=wordpiece"]
+        expected = ["tokenizer must be one of 'char', 'gpt2', 'bpe', got 'wordpiece'"]
+    elif case == "whitespace_only":
+        source.write_text(" \n\t\n  ")
         extra = ["--tokenizer=bpe"]
-        expected = ["tokenizer must be one of 'char', 'gpt2', got 'bpe'"]
+        expected = ["input is empty (or only whitespace)", str(source)]
+    elif case == "binary":  # valid UTF-8, but with the NUL bytes of a binary file
+        source.write_bytes(b"PK\x03\x04\x14\x00\x00\x00 an archive")
+        extra = ["--tokenizer=bpe"]
+        expected = [f"{source} is a binary file, not text", "offset 5"]
+    elif case.startswith("bpe_vocab"):
+        extra = ["--tokenizer=bpe", f"--vocab_size={256 if 'below' in case else 65537}"]
+        expected = [
+            "vocab_size must be from 257 (the 256 byte values plus <|endoftext|>) to 65,536"
+        ]
     result = run(
         "data/prepare_text.py", f"--input={source}", f"--out_dir={out}", *extra, cwd=tmp_path
     )
@@ -564,7 +593,8 @@ def documents():
     """A few hundred varied documents: lengths from one word to a few thousand characters, unicode,
     whitespace runs, and text that merely looks like the end-of-text token."""
     rng = random.Random(2357)
-    words = "the of and to in a is that for it as was with be by on not he I this are or his from".split()
+    words = "the of and to in a is that for it as was with be by on not he I this are or his"
+    words = (words + " from").split()
     extras = ["", "\n\n", "  ", " café ü 中文 🤖", " <|endoftext|> ", "\t"]
     return [
         " ".join(rng.choice(words) for _ in range(rng.randint(1, 600))) + rng.choice(extras)

@@ -66,9 +66,8 @@ def build_owt_replica(folder, documents):
     """The hub repository Skylion007/openwebtext in miniature: openwebtext.py beside
     subsets/urlsf_subsetNN.tar, each tar holding openwebtext/urlsf_subsetNN-K_data.xz members, each
     an xz tar of NNNNNNN-<hash>.txt files, members deliberately not in sorted order, plus what the
-    loading script skips (directories, hidden files,
-    names not ending in .xz / .txt). Returns the documents as the loading script yields them, in
-    order."""
+    loading script skips (directories, hidden files, names not ending in .xz / .txt). Returns the
+    documents as the loading script yields them, in order."""
     os.makedirs(os.path.join(folder, "subsets"))
     with open(os.path.join(folder, "openwebtext.py"), "w") as f:
         f.write("# the loading script that datasets >= 4.0 refuses to run\n")
@@ -224,8 +223,7 @@ def write_fineweb_shard(path, texts):
 @pytest.fixture(scope="module")
 def fineweb(tmp_path_factory, documents):
     """A copy of the hub repository's layout: sample/10BT/ with two shards (the documents, each made
-    unique),
-    and another config's shard under data/ that sample-10BT must not read. Returns (folder,
+    unique), and another config's shard under data/ that sample-10BT must not read. Returns (folder,
     documents)."""
     folder = tmp_path_factory.mktemp("fineweb") / "repo"
     docs = [f"document {i}: {doc}" for i, doc in enumerate(documents)]
@@ -463,8 +461,7 @@ def test_epoch_order_visits_every_window_once_per_epoch():
 @pytest.fixture(scope='module')
 def tiny_data(tmp_path_factory):
     """A few hundred characters of tiny Shakespeare as char data (one epoch: 268 windows of 32) and
-    as GPT-2
-    BPE data, both with their tokenizer.json, plus the char data in nanoGPT's format (no
+    as GPT-2 BPE data, both with their tokenizer.json, plus the char data in nanoGPT's format (no
     tokenizer.json)."""
     import prepare_text
 

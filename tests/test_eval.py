@@ -1,8 +1,8 @@
 """eval.py and the evaluation parts of train.py against independent references: HellaSwag scored by
 transformers' GPT2LMHeadModel and tokenizer on the exported model (lm-evaluation-harness's recipe
 written out here), the val perplexity against the windows' losses computed directly, early stopping
-on a run that
-overfits, and grad_norm against torch.nn.utils.clip_grad_norm_ recomputed from a checkpoint."""
+on a run that overfits, and grad_norm against torch.nn.utils.clip_grad_norm_ recomputed from a
+checkpoint."""
 
 import json
 import math
@@ -76,8 +76,7 @@ def hellaswag_rows(text, n=10):
 def reference_predictions(hf_dir, rows):
     """Per item (acc right, acc_norm right), computed the way lm-evaluation-harness's hellaswag task
     does, written out independently: transformers' model and tokenizer, full-sequence encoding split
-    at the
-    context's own encoding, the last n_positions + 1 tokens kept, length normalisation by
+    at the context's own encoding, the last n_positions + 1 tokens kept, length normalisation by
     characters."""
     from transformers import AutoTokenizer, GPT2LMHeadModel
 
@@ -117,9 +116,8 @@ def reference_predictions(hf_dir, rows):
 @pytest.fixture(scope='module')
 def gpt2_run(tmp_path_factory):
     """A tiny GPT-2 (BPE vocabulary, made by transformers) trained 4 iterations on BPE
-    tiny-Shakespeare by
-    2 processes with eval_hellaswag on a local HellaSwag file, its checkpoint and its Hugging Face
-    export."""
+    tiny-Shakespeare by 2 processes with eval_hellaswag on a local HellaSwag file, its checkpoint
+    and its Hugging Face export."""
     if not os.path.isfile(SHAKESPEARE):
         pytest.skip(f"{SHAKESPEARE} not found")
     from transformers import GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast
@@ -193,7 +191,8 @@ def gpt2_run(tmp_path_factory):
     )
 
 
-@pytest.mark.compat
+@pytest.mark.architecture
+@pytest.mark.format
 def test_hellaswag_equals_reference_checkpoint_and_export(gpt2_run):
     g = gpt2_run
     # our scorer item by item == the independent reference on the exported model
@@ -242,6 +241,7 @@ def test_hellaswag_equals_reference_checkpoint_and_export(gpt2_run):
     assert evals[4]['hellaswag_items'] == 10
 
 
+@pytest.mark.architecture
 def test_hellaswag_file_with_missing_fields(gpt2_run, tmp_path):
     rows = [dict(r) for r in gpt2_run['rows'][:3]]
     del rows[1]['ctx_b']

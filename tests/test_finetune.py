@@ -1,7 +1,7 @@
 """Finetuning a model pretrained here: init_from=<its out_dir> (its weights only, a fresh run on
 other data) and LoRA adapters (peft): only the adapters train, the checkpoint holds the merged
-weights nanoGPT reads,
-resume is exact (float16 and SIGTERM included), and two processes (DDP or FSDP) train like one."""
+weights nanoGPT reads, resume is exact (float16 and SIGTERM included), and two processes (DDP or
+FSDP) train like one."""
 
 import json
 import os
@@ -196,7 +196,7 @@ def test_lora_resume_refuses_other_settings_and_damaged_adapters(lora_run):
         lora.check_resume(ckpt, saved, 'out/ckpt.pt')
 
 
-@pytest.mark.compat
+@pytest.mark.format
 def test_lora_checkpoint_is_nanogpt_format_with_merged_weights(lora_run):
     ckpt = weights(lora_run)
     # what nanoGPT's sample.py does with it: the plain GPT, strict, '_orig_mod.' stripped
@@ -290,3 +290,24 @@ def test_lora_two_processes_with_activation_checkpointing_match_one(
     torch.testing.assert_close(ckpt['model'], ref['model'], rtol=0, atol=1e-5)
     # each merged as one process merges its own adapters: FSDP's gathered state included
     assert_merged_by_peft(ckpt)
+
+
+def test_the_cpu_lora_recipe_trains_adapters_on_a_char_checkpoint(train, pretrained, tmp_path):
+    # config/finetune_shakespeare_char_lora_cpu.py, shrunk, from a character model trained here
+    train(
+        'config/finetune_shakespeare_char_lora_cpu.py',
+        f'--init_from={pretrained}',
+        f'--out_dir={tmp_path}',
+        '--max_iters=8',
+        '--eval_interval=8',
+        '--eval_iters=2',
+        '--batch_size=4',
+        '--learning_rate=1e-2',
+        '--always_save_checkpoint=True',  # a checkpoint whether the loss went down or not
+    )
+    before, after = weights(pretrained), weights(tmp_path)
+    assert after['lora']['rank'] == 8 and after['tokenizer'] == before['tokenizer']
+    for k, v in before['model'].items():  # the base weights are the checkpoint's, bit for bit
+        assert torch.equal(after['lora']['base'].get(k, after['model'][k]), v), k
+    _, evals = read_log(tmp_path)
+    assert evals[8]['val_loss'] < evals[0]['val_loss']

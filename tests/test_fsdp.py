@@ -1,9 +1,8 @@
 """FSDP2 on CPU (gloo) through torchrun: two processes train like one with the same global batch
 (with and without accumulation, activation checkpointing and frozen layers; in bfloat16 as DDP
 does), one checkpoint format that resumes under any parallelism bitwise, frozen layers that stay
-put, a worker
-killed with SIGKILL that torchrun restarts and that resumes by itself, and what torch.compile
-compiles."""
+put, a worker killed with SIGKILL that torchrun restarts and that resumes by itself, and what
+torch.compile compiles."""
 
 import json
 import os

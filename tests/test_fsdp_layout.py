@@ -1,7 +1,6 @@
 """What runtime.parallelize makes of a GPT under FSDP2, checked inside the process where a torchrun
 run cannot show it: the device mesh FSDP shards on, and the dtype of what each unit computes. One
-process in
-a gloo group of one is enough for that."""
+process in a gloo group of one is enough for that."""
 
 import pytest
 import torch

@@ -1,7 +1,7 @@
 """The GPU path. What a CPU can check runs everywhere: the MFU table matched by GPU name and dtype,
 cached decoding compiled without graph breaks and without weight conversions. The tests marked gpu
-need a CUDA GPU
-and are skipped without one (see conftest.py); run them on a GPU machine with `python -m pytest -q
+need a CUDA GPU and are skipped without one (see conftest.py); run them on a GPU machine with
+`python -m pytest -q
 -m gpu`."""
 
 import json

@@ -1,8 +1,7 @@
 """Every file the scripts read may come from a stranger: the real train.py, sample.py and bench.py
 are run on each kind of damaged or hostile file and must answer with one line `error: ...` (exit
-status 1, no traceback),
-run no code from the file, and leave every file on disk as it was (names, sizes, mtimes and
-bytes)."""
+status 1, no traceback), run no code from the file, and leave every file on disk as it was (names,
+sizes, mtimes and bytes)."""
 
 import json
 import os
@@ -240,8 +239,7 @@ SCRIPT_ARGS = {  # the tiny model, on the CPU, in the case's folders
 def runs(tmp_path_factory, shakespeare_char, trained):
     """Each case damaged in a folder of its own and its script run on it, as many at a time as there
     are cores (most of a failing run is importing torch, on one core): name -> (folder, its snapshot
-    before, expected
-    error, the finished process)."""
+    before, expected error, the finished process)."""
     cases = {}
     for name in CASES:
         case = tmp_path_factory.mktemp(name)
@@ -302,7 +300,8 @@ def test_resume_drops_log_lines_that_are_not_ours(trained, tmp_path, train):
     assert rows[:-1] == kept and rows[-1]['iter'] == 2 and 'val_loss' in rows[-1]
 
 
-@pytest.mark.compat
+@pytest.mark.architecture
+@pytest.mark.format
 def test_hf_pickle_weights_load_only_when_allowed(tmp_path):
     from transformers import GPT2Config, GPT2LMHeadModel
 

@@ -44,7 +44,7 @@ def hf_dir(tmp_path_factory):
     return path, hf.eval()
 
 
-@pytest.mark.compat
+@pytest.mark.architecture
 def test_from_pretrained_local_dir_matches_transformers(hf_dir):
     path, hf = hf_dir
     model = GPT.from_pretrained(str(path)).eval()
@@ -83,7 +83,6 @@ class RMSNormWithBias(RMSNorm):
         return super().forward(x) + (0 if self.bias is None else self.bias)
 
 
-@pytest.mark.compat
 @pytest.mark.parametrize(
     "norm, imported, exported",
     [
@@ -99,6 +98,7 @@ class RMSNormWithBias(RMSNorm):
         ),
     ],
 )
+@pytest.mark.architecture
 def test_a_changed_architecture_is_refused_by_import_and_export(
     hf_dir, tmp_path, monkeypatch, norm, imported, exported
 ):
@@ -113,6 +113,7 @@ def test_a_changed_architecture_is_refused_by_import_and_export(
     assert '\n' not in str(refused.value) and not export.exists()  # nothing written
 
 
+@pytest.mark.architecture
 def test_from_pretrained_dropout_override_and_bad_args(hf_dir):
     path, _ = hf_dir
     assert GPT.from_pretrained(str(path), dict(dropout=0.2)).config.dropout == 0.2
@@ -143,7 +144,8 @@ def test_from_pretrained_offline_error_names_model_and_local_dir(tmp_path):
     "bias, vocab_size, export_vocab, gelu, hf_name",
     [(True, 50, None, 'tanh', 'gelu_new'), (False, 64, 50, 'exact', 'gelu')],
 )
-@pytest.mark.compat
+@pytest.mark.architecture
+@pytest.mark.format
 def test_export_roundtrip_through_transformers(
     tmp_path, bias, vocab_size, export_vocab, gelu, hf_name
 ):
@@ -168,7 +170,7 @@ def test_export_roundtrip_through_transformers(
     assert torch.allclose(all_logits(again, idx), ref, atol=1e-5)
 
 
-@pytest.mark.compat
+@pytest.mark.architecture
 def test_from_pretrained_refuses_an_activation_it_does_not_have(tmp_path):
     GPT2LMHeadModel(
         GPT2Config(
@@ -194,6 +196,7 @@ def test_sdpa_and_explicit_attention_agree():
     assert (fast - slow).abs().max().item() < 1e-5
 
 
+@pytest.mark.smoke
 def test_causality():
     model = tiny_gpt()
     idx = torch.randint(0, 50, (1, 16))
@@ -205,6 +208,7 @@ def test_causality():
     assert not torch.allclose(a[:, t + 1], b[:, t + 1])
 
 
+@pytest.mark.smoke
 def test_loss_at_init_is_uniform():
     model = tiny_gpt(vocab_size=65)
     g = torch.Generator().manual_seed(0)
@@ -239,6 +243,7 @@ def test_init_statistics():
     assert model.lm_head.weight is model.transformer.wte.weight
 
 
+@pytest.mark.smoke
 def test_kv_cache_forward_matches_full_forward():
     model = tiny_gpt()
     idx = torch.randint(0, 50, (2, 16))
@@ -299,7 +304,8 @@ def test_temperature_zero_and_top_k():
     assert picks <= top2 and len(picks) == 2
 
 
-@pytest.mark.compat
+@pytest.mark.architecture
+@pytest.mark.format
 def test_nanogpt_checkpoint_with_orig_mod_prefix_loads(tmp_path):
     src = tiny_gpt(seed=3)
     model_args = dict(
@@ -372,7 +378,8 @@ def nanogpt_logits(sd, args, idx):
     return layer_norm(x, 'transformer.ln_f') @ sd['lm_head.weight'].T
 
 
-@pytest.mark.compat
+@pytest.mark.architecture
+@pytest.mark.format
 @pytest.mark.parametrize("bias", [False, True])
 def test_nanogpt_checkpoint_computes_nanogpts_function(tmp_path, bias):
     model_args = dict(
@@ -408,7 +415,7 @@ def test_nanogpt_checkpoint_computes_nanogpts_function(tmp_path, bias):
         assert (diff <= 1e-6) if close else (diff > 1e-4), (gelu, diff)
 
 
-@pytest.mark.compat
+@pytest.mark.format
 def test_checkpoint_gelu_record_and_checkpoints_without_one():
     assert checkpoints.checkpoint_gelu({"model_args": {}, "gelu": "tanh"}) == "tanh"
     assert (
@@ -439,7 +446,7 @@ def test_checkpoint_gelu_record_and_checkpoints_without_one():
         ("gpt2-xl", (48, 25, 1600), 1_557_611_200),
     ],
 )
-@pytest.mark.compat
+@pytest.mark.architecture
 def test_gpt2_parameter_counts(name, shape, total):
     with torch.device("meta"):
         model = GPT(
@@ -458,6 +465,7 @@ def test_gpt2_parameter_counts(name, shape, total):
         assert f"{model.get_num_params() / 1e6:.2f}M" == "123.65M"
 
 
+@pytest.mark.architecture
 def test_crop_block_size():
     model = tiny_gpt()
     idx = torch.randint(0, 50, (1, 8))
@@ -473,6 +481,7 @@ def test_crop_block_size():
         model.crop_block_size(32)
 
 
+@pytest.mark.architecture
 def test_configure_optimizers_groups_and_fused(capsys):
     model = tiny_gpt()
     opt = model.configure_optimizers(0.1, 6e-4, (0.9, 0.95), "cpu")
@@ -487,6 +496,7 @@ def test_configure_optimizers_groups_and_fused(capsys):
     assert "num decayed parameter tensors: 10" in out and "using fused AdamW: True" in out
 
 
+@pytest.mark.architecture
 @pytest.mark.parametrize("trains", ["all", "freeze 3 of 4", "lora rank 8"])
 def test_flops_per_token_are_the_flops_a_training_step_does(trains):
     """flops_per_token (estimate_mfu's count) against torch's own count of one forward and

@@ -1,8 +1,7 @@
 """optimizer='muon': Muon for the blocks' weight matrices and AdamW for the rest. The float32
 Newton-Schulz against torch's, GradScaler with the pair, and end to end: it learns faster than
-AdamW, a SIGTERM stop
-resumes bitwise, two processes train like one, GPT-2 weights finetune, nanoGPT's loading still
-works."""
+AdamW, a SIGTERM stop resumes bitwise, two processes train like one, GPT-2 weights finetune,
+nanoGPT's loading still works."""
 
 import os
 

@@ -5,7 +5,6 @@ of times with 1 row as with 8; a row's logits do not depend on the other rows of
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -14,7 +13,7 @@ import httpx
 import pytest
 import torch
 
-from conftest import ROOT, SHAKESPEARE, free_port, hermetic_env
+from conftest import copy_code, SHAKESPEARE, free_port, hermetic_env
 from model import GPT, GPTConfig
 from nanogpt import batching
 from nanogpt.generate import KVCache, start
@@ -34,13 +33,7 @@ TOKENS = 40  # the checkpoint's block is 32 characters: the window slides
 
 
 def copy_repo(dst, edit):
-    shutil.copytree(
-        ROOT,
-        dst,
-        ignore=shutil.ignore_patterns(
-            '.git', '.venv', '__pycache__', '.pytest_cache', '*.bin', '*.pkl', 'out*', 'wandb'
-        ),
-    )
+    copy_code(dst)
     if edit:
         name, old, new = edit
         path = os.path.join(dst, name)

@@ -1,9 +1,8 @@
 """Nothing in out_dir is lost: one run at a time (an OS lock, which a SIGKILL releases), a run that
 fails or is stopped before its first save leaves out_dir as it found it (bytes and mtimes), a
 forgotten --init_from=resume is refused with the command that continues the run, a full disk while
-saving is one line with the previous
-checkpoint intact, and a stop signal ends even a long evaluation at once. The real train.py, in
-subprocesses."""
+saving is one line with the previous checkpoint intact, and a stop signal ends even a long
+evaluation at once. The real train.py, in subprocesses."""
 
 import os
 import re
@@ -300,8 +299,8 @@ def test_full_disk_while_logging_is_one_line(tmp_path):
 
 def limit_file_size(limit):
     """A preexec_fn: no file of the process may grow past limit bytes (write() then fails with
-    EFBIG, SIGXFSZ
-    being ignored), standing in for a full disk where no small filesystem can be mounted."""
+    EFBIG, SIGXFSZ being ignored), standing in for a full disk where no small filesystem can be
+    mounted."""
 
     def apply():
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)

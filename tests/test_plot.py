@@ -93,12 +93,15 @@ def test_lines_hold_the_logged_values(two_runs, monkeypatch):
                 [r[key] for r in train_rows],
             )
     assert not next(ax for ax in fig.axes if ax.get_title() == 'hellaswag acc_norm').get_visible()
-    # the command line: one PNG, by default loss.png in the current directory, its path printed
+    # the command line: one PNG, by default loss.png in the first run's out_dir (nothing written
+    # where it runs), its path printed
     result = plot_command('run-a', 'run-b', cwd=two_runs)
-    assert result.returncode == 0 and result.stdout.strip() == 'loss.png' and result.stderr == '', (
+    png = os.path.join('run-a', 'loss.png')
+    assert result.returncode == 0 and result.stdout.strip() == png and result.stderr == '', (
         result.stderr
     )
-    image = matplotlib.image.imread(two_runs / 'loss.png')
+    assert not (two_runs / 'loss.png').exists()
+    image = matplotlib.image.imread(two_runs / png)
     assert image.shape[0] > 100 and image.shape[1] > 100 and image.std() > 0
 
 

@@ -1,7 +1,6 @@
 """float16 autocast with a GradScaler, the mixed-precision path of GPUs without bfloat16, run on the
 CPU (torch has float16 autocast, GradScaler('cpu') and the fused AdamW there): exact resume with the
-scaler's
-state, a step with inf gradients skipped with the scale halved, and training that goes like
+scaler's state, a step with inf gradients skipped with the scale halved, and training that goes like
 float32."""
 
 import math

@@ -1,8 +1,8 @@
 """A prepare script replaces a data folder's files as one set. Interrupted at every point between
 its writes (driven deterministically: the n-th rename or removal raises KeyboardInterrupt, as a
 Ctrl-C there would), the folder holds the earlier set, the new set, or a mix that train.py refuses
-in one line; it never trains on a mix.
-A mix made otherwise (files copied in, a prepare from before the marker) is refused too."""
+in one line; it never trains on a mix. A mix made otherwise (files copied in, a prepare from before
+the marker) is refused too."""
 
 import os
 import resource

@@ -2,8 +2,7 @@
 the repository: on the real tiny-Shakespeare text, with a tiny model appended to each training
 command (the GPU recipes run on CPU processes), a tiny local GPT-2 in Hugging Face format standing
 in for OpenAI's weights, and a small local corpus standing in for OpenWebText. The install and test
-commands are what .ci/run
-itself runs."""
+commands are what .ci/run itself runs."""
 
 import glob
 import json
@@ -18,7 +17,7 @@ import time
 import httpx
 import pytest
 
-from conftest import ROOT, SHAKESPEARE, TORCHRUN, free_port, hermetic_env
+from conftest import copy_code, ROOT, SHAKESPEARE, TORCHRUN, free_port, hermetic_env
 
 RUN_BY_CI = ('python3 -m venv', 'python -m pytest')  # .ci/run runs these itself
 TINY_MODEL = ['--n_layer=2', '--n_head=2', '--n_embd=32', '--block_size=32', '--batch_size=4']
@@ -154,34 +153,17 @@ def start_server(argv, cwd, env):
 @pytest.fixture
 def sandbox(tmp_path):
     """A copy of the repository's code, the real text where the Shakespeare scripts look for it, a
-    tiny
-    GPT-2 in Hugging Face format, a small corpus of documents, and the user's own text."""
+    tiny GPT-2 in Hugging Face format, a small corpus of documents, and the user's own text."""
     if not os.path.isfile(SHAKESPEARE):
         if os.environ.get('CI') == 'true':
             pytest.fail(f"{SHAKESPEARE} is missing: CI needs ../shared/data beside the checkout")
         pytest.skip(f"{SHAKESPEARE} not found")
     repo = tmp_path / 'repo'
-    shutil.copytree(
-        ROOT,
-        repo,
-        ignore=shutil.ignore_patterns(
-            '.git',
-            '.venv',
-            '.notes',
-            '__pycache__',
-            '.pytest_cache',
-            '*.bin',
-            '*.pkl',
-            'input.txt',
-            'out*',
-            'wandb',
-        ),
-    )
+    copy_code(repo, 'input.txt')
     for name in ('shakespeare_char', 'shakespeare'):
         shutil.copy(SHAKESPEARE, repo / 'data' / name / 'input.txt')
     text = open(SHAKESPEARE, encoding='utf-8').read()
     (repo / 'my_book.txt').write_text(text[:200_000], encoding='utf-8')
-    (repo / 'prompt.txt').write_text('ROMEO:', encoding='utf-8')
     (repo / 'my_letters').mkdir()
     for i in range(3):
         (repo / 'my_letters' / f'{i}.txt').write_text(
@@ -243,6 +225,7 @@ def sandbox(tmp_path):
     return repo, str(hf_dir), str(corpus), str(tmp_path / 'fineweb'), str(hellaswag)
 
 
+@pytest.mark.architecture
 def test_every_readme_command_runs(sandbox):
     repo, *inputs = sandbox
     env = hermetic_env(WANDB_DIR=str(repo))
@@ -277,8 +260,15 @@ def test_every_readme_command_runs(sandbox):
             ran.append(command)
             continue
         t0 = time.time()
+        shell = ' > ' in command  # a redirection: echo "ROMEO:" > prompt.txt
         result = subprocess.run(
-            argv, cwd=repo, env={**env, **extra_env}, capture_output=True, text=True, timeout=300
+            command if shell else argv,
+            shell=shell,
+            cwd=repo,
+            env={**env, **extra_env},
+            capture_output=True,
+            text=True,
+            timeout=300,
         )
         print(f"{time.time() - t0:5.1f}s {command}")
         assert result.returncode == 0, (

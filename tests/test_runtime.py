@@ -148,8 +148,7 @@ def test_single_process_helpers():
 
 def test_checkpoints_are_memory_mapped(tmp_path):
     """Ours and nanoGPT's (a plain torch.save): the tensors load as views of the file, so rewriting
-    the
-    file's bytes in place shows through them; a copy in memory would keep the old values."""
+    the file's bytes in place shows through them; a copy in memory would keep the old values."""
     path = str(tmp_path / 'ckpt.pt')
     for save in (checkpoints.save_checkpoint, torch.save):
         save({'model': {'w': torch.zeros(4096)}, 'model_args': {'n_layer': 1}}, path)

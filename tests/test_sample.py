@@ -58,6 +58,7 @@ def trained(train, tmp_path_factory):
     return str(out)
 
 
+@pytest.mark.smoke
 def test_samples_have_requested_count_and_length_and_are_reproducible(trained):
     args = (f'--out_dir={trained}', '--num_samples=3', '--max_new_tokens=25', '--start=ROMEO:')
     first = run('sample.py', *args)
@@ -98,7 +99,7 @@ def test_file_prompt_is_read(trained, tmp_path):
     assert text.startswith('JULIET:\nO Romeo') and len(text) == len('JULIET:\nO Romeo') + 5
 
 
-@pytest.mark.compat
+@pytest.mark.format
 def test_nanogpt_format_checkpoint_with_gpt2_tokens(tmp_path):
     """A checkpoint as nanoGPT writes it (compiled keys, only its own keys, a BPE dataset)."""
     torch.manual_seed(0)
@@ -150,16 +151,14 @@ def test_bench_train_profile_and_generate(shakespeare_char, tmp_path):
         'bench.py', *tiny, '--burnin=2', '--iters=3', '--real_data=False', '--vocab_size=65'
     )
     assert result.returncode == 0, result.stderr
-    ms, tokens_per_s, mfu, loss = numbers(
+    ms, tokens_per_s, _mfu, loss = numbers(
         r'time per iteration: ([\d.]+)ms, ([\d,]+) tokens/s, MFU: ([\d.]+)%, '
         r'loss ([\d.]+)',
         result.stdout,
     )
-    assert (
-        tokens_per_s == pytest.approx(4 * 32 / (ms / 1000), rel=0.01)
-        and mfu < 100
-        and loss < 2 * math.log(65)
-    )
+    # the figures agree with each other; the timings themselves (and MFU) are not tested
+    assert tokens_per_s == pytest.approx(4 * 32 / (ms / 1000), rel=0.01)
+    assert loss < 2 * math.log(65)
     trace = tmp_path / 'trace'
     result = run(
         'bench.py',
@@ -187,7 +186,7 @@ def test_bench_train_profile_and_generate(shakespeare_char, tmp_path):
     (cached,) = numbers(r'with KV cache: ([\d.]+) tokens/s', result.stdout)
     (uncached,) = numbers(r'without KV cache: ([\d.]+) tokens/s', result.stdout)
     (speedup,) = numbers(r'KV cache speedup: ([\d.]+)x', result.stdout)
-    assert speedup == pytest.approx(cached / uncached, abs=0.06) and speedup > 1
+    assert speedup == pytest.approx(cached / uncached, abs=0.06)
 
 
 def test_bench_speed_prints_both_paths_and_the_ratio():

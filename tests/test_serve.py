@@ -1,6 +1,6 @@
 """serve.py as a user runs it: the real server on a free local port, spoken to with the openai
-client, raw HTTP
-and a headless Chromium, on a small checkpoint built here; its answers compared with sample.py's."""
+client, raw HTTP and a headless Chromium, on a small checkpoint built here; its answers compared
+with sample.py's."""
 
 import concurrent.futures
 import json
@@ -35,9 +35,8 @@ PROMPTS = [
 def checkpoint(tmp_path_factory):
     """A 2-layer character model of tiny-shakespeare's 65 characters with random weights, drawn wide
     enough (std 0.1) that its most likely next character is clear: greedy text is varied and has no
-    near-ties.
-    Its block of 32 characters is shorter than the completions, so the server slides its window as
-    sample.py does."""
+    near-ties. Its block of 32 characters is shorter than the completions, so the server slides its
+    window as sample.py does."""
     if not os.path.isfile(SHAKESPEARE):
         pytest.skip(f"{SHAKESPEARE} not found")
     with open(SHAKESPEARE, encoding='utf-8') as f:
@@ -326,6 +325,8 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_answering(server, c
 
 
 def test_page_in_a_real_browser(server, tmp_path):
+    if not (shutil.which('chromium') and shutil.which('chromedriver')):
+        pytest.skip("needs Debian's chromium and chromium-driver (README.md, Tests)")
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
@@ -345,6 +346,11 @@ def test_page_in_a_real_browser(server, tmp_path):
     )
     try:
         driver.get(server + '/')
+        # sized for a phone's screen; the prompt's limit shown before anything is sent
+        assert driver.find_element(By.CSS_SELECTOR, 'meta[name=viewport]')
+        WebDriverWait(driver, 60).until(
+            lambda d: 'up to 32 tokens' in d.find_element(By.ID, 'context').text
+        )
         for field, value in (
             ('prompt', 'JULIET: O Romeo'),
             ('max_tokens', '40'),
@@ -392,7 +398,8 @@ def test_load_200_requests_from_16_clients(server):
         tokens = list(pool.map(request, range(200), timeout=120))
         after, dt = rss_mb(pid), time.monotonic() - t0
     print(
-        f"200 requests from 16 clients in {dt:.1f}s; server RSS {before:.0f} MB before, {after:.0f} MB after"
+        f"200 requests from 16 clients in {dt:.1f}s; server RSS {before:.0f} MB before, "
+        f"{after:.0f} MB after"
     )
     assert tokens == [5 + i % 20 for i in range(200)]  # all answered, each in full
     health = httpx.get(f'{url}/health').json()

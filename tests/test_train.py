@@ -73,6 +73,23 @@ def assert_same_run(a, b):
     assert eval_a == eval_b
 
 
+def assert_identical(a, b, where=()):
+    """a and b, nested dicts, lists and tuples of tensors and Python values, equal bit for bit."""
+    assert type(a) is type(b), (where, type(a), type(b))
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), (where, a.keys() ^ b.keys())
+        for k in a:
+            assert_identical(a[k], b[k], (*where, k))
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_identical(x, y, (*where, i))
+    elif isinstance(a, torch.Tensor):
+        assert a.dtype == b.dtype and torch.equal(a, b), where
+    else:
+        assert a == b, (where, a, b)
+
+
 FIXTURE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'fixtures', 'resume_v2')
 FIXTURE_RUN = [
     '--dataset=fixture',
@@ -96,27 +113,41 @@ FIXTURE_RUN = [
 ]
 
 
-@pytest.mark.compat
+@pytest.mark.format
 def test_a_checkpoint_of_an_earlier_version_resumes_bitwise(tmp_path):
-    # written by the code of an earlier commit (tests/fixtures/resume_v2/README.md): resumed from
-    # iteration 4 by today's code, it ends where that code's uninterrupted run ended, bit for bit
-    out = tmp_path / 'out'
-    shutil.copytree(os.path.join(FIXTURE, 'split'), out)
-    subprocess.run(
-        [
-            sys.executable,
-            os.path.join(ROOT, 'train.py'),
-            *FIXTURE_RUN,
-            f"--data_dir={os.path.join(FIXTURE, 'data')}",
-            '--max_iters=8',
-            '--init_from=resume',
-            f'--out_dir={out}',
-        ],
-        check=True,
-        capture_output=True,
-        env=hermetic_env(),
+    # written by the code of an earlier commit (tests/fixtures/resume_v2/README.md), at iteration 4:
+    # resumed to iteration 8 by today's code, it ends bit for bit where the same state re-saved in
+    # today's format ends (two runs on this CPU: no stored float depends on the CPU that made it)
+    def resume(out, max_iters):
+        subprocess.run(
+            [
+                sys.executable,
+                os.path.join(ROOT, 'train.py'),
+                *FIXTURE_RUN,
+                f"--data_dir={os.path.join(FIXTURE, 'data')}",
+                f'--max_iters={max_iters}',
+                '--init_from=resume',
+                f'--out_dir={out}',
+            ],
+            check=True,
+            capture_output=True,
+            env=hermetic_env(),
+        )
+
+    old, resaved = tmp_path / 'old', tmp_path / 'resaved'
+    shutil.copytree(os.path.join(FIXTURE, 'split'), old)
+    shutil.copytree(os.path.join(FIXTURE, 'split'), resaved)
+    resume(resaved, 4)  # evaluates iteration 4 again and saves it: the same state, today's format
+    a, b = weights(old), weights(resaved)
+    assert a['config'].keys() != b['config'].keys()  # today's format has other settings
+    # everything the old file holds, read by today's code and written again unchanged: weights,
+    # optimizer, random and sampler states, down to the bit (nothing computed, so on any CPU)
+    assert_identical(
+        {k: v for k, v in a.items() if k != 'config'}, {k: b[k] for k in a if k != 'config'}
     )
-    assert_same_run(out, os.path.join(FIXTURE, 'straight'))
+    resume(old, 8)
+    resume(resaved, 8)
+    assert_same_run(old, resaved)
 
 
 def test_learns_real_shakespeare(train, tmp_path):
@@ -141,10 +172,10 @@ def test_learns_real_shakespeare(train, tmp_path):
         '--out_dir=out',
         cwd=tmp_path,
     )
-    # MFU is measured from the 6th iteration of a process on; before that the log says so (-1)
+    # MFU is measured from the 6th iteration of a process on; before that the log says so (-1). Its
+    # value, a timing against a measured peak (a loaded machine slows either), is not tested
     rows, evals = read_log(out)
-    assert rows[0]['mfu'] == -1.0
-    assert 0 < rows[50]['mfu'] < 1
+    assert rows[0]['mfu'] == -1.0 and rows[50]['mfu'] > 0
     # an untrained model guesses uniformly
     assert evals[0]['val_loss'] == pytest.approx(math.log(65), abs=0.1)
     assert evals[200]['val_loss'] < 2.7  # a char model that has learned the letter statistics
@@ -166,7 +197,7 @@ def test_learning_rate_schedule(straight):
     assert weights(straight)['optimizer']['param_groups'][0]['lr'] == pytest.approx(min_lr)
 
 
-@pytest.mark.compat
+@pytest.mark.format
 def test_checkpoint_is_nanogpt_format(straight):
     # torch.load(weights_only=True) inside
     ckpt = load_checkpoint(os.path.join(straight, 'ckpt.pt'))
@@ -187,6 +218,7 @@ def test_checkpoint_is_nanogpt_format(straight):
     assert isinstance(ckpt['sampler_state'], torch.Tensor) and ckpt['scaler'] == {}
 
 
+@pytest.mark.smoke
 def test_exact_resume(train, straight, tmp_path):
     out = tmp_path / 'out'
     train(*RUN, '--max_iters=20', f'--out_dir={out}')
@@ -312,7 +344,7 @@ def test_best_val_loss_records_only_improvements(train, straight, tmp_path):
     assert weights(out)['iter_num'] == 42 and weights(out)['best_val_loss'] == 0.5
 
 
-@pytest.mark.compat
+@pytest.mark.format
 def test_resumes_a_nanogpt_checkpoint(train, straight, tmp_path):
     ours = weights(straight)
     optimizer = ours['optimizer']
@@ -353,7 +385,7 @@ def test_wandb_offline_run(train, tmp_path):
     assert b'val/loss' in open(runs[0], 'rb').read()  # the logged metrics are in the run's file
 
 
-@pytest.mark.compat
+@pytest.mark.architecture
 def test_finetune_from_local_hugging_face_directory(train, shakespeare_char, tmp_path):
     from transformers import GPT2Config, GPT2LMHeadModel
 

@@ -74,7 +74,8 @@ def test_bad_settings(train, out_dir, args, message):
 def test_cuda_without_gpu(train, out_dir):
     assert (
         fails_with(train, out_dir, '--device=cuda')
-        == "error: device 'cuda' requested but no CUDA GPU is available here; use --device=cpu (or auto)"
+        == "error: device 'cuda' requested but no CUDA GPU is available here; use --device=cpu "
+        "(or auto)"
     )
 
 
@@ -91,7 +92,8 @@ def test_dataset_not_prepared(train, out_dir, tmp_path):
     line = fails_with(train, out_dir, f'--data_dir={tmp_path / "empty"}')
     prepare = os.path.join('data', 'shakespeare_char', 'prepare.py')
     assert line.startswith(
-        f"error: train.bin not found in {tmp_path / 'empty'}: prepare the dataset first with python "
+        f"error: train.bin not found in {tmp_path / 'empty'}: prepare the dataset first with "
+        "python "
     )
     assert line.endswith(prepare)
 
@@ -116,7 +118,8 @@ def test_token_id_beyond_vocabulary(train, out_dir, tmp_path):
     data = write_dataset(tmp_path / 'big_ids', [1, 2, 70] * 100, list(range(60)))
     assert (
         fails_with(train, out_dir, f'--data_dir={data}')
-        == "error: train.bin holds token id 70 but the model's vocab_size is 65: the data was prepared for another vocabulary"
+        == "error: train.bin holds token id 70 but the model's vocab_size is 65: the data was "
+        "prepared for another vocabulary"
     )
 
 
@@ -125,7 +128,8 @@ def test_out_dir_not_writable(train, tmp_path):
     line = fails_with(train, tmp_path / 'a_file' / 'out')
     assert (
         line
-        == f"error: out_dir must be a path for a folder: not an existing file, nor under a file, got "
+        == f"error: out_dir must be a path for a folder: not an existing file, nor under a file, "
+        "got "
         f"'{tmp_path / 'a_file' / 'out'}'"
     )
 
@@ -156,7 +160,8 @@ def test_resume_checkpoint_of_unknown_format(train, tmp_path):
     line = resume_fails(train, tmp_path, path.read_bytes())
     assert (
         line
-        == f"error: {path} is not a nanoGPT checkpoint: it has no model, optimizer, model_args, iter_num"
+        == f"error: {path} is not a nanoGPT checkpoint: it has no model, optimizer, model_args, "
+        "iter_num"
     )
 
 

@@ -130,8 +130,7 @@ def hub_shards(repo, config):
 
 def estimated_output_bytes(shard_bytes, text_bytes):
     """What train.bin + val.bin will take: 2 bytes a token, GPT-2 BPE averaging ~4.2 bytes of text a
-    token.
-    text_bytes (uncompressed, from the parquet metadata) when known, else the parquet files'
+    token. text_bytes (uncompressed, from the parquet metadata) when known, else the parquet files'
     size."""
     estimate = text_bytes // 2 if text_bytes else shard_bytes
     return min(estimate, 2 * int(max_tokens)) if max_tokens else estimate

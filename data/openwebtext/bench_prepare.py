@@ -125,8 +125,7 @@ def to_archives(folder):
 def tree_pss(pid):
     """(total, anonymous) proportional set size in bytes of pid and all its descendants, from /proc.
     PSS splits pages shared between processes (such as those a forked worker shares with its parent)
-    among
-    them, so the sum over processes counts each page once, unlike a sum of RSS."""
+    among them, so the sum over processes counts each page once, unlike a sum of RSS."""
     children = {}
     for entry in os.listdir('/proc'):
         if entry.isdigit():

@@ -87,8 +87,8 @@ def openwebtext_documents(archives):
     """Every document of the archives as {'text': ...}, as the hub's loading script yields them: it
     walks each archive with datasets' iter_archive (a streamed tar, regular files only, names
     starting with '.' or '__' skipped), opens each member ending in .xz as a compressed tar the same
-    way, and takes each
-    member ending in .txt, decoded as UTF-8, runs of 3+ newlines cut to 2, stripped."""
+    way, and takes each member ending in .txt, decoded as UTF-8, runs of 3+ newlines cut to 2,
+    stripped."""
 
     def members(tar):
         for member in tar:
@@ -122,8 +122,8 @@ def load_archives(archives):
 
 def load_hub(name):
     """A hub dataset through load_dataset; where that refuses a loading script (datasets >= 4.0), or
-    is
-    offline, the OpenWebText archives of the hub repository (downloaded, or from the hub cache)."""
+    is offline, the OpenWebText archives of the hub repository (downloaded, or from the hub
+    cache)."""
     repo = HUB_REPOS.get(name, name)
     try:
         return load_dataset(repo, split='train', num_proc=num_proc)
