@@ -169,8 +169,8 @@ data_tokenizer = tokenizer.data_tokenizer(data_dir)  # what made the .bin files 
 sampler = dataloader.WindowSampler(data_order, seed)  # where each global batch's windows start
 
 # -----------------------------------------------------------------------------
-# model: new, a checkpoint's (resume, or another run's weights) or GPT-2's, in the data's tokens
-# (checkpoints.start_model); a new model option is a GPTConfig field and a setting of that name
+# model: new, a checkpoint's (resume, or another run's weights) or GPT-2's, in the data's tokens,
+# its lowest freeze_layers frozen (checkpoints.start_model); a new model option: GPTConfig + setting
 model_args = {k: v for k, v in config.items() if k in GPTConfig.__dataclass_fields__}
 model_args['vocab_size'] = meta_vocab_size or 50304  # GPT-2's 50257 padded up, for efficiency
 model, checkpoint, iter_num, best_val_loss, data_tokenizer = checkpoints.start_model(
