@@ -219,8 +219,7 @@ def device_peak_flops(device, dtype='float32'):
     the measured throughput of 4096x4096 matmuls in dtype (the training runs its matmuls in it, and
     smaller ones leave a GPU's tensor cores half idle); on CPU and MPS that of 1024x1024 float32
     matmuls (their bfloat16 is emulated or slower, and what they sustain is float32). The operands
-    are constant, so measuring draws
-    nothing from the random streams."""
+    are constant, so measuring draws nothing from the random streams."""
     device = torch.device(device)
     if device.type == 'cuda':
         return table_peak_flops(torch.cuda.get_device_name(device), dtype) or matmul_flops(
@@ -245,8 +244,7 @@ def matmul_flops(device, dtype, n):
 @functools.cache
 def bfloat16_matmul_speed(device, n=256):
     """(bfloat16, float32) flops/s of an (n, n) @ (n, n) matmul on a CPU or MPS device, each the
-    best of
-    6 runs: a busy machine only ever adds time, so the best is the fairest comparison."""
+    best of 6 runs: a busy machine only ever adds time, so the best is the fairest comparison."""
     speeds = []
     for dtype in (torch.bfloat16, torch.float32):
         a = torch.full((n, n), 0.5, device=device, dtype=dtype)
@@ -263,9 +261,8 @@ def bfloat16_matmul_speed(device, n=256):
 def bfloat16_native(device, verbose=False):
     """Whether device runs bfloat16 matmuls natively (verbose: and say why we think so). A GPU says
     so itself; elsewhere it is measured: CPUs without AVX-512 BF16 or AMX emulate them at ~1% of
-    float32's speed,
-    those with it run them at ~2x, so "at least half as fast" separates the two even on a busy
-    machine."""
+    float32's speed, those with it run them at ~2x, so "at least half as fast" separates the two
+    even on a busy machine."""
     if device_type(device) == 'cuda':
         native, why = (
             torch.cuda.is_bf16_supported(including_emulation=False),
@@ -286,8 +283,8 @@ def init_distributed(device, timeout=600):
     """Join the process group when launched by torchrun (RANK, LOCAL_RANK, WORLD_SIZE in the
     environment): nccl with one GPU per process on CUDA, gloo on CPU. A collective that waits longer
     than timeout seconds for a peer (a lost node) fails, so torchrun can restart the group, instead
-    of hanging. The group is destroyed at exit.
-    Returns (ddp, rank, local_rank, world_size, device), device being this process's own GPU."""
+    of hanging. The group is destroyed at exit. Returns (ddp, rank, local_rank, world_size, device),
+    device being this process's own GPU."""
     if 'RANK' not in os.environ:
         return False, 0, 0, 1, device
     rank, local_rank, world_size = (
@@ -379,8 +376,7 @@ def gather_to_rank0(obj):
 def on_rank0(compute):
     """compute() run by rank 0 alone, its (picklable) result sent to every process; without a
     process group, compute(). For work that every rank would otherwise repeat, such as scanning a
-    large file.
-    Every process must call it."""
+    large file. Every process must call it."""
     if not (dist.is_available() and dist.is_initialized()):
         return compute()
     result = [compute() if dist.get_rank() == 0 else None]
@@ -390,8 +386,8 @@ def on_rank0(compute):
 
 def check_on_rank0(check):
     """Run check() on rank 0 alone (without a process group: here); a UserError it raises is raised
-    on every
-    process, so that they all stop together instead of waiting for rank 0 in the next collective."""
+    on every process, so that they all stop together instead of waiting for rank 0 in the next
+    collective."""
 
     def run():
         try:
@@ -407,8 +403,7 @@ def check_on_rank0(check):
 def mean_over_ranks(values):
     """{name: 0-dim tensor on the device} -> {name: float}, each averaged over the processes, in one
     host sync: the values are stacked, all-reduced together and copied to the host once. Call it
-    once all of
-    an iteration's work is queued; every process must call it with the same names."""
+    once all of an iteration's work is queued; every process must call it with the same names."""
     stacked = torch.stack([v.float() for v in values.values()])
     world_size = 1
     if dist.is_available() and dist.is_initialized():
@@ -429,8 +424,7 @@ def clip_grad_norm(parameters, max_norm):
 def restarted_with_checkpoint(ckpt_path):
     """Whether torchrun has restarted this job after a failure and rank 0 finds ckpt_path to
     continue from. Each node's torchrun counts its own restarts (a node restarted only because
-    another failed
-    counts none), so any process's count decides; every process must call it."""
+    another failed counts none), so any process's count decides; every process must call it."""
     counts = gather_to_rank0(int(os.environ.get('TORCHELASTIC_RESTART_COUNT', 0)))
     return on_rank0(lambda: max(counts) > 0 and os.path.exists(ckpt_path))
 
@@ -438,9 +432,8 @@ def restarted_with_checkpoint(ckpt_path):
 def shared_rendezvous_store():
     """True when torchrun may restart the workers (--max-restarts) and lets them share its
     rendezvous store: in torch 2.13 that store keeps the failed group's connection keys, and the
-    restarted group
-    can read them and fail to connect (seen with gloo; TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 avoids
-    it)."""
+    restarted group can read them and fail to connect (seen with gloo;
+    TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 avoids it)."""
     return (
         int(os.environ.get('TORCHELASTIC_MAX_RESTARTS', 0)) > 0
         and os.environ.get('TORCHELASTIC_USE_AGENT_STORE') == 'True'
@@ -484,16 +477,15 @@ def parallelize(
     """Apply, from outside the GPT and in torchtitan's order, what makes it train here: activation
     checkpointing of each Block, torch.compile, then data parallelism over the processes: FSDP2 or
     DDP. Without a process group fsdp is a no-op: one process has nothing to shard. compile: False,
-    True (inductor) or another torch.compile backend (the tests count graphs with one).
-    Under FSDP each Block's attention and MLP are one unit, gathered only while the Block runs, and
-    the root keeps the embeddings (and so the tied lm_head) and every LayerNorm, gathered for the
-    whole forward and backward. FSDP computes what autocast does under DDP: the matmul weights are
+    True (inductor) or another torch.compile backend (the tests count graphs with one). Under FSDP
+    each Block's attention and MLP are one unit, gathered only while the Block runs, and the root
+    keeps the embeddings (and so the tied lm_head) and every LayerNorm, gathered for the whole
+    forward and backward. FSDP computes what autocast does under DDP: the matmul weights are
     gathered in the training dtype (autocast would cast them so anyway), the rest in float32, so the
     residual stream, the norms and the loss stay in float32; gradients are averaged in float32. The
     GPT is modified in place (under FSDP its parameters become DTensor shards, each rank holding
     1/world_size of every tensor along dim 0); it stays what the optimizer steps and full_state()
-    saves.
-    Returns (model, train_model): what evaluation calls and what training calls."""
+    saves. Returns (model, train_model): what evaluation calls and what training calls."""
     compiler = compile and functools.partial(
         torch.compile, backend='inductor' if compile is True else compile
     )
@@ -561,8 +553,8 @@ def set_gradient_sync(train_model, last_micro_step, fsdp_every_micro_step=True):
     last micro-step of an iteration; before it they accumulate locally. FSDP: after every micro-step
     by default, a reduce-scatter each time, so that every rank only ever keeps its shard of the
     gradients; with fsdp_every_micro_step=False only after the last, each rank holding full-size
-    float32 gradients until
-    then, which costs most of FSDP's saving on memory for less communication (docs/scale.md)."""
+    float32 gradients until then, which costs most of FSDP's saving on memory for less communication
+    (docs/scale.md)."""
     module = getattr(train_model, '_orig_mod', train_model)  # under torch.compile
     if isinstance(module, DDP):
         module.require_backward_grad_sync = last_micro_step
@@ -582,8 +574,8 @@ def zero_grad(optimizer, train_model):
 def sharded(module):
     """Whether fully_shard made module an FSDPModule. FSDP and torch's state-dict helpers are
     imported only where they are used: they pull in DTensor, a large part of a short CPU run's
-    start-up (measured in
-    docs/optimizers.md), and nothing is an FSDPModule before they are imported."""
+    start-up (measured in docs/optimizers.md), and nothing is an FSDPModule before they are
+    imported."""
     fsdp = sys.modules.get('torch.distributed.fsdp')
     return fsdp is not None and isinstance(module, fsdp.FSDPModule)
 
