@@ -24,7 +24,7 @@ from torch.distributed.tensor import DTensor
 
 from nanogpt import dataloader
 from nanogpt import lora
-from nanogpt import runtime
+from nanogpt import distributed, runtime
 from configurator import (
     ANY,
     NON_NEGATIVE,
@@ -121,7 +121,7 @@ if mode == 'memory':
             "--mode=memory measures on cuda (the allocator's statistics) or cpu (the profiler's)"
         )
     # under torchrun each process takes its own GPU
-    distributed, rank, _, world_size, device = runtime.init_distributed(device)
+    distributed, rank, _, world_size, device = distributed.init_distributed(device)
 runtime.print_environment(device, dtype)
 
 # data: a prepared dataset when there is one (its vocabulary too), else random tokens
@@ -280,8 +280,8 @@ if mode == 'memory':
     if distributed:
         sharded = GPT(gptconf)
         sharded.load_state_dict(model.state_dict())
-        runtime.parallelize(sharded, device, dtype, distributed, fsdp=True)
-        per_rank = runtime.gather_to_rank0(
+        distributed.parallelize(sharded, device, dtype, distributed, fsdp=True)
+        per_rank = distributed.gather_to_rank0(
             step_memory(sharded, sharded.configure_optimizers(**opt_args))
         )
         for r, size in enumerate(per_rank or []):  # None on ranks other than 0
@@ -298,7 +298,7 @@ if mode == 'memory':
     peaks = {}
     for checkpointing in (False, True):
         net = GPT(gptconf)
-        runtime.parallelize(net, device, dtype, False, activation_checkpointing=checkpointing)
+        distributed.parallelize(net, device, dtype, False, activation_checkpointing=checkpointing)
         peaks[checkpointing] = peak_memory(lambda: forward_backward(net))
     if rank == 0:
         print(
@@ -319,7 +319,7 @@ if mode == 'memory':
         tokens = batch_size * block_size
         for checkpointing, per_block in ((False, 36), (True, 3.6)):
             net = GPT(gptconf).to(device)
-            runtime.parallelize(
+            distributed.parallelize(
                 net, device, 'bfloat16', False, activation_checkpointing=checkpointing
             )
 
@@ -345,14 +345,14 @@ if mode == 'memory':
         held = {}
         for every in (True, False):
             net = GPT(gptconf)
-            runtime.parallelize(net, device, dtype, distributed, fsdp=True)
+            distributed.parallelize(net, device, dtype, distributed, fsdp=True)
             before, most = live_bytes(), 0
             # the gradients each rank holds until the last one
             for micro_step in range(accumulation - 1):
-                runtime.set_gradient_sync(net, False, every)
+                distributed.set_gradient_sync(net, False, every)
                 forward_backward(net)
                 most = max(most, live_bytes() - before)
-            held[every] = runtime.gather_to_rank0(most)
+            held[every] = distributed.gather_to_rank0(most)
             del net
         for r in range(world_size if rank == 0 else 0):
             print(

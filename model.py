@@ -212,7 +212,7 @@ class GPT(nn.Module):
 
     def logits_and_loss(self, x, targets):
         """x (B, T, n_embd) from ln_f -> logits (B, T, vocab_size) and their mean cross-entropy
-        against targets (B, T). A method of its own so that runtime.parallelize can compile it
+        against targets (B, T). A method of its own so that distributed.parallelize can compile it
         where it cannot compile forward (under FSDP)."""
         logits = self.lm_head(x)
         # in float32 also for a model cast to bfloat16 (autocast does so itself)

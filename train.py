@@ -13,7 +13,7 @@ import configurator  # noqa: F401  first: a Ctrl-C from here on, slow imports to
 import torch
 from tqdm import tqdm
 
-from nanogpt import checkpoints, dataloader, lora, outdir, runtime, tokenizer
+from nanogpt import checkpoints, dataloader, distributed, lora, outdir, runtime, tokenizer
 from configurator import ANY, FRACTION, NON_NEGATIVE, POSITIVE, SEED, OneOf, OutPath, Range
 from configurator import UserError, check, configure
 from nanogpt.hellaswag import check_gpt2_tokenizer, hellaswag_score, load_hellaswag
@@ -135,22 +135,22 @@ lora_settings = lora.settings(
 # -----------------------------------------------------------------------------
 # devices, precision and processes
 device = runtime.pick_device(device)
-ddp, rank, local_rank, world_size, device = runtime.init_distributed(device, dist_timeout)
+ddp, rank, local_rank, world_size, device = distributed.init_distributed(device, dist_timeout)
 master_process = rank == 0  # this process prints, logs and writes checkpoints
 ckpt_path = os.path.join(out_dir, 'ckpt.pt')
-restarted = runtime.restarted_with_checkpoint(ckpt_path)  # by torchrun: continue from ckpt.pt
+restarted = distributed.restarted_with_checkpoint(ckpt_path)  # by torchrun: continue from ckpt.pt
 init_from = 'resume' if restarted else init_from
 # one run at a time in out_dir (rank 0 locks it for the job), and no new run over an earlier one
-runtime.check_on_rank0(lambda: outdir.claim_out_dir(out_dir, init_from, overwrite, restarted))
+distributed.check_on_rank0(lambda: outdir.claim_out_dir(out_dir, init_from, overwrite, restarted))
 dtype = runtime.pick_dtype(dtype, device, fsdp)
 compile = runtime.pick_compile(compile, device)
 config.update(device=device, dtype=dtype, compile=compile)
 device_type = runtime.device_type(device)
-runtime.check_resolved(gradient_accumulation_steps, world_size, optimizer, dtype, fsdp and ddp)
+distributed.check_resolved(gradient_accumulation_steps, world_size, optimizer, dtype, fsdp and ddp)
 accum_steps = gradient_accumulation_steps // world_size  # micro-steps per process and iteration
 if master_process:
     runtime.print_environment(device, dtype)
-    runtime.warn_shared_rendezvous()  # torchrun's restarts may fail to reconnect: say how to launch
+    distributed.warn_shared_rendezvous()  # torchrun's restarts may fail to reconnect: say how
 runtime.seed_everything(seed + rank)  # each rank its own dropout masks
 runtime.allow_tf32(device)
 ctx = runtime.autocast_context(device, dtype)
@@ -192,7 +192,7 @@ if lora_rank:  # peft's adapters in the targeted layers, the rest frozen; a resu
 raw_model = model  # what checkpoints save: no compile or DDP wrappers ('_orig_mod.' prefixes)
 if master_process and compile:
     print("compiling the model... (takes a ~minute)")
-model, train_model = runtime.parallelize(
+model, train_model = distributed.parallelize(
     raw_model, device, dtype, ddp, fsdp, activation_checkpointing, compile
 )
 
@@ -227,7 +227,7 @@ def estimate_loss():
             for k in range(eval_iters):
                 # a stop signal on any rank ends it on all (FSDP's forward needs them all)
                 stop_flag = torch.tensor(float(stop.name is not None))
-                if runtime.mean_over_ranks(dict(stop=stop_flag))['stop']:
+                if distributed.mean_over_ranks(dict(stop=stop_flag))['stop']:
                     return None
                 tokens = dataloader.split_tokens(data_dir, split)
                 X, Y = dataloader.get_batch(tokens, ix[k], block_size, device)  # (B, T) each
@@ -264,7 +264,7 @@ def save_due(evaluated, improved):
 
 def save_checkpoint():
     """Every rank takes part (FSDP gathers the shards, each its RNG state); rank 0 writes."""
-    rng_states = runtime.gather_to_rank0(runtime.rng_state())
+    rng_states = distributed.gather_to_rank0(runtime.rng_state())
     model_state, opt_state = checkpoints.full_state(raw_model, opt)
     if not master_process:
         return
@@ -286,7 +286,7 @@ if master_process:
     wandb_run = wandb_log and outdir.start_wandb(out_dir, wandb_project, wandb_run_name, config)
     log = outdir.RunLog(os.path.join(out_dir, 'log.jsonl'), iter_num, wandb_run)
     print(f"tokens per iteration will be: {tokens_per_iter:,}")
-stop = runtime.StopSignals()
+stop = distributed.StopSignals()
 if device_type == 'cpu' and not compile:  # an evaluation can take minutes there: say so first
     eval_s = 2 * eval_iters * batch_size * runtime.forward_seconds(model, block_size, ctx)
     if eval_s > 60 and master_process:
@@ -318,7 +318,7 @@ while True:
         if losses is None:  # stopped by a signal: the state this iteration started from is saved
             stopped = True
             break
-        losses = runtime.on_rank0(lambda: losses)  # and all of them act on rank 0's numbers
+        losses = distributed.on_rank0(lambda: losses)  # and all of them act on rank 0's numbers
         hellaswag = hellaswag_score(model, *hellaswag_args) if eval_hellaswag else {}
         if master_process:
             # a new metric is one more entry here: printed, in log.jsonl and in wandb
@@ -344,7 +344,7 @@ while True:
     for micro_step in range(accum_steps):
         # DDP averages the gradients over ranks after the last micro-step only; FSDP after each
         last = micro_step == accum_steps - 1
-        runtime.set_gradient_sync(train_model, last, fsdp_reduce_every_micro_step)
+        distributed.set_gradient_sync(train_model, last, fsdp_reduce_every_micro_step)
         with ctx:
             logits, loss = train_model(X, Y)  # logits (B, T, vocab_size), loss a scalar
             loss = loss / accum_steps  # scale the loss to account for gradient accumulation
@@ -355,14 +355,14 @@ while True:
         scaler.scale(loss).backward()
     # clip the gradient; its norm before clipping (a tensor: no host sync) is logged, even unclipped
     scaler.unscale_(opt)  # a no-op unless float16
-    grad_norm = runtime.clip_grad_norm(model.parameters(), grad_clip or math.inf)
+    grad_norm = distributed.clip_grad_norm(model.parameters(), grad_clip or math.inf)
     # step the optimizer and scaler if training in fp16 (it skips steps whose gradients overflowed)
     scaler.step(opt)
     scaler.update()
-    runtime.zero_grad(opt, train_model)  # freed, or under DDP zeroed in its buckets
+    distributed.zero_grad(opt, train_model)  # freed, or under DDP zeroed in its buckets
     # the iteration's one host sync, its step queued: each 0-dim tensor here is averaged and logged
     stop_flag = torch.full_like(loss_sum, stop.name is not None)  # any rank asked: all stop here
-    stats = runtime.mean_over_ranks(dict(loss=loss_sum, grad_norm=grad_norm, stop=stop_flag))
+    stats = distributed.mean_over_ranks(dict(loss=loss_sum, grad_norm=grad_norm, stop=stop_flag))
     stopped = stats.pop('stop') > 0
     if not math.isfinite(stats['loss']):  # checked before anything can be saved (below)
         raise UserError(
@@ -402,4 +402,4 @@ if master_process:
     print(f"done: {local_iter_num} iterations in {time.time() - t_start:.1f} s{best}")
     if wandb_log:
         wandb_run.finish()
-runtime.exit_run()  # quickly: the run is saved
+distributed.exit_run()  # quickly: the run is saved

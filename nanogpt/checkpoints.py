@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from nanogpt import lora
-from nanogpt import runtime
+from nanogpt import distributed, runtime
 from nanogpt.tokenizer import check_record, check_same, load_tokenizer, pretrained_record
 from configurator import ROOT, UserError
 from model import GPT, GPTConfig
@@ -469,7 +469,7 @@ def full_state(model, optimizer):
     checkpoint resumes under any parallelism and world size. Under FSDP the shards are gathered into
     CPU memory on rank 0 (no GPU ever holds the full model) with torch's state-dict helpers; every
     rank must call it, and the others get ({}, {}). Works for any torch.optim.Optimizer."""
-    if not runtime.sharded(model):
+    if not distributed.sharded(model):
         return model.state_dict(), optimizer.state_dict()
     from torch.distributed.checkpoint.state_dict import (
         StateDictOptions,
@@ -517,7 +517,7 @@ def load_optimizer_state(model, optimizer, state, path):
                         f"checkpoint {path}: the optimizer's {name} has shape {tuple(v.shape)} "
                         f"for a parameter of shape {tuple(params[i].shape)}"
                     )
-        if not runtime.sharded(model):
+        if not distributed.sharded(model):
             optimizer.load_state_dict(state)  # moves its tensors to the parameters' device
             return
         from torch.distributed.checkpoint.state_dict import (

@@ -12,7 +12,7 @@ import os
 import numpy as np
 import torch
 
-from nanogpt import runtime
+from nanogpt import distributed, runtime
 from configurator import ROOT, UserError
 from nanogpt.tokenizer import data_tokenizer, load_meta
 
@@ -99,7 +99,7 @@ def check_fits(data_dir, n_tokens, block_size, vocab_size, meta_vocab_size=None)
                 f"{split}.bin has {n} tokens, too few for block_size {block_size}: use "
                 f"--block_size={min(n_tokens.values()) - 1} or less"
             )
-        top = runtime.on_rank0(
+        top = distributed.on_rank0(
             lambda: max(
                 int(split_tokens(data_dir, split)[i : i + 2**26].max()) for i in range(0, n, 2**26)
             )

@@ -249,7 +249,7 @@ import json, sys
 import torch, torch.distributed as dist
 import torch.nn.functional as F
 from torch._dynamo.utils import counters
-from nanogpt import runtime
+from nanogpt import distributed, runtime
 from model import GPT, GPTConfig
 dist.init_process_group('gloo')
 linears = [0]  # Linear layers run inside compiled graphs
@@ -274,7 +274,7 @@ for checkpointing in (False, True):
         torch.manual_seed(0)
         model = GPT(GPTConfig(n_layer=3, n_head=2, n_embd=32, block_size=16, vocab_size=65,
                               dropout=0.0))
-        runtime.parallelize(model, 'cpu', 'float32', True, fsdp=True,
+        distributed.parallelize(model, 'cpu', 'float32', True, fsdp=True,
                             activation_checkpointing=checkpointing, compile=compile)
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
         data = torch.Generator().manual_seed(1)

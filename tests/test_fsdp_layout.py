@@ -1,12 +1,12 @@
-"""What runtime.parallelize makes of a GPT under FSDP2, checked inside the process where a torchrun
-run cannot show it: the device mesh FSDP shards on, and the dtype of what each unit computes. One
-process in a gloo group of one is enough for that."""
+"""What distributed.parallelize makes of a GPT under FSDP2, checked inside the process where a
+torchrun run cannot show it: the device mesh FSDP shards on, and the dtype of what each unit
+computes. One process in a gloo group of one is enough for that."""
 
 import pytest
 import torch
 import torch.distributed as dist
 
-from nanogpt import runtime
+from nanogpt import distributed, runtime
 from model import GPT, GPTConfig
 
 CONFIG = dict(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=65, dropout=0.0, bias=False)
@@ -28,7 +28,7 @@ def test_fsdp_shards_on_the_runs_device(group_of_one, monkeypatch):
     monkeypatch.setattr(torch._C, '_get_accelerator', lambda: torch.device('cuda'))
     torch.manual_seed(0)
     model = GPT(GPTConfig(**CONFIG))
-    runtime.parallelize(model, 'cpu', 'float32', True, fsdp=True)
+    distributed.parallelize(model, 'cpu', 'float32', True, fsdp=True)
     params = dict(model.named_parameters())
     assert all(
         p.device_mesh.device_type == 'cpu' and p.device.type == 'cpu' for p in params.values()
@@ -45,7 +45,7 @@ def test_fsdp_in_bfloat16_keeps_what_autocast_keeps_in_float32(group_of_one):
     # nothing else
     torch.manual_seed(0)
     model = GPT(GPTConfig(**CONFIG))
-    runtime.parallelize(model, 'cpu', 'bfloat16', True, fsdp=True)
+    distributed.parallelize(model, 'cpu', 'bfloat16', True, fsdp=True)
     seen = {}
     for name, module in model.named_modules():
         if name in (

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from nanogpt import checkpoints
-from nanogpt import runtime
+from nanogpt import distributed, runtime
 from configurator import ROOT, UserError
 from model import GPT, GPTConfig
 
@@ -140,9 +140,9 @@ def test_load_errors(tmp_path):
 
 
 def test_single_process_helpers():
-    assert runtime.on_rank0(lambda: 42) == 42
-    assert runtime.init_distributed('cpu') == (False, 0, 0, 1, 'cpu')  # no torchrun environment
-    assert runtime.gather_to_rank0({'a': 1}) == [{'a': 1}]
+    assert distributed.on_rank0(lambda: 42) == 42
+    assert distributed.init_distributed('cpu') == (False, 0, 0, 1, 'cpu')  # no torchrun environment
+    assert distributed.gather_to_rank0({'a': 1}) == [{'a': 1}]
     assert runtime.device_type('cuda:1') == 'cuda'
 
 
@@ -176,9 +176,9 @@ def test_start_up_leaves_fsdp_unimported_and_exit_keeps_atexit(tmp_path):
         "assert 'torch.distributed.checkpoint' not in sys.modules,"
         " 'state-dict helpers imported at start-up'\n"
         "config = model.GPTConfig(n_layer=1, n_head=1, n_embd=8, block_size=4, vocab_size=8)\n"
-        "assert not runtime.sharded(model.GPT(config))\n"
+        "assert not distributed.sharded(model.GPT(config))\n"
         f"atexit.register(lambda: open({str(marker)!r}, 'w').close())\n"
-        "runtime.exit_run()\n"
+        "distributed.exit_run()\n"
     )
     result = subprocess.run([sys.executable, '-c', code], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr

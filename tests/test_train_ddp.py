@@ -12,7 +12,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from conftest import free_port, hermetic_env, read_log
 from model import GPT, GPTConfig
-from nanogpt import runtime
+from nanogpt import distributed
 
 # global batch: 2 micro-batches of 4; an eval at iterations 0, 3 and 6
 RUN = [
@@ -110,8 +110,9 @@ def test_accumulation_steps_must_divide_by_world_size(train, tmp_path):
 def test_ddp_gradients_are_its_buckets(tmp_path):
     # DDP's all-reduce buckets hold the gradients themselves (gradient_as_bucket_view), not a copy:
     # from the second iteration on every gradient is a view into the one bucket of this small
-    # model, through the micro-steps without gradient sync too (runtime.zero_grad keeps the views),
-    # and the weights train as without DDP, bit for bit (one process: the mean is the gradient)
+    # model, through the micro-steps without gradient sync too (distributed.zero_grad keeps the
+    # views), and the weights train as without DDP, bit for bit (one process: the mean is the
+    # gradient)
     assert_gradients_are_buckets('cpu', 'gloo', tmp_path)
 
 
@@ -124,16 +125,16 @@ def assert_gradients_are_buckets(device, backend, tmp_path):
     )
     try:
         runs = []
-        for distributed in (False, True):
+        for ddp in (False, True):
             torch.manual_seed(0)
             config = GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=65)
-            model, train_model = runtime.parallelize(GPT(config), device, 'float32', distributed)
+            model, train_model = distributed.parallelize(GPT(config), device, 'float32', ddp)
             opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
             data = torch.Generator().manual_seed(1)
             storages, allocated = [], []  # per micro-step: the gradients' tensors, CUDA's bytes
             for _ in range(3):
                 for micro_step in range(2):
-                    runtime.set_gradient_sync(train_model, micro_step == 1)
+                    distributed.set_gradient_sync(train_model, micro_step == 1)
                     x = torch.randint(65, (2, 16), generator=data).to(device)
                     train_model(x, x)[1].backward()
                     storages.append(
@@ -142,7 +143,7 @@ def assert_gradients_are_buckets(device, backend, tmp_path):
                     if device != 'cpu':
                         allocated.append(torch.cuda.memory_allocated(device))
                 opt.step()
-                runtime.zero_grad(opt, train_model)
+                distributed.zero_grad(opt, train_model)
             runs.append((train_model, storages, model.state_dict()))
         (plain, plain_storages, plain_weights), (ddp, ddp_storages, ddp_weights) = runs
         assert isinstance(ddp, DDP) and ddp.gradient_as_bucket_view
