@@ -223,9 +223,9 @@ def parallelize(
             # are
             block.forward = functools.partial(recompute, block.forward, use_reentrant=False)
     if fsdp and distributed:
-        from torch.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-        from torch.device_mesh import init_device_mesh
-        from torch.fsdp import MixedPrecisionPolicy, fully_shard
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
         # the run's own device: without a mesh fully_shard builds one on torch's accelerator, CUDA
         # on any machine that has a GPU, whatever --device says, and moves the weights there
@@ -302,5 +302,5 @@ def sharded(module):
     imported only where they are used: they pull in DTensor, a large part of a short CPU run's
     start-up (measured in docs/optimizers.md), and nothing is an FSDPModule before they are
     imported."""
-    fsdp = sys.modules.get('torch.fsdp')
+    fsdp = sys.modules.get('torch.distributed.fsdp')
     return fsdp is not None and isinstance(module, fsdp.FSDPModule)

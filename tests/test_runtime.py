@@ -171,7 +171,7 @@ def test_start_up_leaves_fsdp_unimported_and_exit_keeps_atexit(tmp_path):
     marker = tmp_path / 'atexit-ran'
     code = (
         "import atexit, sys, model, eval\n"
-        "from nanogpt import runtime, tokenizer, checkpoints, dataloader\n"
+        "from nanogpt import distributed, tokenizer, checkpoints, dataloader\n"
         "assert 'torch.distributed.fsdp' not in sys.modules, 'fsdp imported at start-up'\n"
         "assert 'torch.distributed.checkpoint' not in sys.modules,"
         " 'state-dict helpers imported at start-up'\n"
