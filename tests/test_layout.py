@@ -75,9 +75,9 @@ def test_model_imports_nothing_of_ours():
 
 
 def test_the_core_files_read_in_one_sitting():
-    # nanoGPT's sizes (model.py 330 lines, train.py 336): the model and the loop, each read at once;
-    # the width of every line is kept by ruff (ruff.toml, run by .ci/run)
-    for name, most in (('model.py', 340), ('train.py', 410)):
+    # about nanoGPT's sizes (model.py 330 lines, train.py 336), with room for a research change: the
+    # model and the loop, each read at once; the width of every line is kept by ruff (ruff.toml)
+    for name, most in (('model.py', 350), ('train.py', 420)):
         with open(os.path.join(ROOT, name), encoding='utf-8') as f:
             n = sum(1 for _ in f)
         assert n <= most, f"{name} has {n} lines (at most {most}): move what is not its concern out"
