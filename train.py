@@ -253,13 +253,15 @@ def get_lr(it):
 
 def save_due(evaluated, improved):
     """The save policy (a stop signal saves after any training step): every checkpoint_interval
-    iterations; after an evaluation with a new best val loss, or any with always_save_checkpoint
-    (not when early stopping keeps the best); never the state the run began with, nor eval_only."""
-    if local_iter_num == 0 or eval_only:
-        return False
-    interval = checkpoint_interval > 0 and iter_num % checkpoint_interval == 0
+    iterations this run trained; after an evaluation with a new best val loss, or any with
+    always_save_checkpoint (not when early stopping keeps the best), except at iteration 0 (nothing
+    trained yet: nanoGPT's rule) and with eval_only. A resume's first evaluation saves the state it
+    began with again, in today's format (resuming converts a checkpoint across parallelisms)."""
+    interval = (
+        checkpoint_interval > 0 and iter_num % checkpoint_interval == 0 and local_iter_num > 0
+    )
     every_eval = always_save_checkpoint and not early_stop_patience
-    return interval or evaluated and (improved or every_eval)
+    return interval or evaluated and iter_num > 0 and not eval_only and (improved or every_eval)
 
 
 def save_checkpoint():
