@@ -121,7 +121,7 @@ if mode == 'memory':
             "--mode=memory measures on cuda (the allocator's statistics) or cpu (the profiler's)"
         )
     # under torchrun each process takes its own GPU
-    distributed, rank, _, world_size, device = distributed.init_distributed(device)
+    ddp, rank, _, world_size, device = distributed.init_distributed(device)
 runtime.print_environment(device, dtype)
 
 # data: a prepared dataset when there is one (its vocabulary too), else random tokens
@@ -277,10 +277,10 @@ if mode == 'memory':
     )
     sizes = {'one process': step_memory(model, model.configure_optimizers(**opt_args))}
     one = sum(sizes['one process'].values())
-    if distributed:
+    if ddp:
         sharded = GPT(gptconf)
         sharded.load_state_dict(model.state_dict())
-        distributed.parallelize(sharded, device, dtype, distributed, fsdp=True)
+        distributed.parallelize(sharded, device, dtype, ddp, fsdp=True)
         per_rank = distributed.gather_to_rank0(
             step_memory(sharded, sharded.configure_optimizers(**opt_args))
         )
@@ -341,11 +341,11 @@ if mode == 'memory':
                 f"{2 * matmul_weights / mib:.2f} MiB"
             )
     # FSDP with gradient accumulation: reduce-scatter after every micro-step, or only the last
-    if distributed:
+    if ddp:
         held = {}
         for every in (True, False):
             net = GPT(gptconf)
-            distributed.parallelize(net, device, dtype, distributed, fsdp=True)
+            distributed.parallelize(net, device, dtype, ddp, fsdp=True)
             before, most = live_bytes(), 0
             # the gradients each rank holds until the last one
             for micro_step in range(accumulation - 1):
